@@ -1,0 +1,208 @@
+"""The NumPy reference backend: one <op>_forward / <op>_backward pair per layer, as in llm.c.
+
+Conventions (every backend follows them):
+- outputs are preallocated arrays passed in; forward ops overwrite them;
+- backward ops ADD into the gradients of inputs and parameters (zeroing is the caller's job);
+- B = batch, T = time, C = channels, OC = output channels, NH = heads, hs = C // NH,
+  V = vocab size, Vp = padded vocab size.
+Matmuls go to BLAS through `@`; everything else is plain vectorised NumPy in float32.
+"""
+import math
+
+import numpy as np
+
+name = "numpy"
+test_dtypes = (np.float64, np.float32)   # the reference also runs the float64 checks
+# Python floats, not NumPy scalars: they take the arrays' dtype (float32 in training, float64
+# in the finite-difference tests) instead of forcing one.
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def zeros(n, dtype=np.float32):
+    return np.zeros(n, dtype=dtype)
+
+
+def to_device(x):
+    """Host arrays (token ids) are already where this backend computes."""
+    return x
+
+
+def to_host(x):
+    return x
+
+
+# ----------------------------------------------------------------------------- encoder
+
+def encoder_forward(out, inp, wte, wpe):
+    # out: (B,T,C), inp: (B,T) int, wte: (Vp,C), wpe: (maxT,C)
+    T = inp.shape[1]
+    np.add(wte[inp], wpe[:T], out=out)
+
+
+def encoder_backward(dwte, dwpe, dout, inp):
+    # dwte: (Vp,C), dwpe: (maxT,C), dout: (B,T,C), inp: (B,T) int
+    T = inp.shape[1]
+    np.add.at(dwte, inp.ravel(), dout.reshape(-1, dout.shape[-1]))  # repeated ids accumulate
+    dwpe[:T] += dout.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
+    # out: (B,T,C), mean: (B,T), rstd: (B,T), inp: (B,T,C), weight: (C,), bias: (C,)
+    mean[...] = inp.mean(axis=-1)
+    xc = inp - mean[..., None]                                  # (B,T,C)
+    rstd[...] = 1.0 / np.sqrt((xc * xc).mean(axis=-1) + eps)    # biased variance, as torch
+    np.multiply(xc, rstd[..., None], out=out)                   # normalized
+    out *= weight
+    out += bias
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    # dinp: (B,T,C), dweight: (C,), dbias: (C,), dout: (B,T,C), inp: (B,T,C), weight: (C,),
+    # mean: (B,T), rstd: (B,T)
+    norm = (inp - mean[..., None]) * rstd[..., None]            # (B,T,C)
+    dnorm = dout * weight                                       # (B,T,C)
+    dbias += dout.sum(axis=(0, 1))
+    dweight += (dout * norm).sum(axis=(0, 1))
+    # d/dx of (x - mean) * rstd: the mean term and the variance term, see doc/layernorm.md
+    dnorm_mean = dnorm.mean(axis=-1, keepdims=True)             # (B,T,1)
+    dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)
+    dinp += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rstd[..., None]
+
+
+# ----------------------------------------------------------------------------- matmul
+
+def matmul_forward(out, inp, weight, bias):
+    # out: (B,T,OC), inp: (B,T,C), weight: (OC,C), bias: (OC,) or None
+    np.matmul(inp, weight.T, out=out)
+    if bias is not None:
+        out += bias
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+    # dinp: (B,T,C), dweight: (OC,C), dbias: (OC,) or None, dout: (B,T,OC), inp: (B,T,C),
+    # weight: (OC,C)
+    OC, C = weight.shape
+    dout2 = dout.reshape(-1, OC)                                # (B*T,OC)
+    dinp += (dout2 @ weight).reshape(dinp.shape)
+    dweight += dout2.T @ inp.reshape(-1, C)
+    if dbias is not None:
+        dbias += dout2.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _split_heads(qkv, NH):
+    # qkv: (B,T,3C) -> q, k, v views, each (B,NH,T,hs)
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // NH
+    x = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
+def attention_forward(out, preatt, att, inp):
+    # out: (B,T,C), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,3C) holding q,k,v
+    B, NH, T, _ = att.shape
+    q, k, v = _split_heads(inp, NH)                             # each (B,NH,T,hs)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    np.matmul(q, k.swapaxes(-1, -2), out=preatt)
+    preatt *= scale
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)          # (T,T), True above diagonal
+    preatt[..., future] = -np.inf                               # causal mask
+    np.subtract(preatt, preatt.max(axis=-1, keepdims=True), out=att)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    y = att @ v                                                 # (B,NH,T,hs)
+    out[...] = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
+def attention_backward(dinp, dpreatt, datt, dout, inp, att):
+    # dinp: (B,T,3C), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,C), inp: (B,T,3C),
+    # att: (B,NH,T,T)
+    B, NH, T, _ = att.shape
+    q, k, v = _split_heads(inp, NH)                             # each (B,NH,T,hs)
+    dq, dk, dv = _split_heads(dinp, NH)                         # views into dinp
+    hs = q.shape[-1]
+    scale = 1.0 / math.sqrt(hs)
+    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)       # (B,NH,T,hs)
+    datt += dy @ v.swapaxes(-1, -2)                             # y = att @ v
+    dv += att.swapaxes(-1, -2) @ dy
+    # softmax backward: dpre = att * (datt - sum_j datt_j att_j); masked entries have att == 0
+    dpreatt += att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dq += (dpreatt @ k) * scale                                 # preatt = q @ k^T * scale
+    dk += (dpreatt.swapaxes(-1, -2) @ q) * scale
+
+
+# ----------------------------------------------------------------------------- gelu
+
+def gelu_forward(out, inp):
+    # out: (N,), inp: (N,), any matching shapes; tanh approximation, as GPT-2
+    np.tanh(GELU_SCALE * (inp + 0.044715 * inp ** 3), out=out)
+    out += 1.0
+    out *= inp
+    out *= 0.5
+
+
+def gelu_backward(dinp, inp, dout):
+    # dinp, inp, dout: matching shapes
+    u = GELU_SCALE * (inp + 0.044715 * inp ** 3)
+    th = np.tanh(u)
+    du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * inp * inp)
+    dinp += dout * (0.5 * (1.0 + th) + 0.5 * inp * (1.0 - th * th) * du)
+
+
+# ----------------------------------------------------------------------------- residual
+
+def residual_forward(out, inp1, inp2):
+    # out, inp1, inp2: (B,T,C)
+    np.add(inp1, inp2, out=out)
+
+
+def residual_backward(dinp1, dinp2, dout):
+    # dinp1, dinp2, dout: (B,T,C)
+    dinp1 += dout
+    dinp2 += dout
+
+
+# ----------------------------------------------------------------------------- softmax + cross-entropy
+
+def crossentropy_forward(losses, probs, logits, targets, V):
+    # losses: (B,T), probs: (B,T,Vp), logits: (B,T,Vp), targets: (B,T) int, V: real vocab size
+    # Only the first V logits are real; the padded ones get probability 0 and no gradient.
+    real = logits[..., :V]                                      # (B,T,V)
+    maxes = real.max(axis=-1, keepdims=True)                    # (B,T,1)
+    p = probs[..., :V]
+    np.subtract(real, maxes, out=p)
+    np.exp(p, out=p)
+    sums = p.sum(axis=-1, keepdims=True)                        # (B,T,1)
+    p /= sums
+    probs[..., V:] = 0.0
+    # -log softmax[target] = log(sum) - (logit[target] - max): no log of a tiny probability
+    target_logit = np.take_along_axis(real, targets[..., None], axis=-1)
+    losses[...] = (np.log(sums) - (target_logit - maxes))[..., 0]
+
+
+def crossentropy_backward(dlogits, dlosses, probs, targets, V):
+    # dlogits: (B,T,Vp), dlosses: (B,T), probs: (B,T,Vp), targets: (B,T) int
+    d = dlogits[..., :V]                                        # (B,T,V) view
+    d += probs[..., :V] * dlosses[..., None]
+    b, t = np.indices(targets.shape)
+    d[b, t, targets] -= dlosses
+
+
+# ----------------------------------------------------------------------------- adamw
+
+def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    # params, grads, m, v: (N,) float32; step: 1-based. Same order of operations as
+    # torch.optim.AdamW (decoupled decay first), so the two agree to the last bits.
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    params *= 1.0 - lr * weight_decay
+    m += (1.0 - beta1) * (grads - m)                            # torch's lerp_
+    v *= beta2
+    v += (1.0 - beta2) * grads * grads
+    denom = np.sqrt(v) / bc2_sqrt + eps
+    params -= (lr / bc1) * (m / denom)

@@ -1,0 +1,104 @@
+"""Configuration dataclasses: the model's shape and a training run's settings."""
+import argparse
+from dataclasses import dataclass, field, fields
+
+
+def pad_vocab(vocab_size, multiple=128):
+    """llm.c pads the vocabulary (50257 -> 50304) so the classifier matmul tiles evenly."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class GPT2Config:
+    max_seq_len: int = 1024        # maxT
+    vocab_size: int = 50257        # V
+    padded_vocab_size: int = 0     # Vp; 0 means pad_vocab(V)
+    num_layers: int = 12           # L
+    num_heads: int = 12            # NH
+    channels: int = 768            # C
+
+    def __post_init__(self):
+        if not self.padded_vocab_size:
+            self.padded_vocab_size = pad_vocab(self.vocab_size)
+        if self.channels % self.num_heads:
+            raise ValueError(f"channels {self.channels} not divisible by num_heads {self.num_heads}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError("padded_vocab_size must be >= vocab_size")
+
+
+# (num_layers, num_heads, channels), as llm.c's train_gpt2.cu names them.
+_DEPTHS = {
+    "d6": (6, 6, 384), "d12": (12, 12, 768), "d24": (24, 16, 1024),
+    "d36": (36, 20, 1280), "d48": (48, 25, 1600),
+    # The embedded default: small enough to train on 2 CPU cores in minutes.
+    "tiny": (4, 4, 128),
+}
+_DEPTHS.update({"gpt2": _DEPTHS["d12"], "gpt2-medium": _DEPTHS["d24"],
+                "gpt2-large": _DEPTHS["d36"], "gpt2-xl": _DEPTHS["d48"]})
+PRESETS = tuple(_DEPTHS)
+
+
+def preset(name, max_seq_len=1024, vocab_size=50257):
+    """A from-scratch model shape by name: d6, d12, d24, d36, d48, tiny, gpt2, gpt2-medium, ..."""
+    L, NH, C = _DEPTHS[name]
+    return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab_size,
+                      num_layers=L, num_heads=NH, channels=C)
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
+    model: str = _f("", "an llm.c model .bin, or a from-scratch preset: " + ", ".join(PRESETS)
+                    + " (default: the embedded default, see README)")
+    train_data: str = _f("", "token .bin file, or a quoted glob of shards")
+    val_data: str = _f("", "token .bin file, or a quoted glob of shards")
+    batch_size: int = _f(4, "micro-batch size B")
+    seq_len: int = _f(64, "sequence length T")
+    steps: int = _f(40, "number of optimizer steps")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    shuffle: bool = _f(False, "shuffle the training windows (seeded)")
+    seed: int = _f(1337, "seed for init, shuffling and sampling")
+    val_every: int = _f(10, "validate every N steps (0: never)")
+    val_batches: int = _f(5, "batches per validation")
+    sample_every: int = _f(20, "print a sample every N steps (0: never)")
+    sample_tokens: int = _f(64, "tokens per sample")
+    backend: str = _f("numpy", "compute backend: numpy, cpu or gpu")
+    log_jsonl: str = _f("", "write one JSON object per step to this file")
+    save: str = _f("", "write the final model to this llm.c .bin")
+
+
+# What the embedded default changes, for every field the user did not set on the command line:
+# a from-scratch model needs a larger learning rate and more steps than a GPT-2 fine-tune.
+EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, val_every=50,
+                        sample_every=150, sample_tokens=96)
+
+
+def add_arguments(parser, cls, short=None):
+    """One --flag per dataclass field; defaults are None so callers can tell what was given."""
+    short = short or {}
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [short[f.name], flag] if f.name in short else [flag]
+        help = f.metadata.get("help", "")
+        if f.default not in ("", None):
+            help += f" (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(*names, dest=f.name, type=typ, default=None, help=help)
+
+
+def from_arguments(cls, args):
+    """(config, names of the fields given on the command line)."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+    return cls(**given), set(given)

@@ -1,0 +1,67 @@
+"""Helpers shared by every llm.c file format: the 256 x int32 header, and atomic writes."""
+import os
+import tempfile
+
+import numpy as np
+
+from .errors import LlmpyError
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def file_size(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        raise LlmpyError(f"{path}: no such file") from None
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_header(path, magic, versions, kind):
+    """Read and validate an llm.c header. Returns the 256 int32 values."""
+    if file_size(path) < HEADER_BYTES:
+        raise LlmpyError(f"{path}: truncated {kind} file (smaller than its {HEADER_BYTES}-byte header)")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != magic:
+        raise LlmpyError(f"{path}: bad magic number {header[0]} (a {kind} file starts with {magic})")
+    if header[1] not in versions:
+        raise LlmpyError(f"{path}: unsupported {kind} version {header[1]} "
+                         f"(supported: {', '.join(map(str, versions))})")
+    return header
+
+
+def make_header(magic, version, *values):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1] = magic, version
+    header[2:2 + len(values)] = values
+    return header
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, arrays):
+    """Write the arrays' bytes to path via a temporary file, fsync and rename, so a crash at
+    any moment leaves either the old file or the complete new one."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot write: {e.strerror}") from None
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            for a in arrays:
+                f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,206 @@
+"""Backend-neutral GPT-2: parameter and activation layout, forward, backward, zero_grad.
+
+This is the Python counterpart of llm.c's train_gpt2.c. All parameters live in one flat
+float32 buffer exposed as 16 named views in llm.c's order; gradients use the same layout.
+Activations (and their gradients) are one more flat buffer, allocated once per (B,T).
+The math lives in the backend, a module with <op>_forward / <op>_backward functions.
+"""
+import numpy as np
+
+from .errors import LlmpyError
+
+
+def param_shapes(cfg):
+    """The 16 parameter tensors, in llm.c's order and shapes."""
+    Vp, C, maxT, L = cfg.padded_vocab_size, cfg.channels, cfg.max_seq_len, cfg.num_layers
+    return [
+        ("wte", (Vp, C)), ("wpe", (maxT, C)),
+        ("ln1w", (L, C)), ("ln1b", (L, C)),
+        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
+        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
+        ("ln2w", (L, C)), ("ln2b", (L, C)),
+        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
+        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
+        ("lnfw", (C,)), ("lnfb", (C,)),
+    ]
+
+
+def activation_shapes(cfg, B, T):
+    """Everything the forward pass writes and the backward pass reads, as llm.c lays it out."""
+    C, NH, L, Vp = cfg.channels, cfg.num_heads, cfg.num_layers, cfg.padded_vocab_size
+    return [
+        ("encoded", (B, T, C)),
+        ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
+        ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)),
+        ("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T)),
+        ("attproj", (L, B, T, C)), ("residual2", (L, B, T, C)),
+        ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
+        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
+        ("fcproj", (L, B, T, C)), ("residual3", (L, B, T, C)),
+        ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
+        ("logits", (B, T, Vp)), ("probs", (B, T, Vp)), ("losses", (B, T)),
+    ]
+
+
+class FlatTensors:
+    """One flat buffer `buf` with a named view per tensor (llm.c's ParameterTensors)."""
+
+    def __init__(self, shapes, alloc):
+        self.shapes = dict(shapes)
+        self.offsets = {}
+        total = 0
+        for name, shape in shapes:
+            self.offsets[name] = total
+            total += int(np.prod(shape))
+        self.buf = alloc(total)                                 # (total,)
+        for name, shape in shapes:
+            o = self.offsets[name]
+            setattr(self, name, self.buf[o:o + int(np.prod(shape))].reshape(shape))
+
+    def names(self):
+        return list(self.shapes)
+
+    def items(self):
+        return [(n, getattr(self, n)) for n in self.shapes]
+
+    def __len__(self):
+        return self.buf.shape[0]
+
+
+class GPT2:
+    def __init__(self, config, backend):
+        self.config = config
+        self.backend = backend
+        self.params = FlatTensors(param_shapes(config), backend.zeros)
+        self.grads = FlatTensors(param_shapes(config), backend.zeros)
+        self.B = self.T = 0
+        self.acts = self.grad_acts = None
+        self.inputs = self.targets = None
+        self.mean_loss = None
+
+    def num_parameters(self):
+        return len(self.params)
+
+    def _ensure_activations(self, B, T):
+        if (B, T) != (self.B, self.T):
+            shapes = activation_shapes(self.config, B, T)
+            self.acts = FlatTensors(shapes, self.backend.zeros)
+            self.grad_acts = None                               # made on the first backward
+            self.B, self.T = B, T
+
+    def check_tokens(self, tokens, what="input"):
+        V, maxT = self.config.vocab_size, self.config.max_seq_len
+        if tokens.ndim != 2:
+            raise LlmpyError(f"{what} tokens must have shape (B,T), got {tokens.shape}")
+        if tokens.shape[1] > maxT:
+            raise LlmpyError(f"sequence length T={tokens.shape[1]} exceeds the model's "
+                             f"max_seq_len {maxT}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
+            bad = tokens[(tokens < 0) | (tokens >= V)].ravel()[0]
+            raise LlmpyError(f"{what} token id {bad} is out of range for vocab size {V}")
+
+    def forward(self, inputs, targets=None):
+        """inputs, targets: (B,T) int host arrays. Returns the mean loss, or None without targets."""
+        self.check_tokens(inputs)
+        if targets is not None:
+            self.check_tokens(targets, "target")
+        be, cfg, p = self.backend, self.config, self.params
+        B, T = inputs.shape
+        L, V = cfg.num_layers, cfg.vocab_size
+        self._ensure_activations(B, T)
+        a = self.acts
+        self.inputs = be.to_device(np.ascontiguousarray(inputs, dtype=np.int64))
+        self.targets = None if targets is None else be.to_device(
+            np.ascontiguousarray(targets, dtype=np.int64))
+
+        be.encoder_forward(a.encoded, self.inputs, p.wte, p.wpe)
+        for l in range(L):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
+            be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual,
+                                 p.ln1w[l], p.ln1b[l])
+            be.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
+            be.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l])
+            be.matmul_forward(a.attproj[l], a.atty[l], p.attprojw[l], p.attprojb[l])
+            be.residual_forward(a.residual2[l], residual, a.attproj[l])
+            be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l],
+                                 p.ln2w[l], p.ln2b[l])
+            be.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
+            be.gelu_forward(a.fch_gelu[l], a.fch[l])
+            be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
+            be.residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
+        last = a.residual3[L - 1] if L else a.encoded
+        be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, last, p.lnfw, p.lnfb)
+        be.matmul_forward(a.logits, a.lnf, p.wte, None)          # tied classifier weights
+        if self.targets is None:
+            self.mean_loss = None
+            return None
+        be.crossentropy_forward(a.losses, a.probs, a.logits, self.targets, V)
+        self.mean_loss = float(a.losses.mean())
+        return self.mean_loss
+
+    def zero_grad(self):
+        self.grads.buf[:] = 0
+
+    def backward(self):
+        """Accumulates d(mean loss)/d(params) into self.grads (call zero_grad first)."""
+        if self.mean_loss is None:
+            raise LlmpyError("backward() needs a forward() with targets first")
+        be, cfg, p, g, a = self.backend, self.config, self.params, self.grads, self.acts
+        B, T, L, V = self.B, self.T, cfg.num_layers, cfg.vocab_size
+        if self.grad_acts is None:
+            self.grad_acts = FlatTensors(activation_shapes(cfg, B, T), be.zeros)
+        d = self.grad_acts
+        d.buf[:] = 0                                            # backward ops accumulate
+        d.losses[...] = 1.0 / (B * T)                           # d(mean)/d(each loss)
+
+        be.crossentropy_backward(d.logits, d.losses, a.probs, self.targets, V)
+        be.matmul_backward(d.lnf, g.wte, None, d.logits, a.lnf, p.wte)
+        last = a.residual3[L - 1] if L else a.encoded
+        dlast = d.residual3[L - 1] if L else d.encoded
+        be.layernorm_backward(dlast, g.lnfw, g.lnfb, d.lnf, last, p.lnfw, a.lnf_mean, a.lnf_rstd)
+        for l in reversed(range(L)):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
+            dresidual = d.encoded if l == 0 else d.residual3[l - 1]
+            be.residual_backward(d.residual2[l], d.fcproj[l], d.residual3[l])
+            be.matmul_backward(d.fch_gelu[l], g.fcprojw[l], g.fcprojb[l], d.fcproj[l],
+                               a.fch_gelu[l], p.fcprojw[l])
+            be.gelu_backward(d.fch[l], a.fch[l], d.fch_gelu[l])
+            be.matmul_backward(d.ln2[l], g.fcw[l], g.fcb[l], d.fch[l], a.ln2[l], p.fcw[l])
+            be.layernorm_backward(d.residual2[l], g.ln2w[l], g.ln2b[l], d.ln2[l], a.residual2[l],
+                                  p.ln2w[l], a.ln2_mean[l], a.ln2_rstd[l])
+            be.residual_backward(dresidual, d.attproj[l], d.residual2[l])
+            be.matmul_backward(d.atty[l], g.attprojw[l], g.attprojb[l], d.attproj[l],
+                               a.atty[l], p.attprojw[l])
+            be.attention_backward(d.qkv[l], d.preatt[l], d.att[l], d.atty[l], a.qkv[l], a.att[l])
+            be.matmul_backward(d.ln1[l], g.qkvw[l], g.qkvb[l], d.qkv[l], a.ln1[l], p.qkvw[l])
+            be.layernorm_backward(dresidual, g.ln1w[l], g.ln1b[l], d.ln1[l], residual,
+                                  p.ln1w[l], a.ln1_mean[l], a.ln1_rstd[l])
+        be.encoder_backward(g.wte, g.wpe, d.encoded, self.inputs)
+
+
+def init_weights(model, seed=0):
+    """GPT-2's from-scratch init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),
+    biases 0, LayerNorm weights 1, the padded rows of wte 0."""
+    cfg, p = model.config, model.params
+    rng = np.random.default_rng(seed)
+    host = np.zeros(len(p), dtype=np.float32)
+    for name, shape in param_shapes(cfg):
+        o, n = p.offsets[name], int(np.prod(shape))
+        view = host[o:o + n].reshape(shape)
+        if name in ("ln1w", "ln2w", "lnfw"):
+            view[...] = 1.0
+        elif name in ("attprojw", "fcprojw"):
+            view[...] = rng.normal(0.0, 0.02 / np.sqrt(2 * cfg.num_layers), shape)
+        elif name in ("wte", "wpe", "qkvw", "fcw"):
+            view[...] = rng.normal(0.0, 0.02, shape)
+    host[p.offsets["wte"] + cfg.vocab_size * cfg.channels:
+         p.offsets["wte"] + cfg.padded_vocab_size * cfg.channels] = 0.0
+    load_params(model, host)
+
+
+def load_params(model, flat):
+    """Copy a flat float32 host array, in the parameter layout, into the model."""
+    flat = np.asarray(flat, dtype=np.float32).ravel()
+    if flat.size != len(model.params):
+        raise LlmpyError(f"expected {len(model.params)} parameters, got {flat.size}")
+    model.params.buf[:] = model.backend.to_device(flat)

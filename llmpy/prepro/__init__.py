@@ -1,0 +1,1 @@
+"""Raw text -> llm.c token files."""

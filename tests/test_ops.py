@@ -1,0 +1,173 @@
+"""Every op, forward and backward, against torch float64 autograd on odd shapes, on every backend.
+
+Backward ops must ADD into gradients, so every gradient buffer starts with random values and the
+expected result is that start plus torch's gradient.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import backend_dtypes
+
+B, T, C, NH, OC, V, Vp, maxT = 2, 5, 12, 3, 7, 23, 32, 9
+TOL = {np.float64: 1e-10, np.float32: 1e-5}   # max |error| / max |reference|
+
+
+class Harness:
+    def __init__(self, be, dtype):
+        self.be, self.dtype = be, dtype
+        self.rng = np.random.default_rng(0)
+
+    def randn(self, *shape):
+        return self.rng.standard_normal(shape)
+
+    def dev(self, x):
+        """numpy -> backend array, in the test dtype (ints stay int64)."""
+        x = np.asarray(x)
+        return self.be.to_device(np.ascontiguousarray(
+            x.astype(np.int64) if x.dtype.kind == "i" else x.astype(self.dtype)))
+
+    def empty(self, *shape):
+        return self.dev(np.zeros(shape))
+
+    def check(self, got, want, what):
+        got = np.asarray(self.be.to_host(got), dtype=np.float64)
+        want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+        assert err <= TOL[self.dtype], f"{what}: relative error {err:.3g}"
+
+
+def leaf(x):
+    return torch.tensor(x, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.fixture(params=backend_dtypes())
+def h(request):
+    return Harness(*request.param)
+
+
+def test_encoder(h):
+    inp = h.rng.integers(0, V, (B, T))
+    inp[0, :2] = inp[1, 3]                     # repeated ids must accumulate
+    wte, wpe, dout = h.randn(Vp, C), h.randn(maxT, C), h.randn(B, T, C)
+    dwte0, dwpe0 = h.randn(Vp, C), h.randn(maxT, C)
+    tw, tp = leaf(wte), leaf(wpe)
+    ref = tw[torch.from_numpy(inp)] + tp[:T]
+    ref.backward(torch.from_numpy(dout))
+    out, dwte, dwpe = h.empty(B, T, C), h.dev(dwte0), h.dev(dwpe0)
+    h.be.encoder_forward(out, h.dev(inp), h.dev(wte), h.dev(wpe))
+    h.be.encoder_backward(dwte, dwpe, h.dev(dout), h.dev(inp))
+    h.check(out, ref, "out")
+    h.check(dwte, dwte0 + tw.grad.numpy(), "dwte")
+    h.check(dwpe, dwpe0 + tp.grad.numpy(), "dwpe")
+
+
+def test_layernorm(h):
+    x, w, b, dout = h.randn(B, T, C) * 3 + 1, h.randn(C), h.randn(C), h.randn(B, T, C)
+    dx0, dw0, db0 = h.randn(B, T, C), h.randn(C), h.randn(C)
+    tx, tw, tb = leaf(x), leaf(w), leaf(b)
+    ref = F.layer_norm(tx, (C,), tw, tb, eps=1e-5)
+    ref.backward(torch.from_numpy(dout))
+    var, mu = torch.var_mean(tx.detach(), dim=-1, unbiased=False)
+    out, mean, rstd = h.empty(B, T, C), h.empty(B, T), h.empty(B, T)
+    dx, dw, db = h.dev(dx0), h.dev(dw0), h.dev(db0)
+    h.be.layernorm_forward(out, mean, rstd, h.dev(x), h.dev(w), h.dev(b))
+    h.be.layernorm_backward(dx, dw, db, h.dev(dout), h.dev(x), h.dev(w), mean, rstd)
+    h.check(out, ref, "out")
+    h.check(mean, mu, "mean")
+    h.check(rstd, 1 / torch.sqrt(var + 1e-5), "rstd")
+    h.check(dx, dx0 + tx.grad.numpy(), "dinp")
+    h.check(dw, dw0 + tw.grad.numpy(), "dweight")
+    h.check(db, db0 + tb.grad.numpy(), "dbias")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matmul(h, with_bias):
+    x, w, b, dout = h.randn(B, T, C), h.randn(OC, C), h.randn(OC), h.randn(B, T, OC)
+    dx0, dw0, db0 = h.randn(B, T, C), h.randn(OC, C), h.randn(OC)
+    tx, tw, tb = leaf(x), leaf(w), leaf(b)
+    ref = F.linear(tx, tw, tb if with_bias else None)
+    ref.backward(torch.from_numpy(dout))
+    out, dx, dw, db = h.empty(B, T, OC), h.dev(dx0), h.dev(dw0), h.dev(db0)
+    h.be.matmul_forward(out, h.dev(x), h.dev(w), h.dev(b) if with_bias else None)
+    h.be.matmul_backward(dx, dw, db if with_bias else None, h.dev(dout), h.dev(x), h.dev(w))
+    h.check(out, ref, "out")
+    h.check(dx, dx0 + tx.grad.numpy(), "dinp")
+    h.check(dw, dw0 + tw.grad.numpy(), "dweight")
+    h.check(db, db0 + (tb.grad.numpy() if with_bias else 0), "dbias")
+
+
+def torch_attention(qkv):
+    # qkv: (B,T,3C) -> y (B,T,C), att (B,NH,T,T)
+    q, k, v = (t.reshape(B, T, NH, C // NH).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    pre = (q @ k.transpose(-1, -2)) / np.sqrt(C // NH)
+    att = pre.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    return (att @ v).transpose(1, 2).reshape(B, T, C), att
+
+
+def test_attention(h):
+    qkv, dout, dqkv0 = h.randn(B, T, 3 * C), h.randn(B, T, C), h.randn(B, T, 3 * C)
+    tq = leaf(qkv)
+    ref, ref_att = torch_attention(tq)
+    ref.backward(torch.from_numpy(dout))
+    out, preatt, att = h.empty(B, T, C), h.empty(B, NH, T, T), h.empty(B, NH, T, T)
+    dqkv, dpreatt, datt = h.dev(dqkv0), h.empty(B, NH, T, T), h.empty(B, NH, T, T)
+    h.be.attention_forward(out, preatt, att, h.dev(qkv))
+    h.be.attention_backward(dqkv, dpreatt, datt, h.dev(dout), h.dev(qkv), att)
+    h.check(out, ref, "out")
+    h.check(att, ref_att, "att")
+    h.check(dqkv, dqkv0 + tq.grad.numpy(), "dinp")
+
+
+def test_gelu(h):
+    x, dout, dx0 = h.randn(B, T, 4 * C) * 2, h.randn(B, T, 4 * C), h.randn(B, T, 4 * C)
+    tx = leaf(x)
+    ref = F.gelu(tx, approximate="tanh")
+    ref.backward(torch.from_numpy(dout))
+    out, dx = h.empty(B, T, 4 * C), h.dev(dx0)
+    h.be.gelu_forward(out, h.dev(x))
+    h.be.gelu_backward(dx, h.dev(x), h.dev(dout))
+    h.check(out, ref, "out")
+    h.check(dx, dx0 + tx.grad.numpy(), "dinp")
+
+
+def test_residual(h):
+    a, b, dout, da0, db0 = (h.randn(B, T, C) for _ in range(5))
+    out, da, db = h.empty(B, T, C), h.dev(da0), h.dev(db0)
+    h.be.residual_forward(out, h.dev(a), h.dev(b))
+    h.be.residual_backward(da, db, h.dev(dout))
+    h.check(out, a + b, "out")
+    h.check(da, da0 + dout, "dinp1")
+    h.check(db, db0 + dout, "dinp2")
+
+
+def test_crossentropy(h):
+    logits, targets = h.randn(B, T, Vp) * 3, h.rng.integers(0, V, (B, T))
+    dlosses, dlogits0 = h.randn(B, T), h.randn(B, T, Vp)
+    tl = leaf(logits)
+    ref = F.cross_entropy(tl[..., :V].reshape(-1, V), torch.from_numpy(targets).reshape(-1),
+                          reduction="none").reshape(B, T)
+    ref.backward(torch.from_numpy(dlosses))
+    losses, probs, dlogits = h.empty(B, T), h.empty(B, T, Vp), h.dev(dlogits0)
+    h.be.crossentropy_forward(losses, probs, h.dev(logits), h.dev(targets), V)
+    h.be.crossentropy_backward(dlogits, h.dev(dlosses), probs, h.dev(targets), V)
+    h.check(losses, ref, "losses")
+    h.check(probs[..., :V], tl[..., :V].softmax(-1), "probs")
+    # the padded logits take no part: their gradient buffer is left as it was
+    h.check(dlogits, dlogits0 + tl.grad.numpy(), "dlogits")
+
+
+def test_adamw(h):
+    n, kw = 37, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    p0 = h.randn(n)
+    tp = leaf(p0)
+    opt = torch.optim.AdamW([tp], **kw)
+    p, g, m, v = h.dev(p0), h.empty(n), h.empty(n), h.empty(n)
+    for step in range(1, 4):
+        grad = h.randn(n)
+        tp.grad = torch.tensor(grad)
+        opt.step()
+        g = h.dev(grad)
+        h.be.adamw_update(p, g, m, v, step, kw["lr"], *kw["betas"], kw["eps"], kw["weight_decay"])
+        h.check(p, tp, f"params after step {step}")
