@@ -59,20 +59,41 @@ class TrainConfig:
     batch_size: int = _f(4, "micro-batch size B")
     seq_len: int = _f(64, "sequence length T")
     steps: int = _f(40, "number of optimizer steps")
+    total_batch_size: int = _f(0, "tokens per optimizer step, a multiple of B*T; gradients "
+                               "accumulate over that many micro-batches (0: B*T)")
     lr: float = _f(1e-4, "AdamW learning rate")
+    lr_schedule: str = _f("cosine", "learning-rate schedule: cosine, linear, constant or wsd")
+    warmup_steps: int = _f(0, "steps of linear warmup from 0 to --lr")
+    final_lr_frac: float = _f(1.0, "the schedule decays to lr * this (1.0: no decay)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay, on the 2-D weights only")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    skip_update_lossz: float = _f(0.0, "skip the update when the loss z-score over the last "
+                                  "64 steps exceeds this (0: off)")
+    skip_update_gradz: float = _f(0.0, "skip the update when the grad-norm z-score over the "
+                                  "last 64 steps exceeds this (0: off)")
+    overfit_single_batch: bool = _f(False, "debug: train on the first batch over and over")
     shuffle: bool = _f(False, "shuffle the training windows (seeded)")
     seed: int = _f(1337, "seed for init, shuffling and sampling")
     val_every: int = _f(10, "validate every N steps (0: never)")
     val_batches: int = _f(5, "batches per validation")
     sample_every: int = _f(20, "print a sample every N steps (0: never)")
     sample_tokens: int = _f(64, "tokens per sample")
+    sample_temperature: float = _f(1.0, "sampling temperature (0: greedy)")
+    sample_top_k: int = _f(0, "sample from the k likeliest tokens (0: all)")
+    hellaswag_every: int = _f(0, "HellaSwag accuracy every N steps (0: never)")
+    hellaswag_data: str = _f("data/hellaswag_val.bin", "HellaSwag eval file, as written by "
+                             "`llmpy prepro hellaswag`")
     backend: str = _f("numpy", "compute backend: numpy, cpu or gpu")
     log_jsonl: str = _f("", "write one JSON object per step to this file")
     save: str = _f("", "write the final model to this llm.c .bin")
+    run_dir: str = _f("", "run directory: log.jsonl, config.json and checkpoints")
+    checkpoint_every: int = _f(0, "checkpoint every N steps into --run-dir (0: never)")
+    keep_last: int = _f(2, "keep the newest K checkpoints (0: all)")
+    major_every: int = _f(0, "never delete the checkpoints at multiples of M steps (0: none)")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in --run-dir")
 
 
 # What the embedded default changes, for every field the user did not set on the command line:

@@ -1,0 +1,234 @@
+"""Hugging Face GPT-2 <-> llm.c model file.
+
+HF's GPT-2 keeps its linear layers as Conv1D modules whose weight is (in, out), the transpose
+of llm.c's (out, in) matmul weight, and names every tensor per layer ("h.3.attn.c_attn.weight");
+llm.c stacks the layers into 16 tensors and pads wte to Vp rows. Everything else is a copy.
+Reading and writing safetensors needs only numpy; pytorch_model.bin needs torch.
+"""
+import json
+import os
+import re
+
+import numpy as np
+
+from .checkpoint import BF16, FP32, read_model, write_model
+from .config import GPT2Config
+from .errors import LlmpyError
+from .files import atomic_write
+from .model import FlatTensors, param_shapes
+
+# llm.c tensor -> HF tensor name; a name with {} is one tensor per layer ({} = layer index).
+HF_NAMES = {
+    "wte": "wte.weight", "wpe": "wpe.weight",
+    "ln1w": "h.{}.ln_1.weight", "ln1b": "h.{}.ln_1.bias",
+    "qkvw": "h.{}.attn.c_attn.weight", "qkvb": "h.{}.attn.c_attn.bias",
+    "attprojw": "h.{}.attn.c_proj.weight", "attprojb": "h.{}.attn.c_proj.bias",
+    "ln2w": "h.{}.ln_2.weight", "ln2b": "h.{}.ln_2.bias",
+    "fcw": "h.{}.mlp.c_fc.weight", "fcb": "h.{}.mlp.c_fc.bias",
+    "fcprojw": "h.{}.mlp.c_proj.weight", "fcprojb": "h.{}.mlp.c_proj.bias",
+    "lnfw": "ln_f.weight", "lnfb": "ln_f.bias",
+}
+CONV1D = {"qkvw", "attprojw", "fcw", "fcprojw"}     # stored (in, out) by HF: transpose
+PREFIX = "transformer."                             # GPT2LMHeadModel's; GPT2Model has none
+# Tensors HF checkpoints may carry that are not weights: the causal-mask buffers of old
+# checkpoints, and the classifier, which GPT-2 ties to wte.
+NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
+
+
+# ----------------------------------------------------------------------------- config
+
+def config_from_hf(c, path):
+    """llm.py's GPT2Config from an HF config.json dict, refusing what llm.c cannot compute."""
+    def need(ok, what):
+        if not ok:
+            raise LlmpyError(f"{path}: {what}; llm.c's GPT-2 cannot represent this model")
+    need(c.get("model_type", "gpt2") == "gpt2", f"model_type is {c.get('model_type')!r}, not 'gpt2'")
+    need(c.get("activation_function", "gelu_new") in GELU_TANH,
+         f"activation_function is {c.get('activation_function')!r}, not the tanh GELU")
+    need(c.get("layer_norm_epsilon", 1e-5) == 1e-5, "layer_norm_epsilon is not 1e-5")
+    need(c.get("n_inner") in (None, 4 * c.get("n_embd", 0)), "n_inner is not 4 * n_embd")
+    need(c.get("scale_attn_weights", True), "scale_attn_weights is false")
+    need(not c.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is set")
+    need(c.get("tie_word_embeddings", True), "the classifier is not tied to wte")
+    try:
+        return GPT2Config(max_seq_len=int(c["n_positions"]), vocab_size=int(c["vocab_size"]),
+                          num_layers=int(c["n_layer"]), num_heads=int(c["n_head"]),
+                          channels=int(c["n_embd"]))
+    except KeyError as e:
+        raise LlmpyError(f"{path}: config.json has no {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise LlmpyError(f"{path}: bad config.json: {e}") from None
+
+
+def config_to_hf(cfg):
+    """The config.json that makes transformers build the same network as llm.c."""
+    c = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_embd": cfg.channels,
+        "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
+        # llm.c trains without dropout; so does HF's Trainer with these
+        "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+    }
+    if cfg.vocab_size > 50256:                     # the GPT-2 tokenizer's <|endoftext|>
+        c["bos_token_id"] = c["eos_token_id"] = 50256
+    return c
+
+
+# ----------------------------------------------------------------------------- weights
+
+def params_from_hf(cfg, tensors, path):
+    """HF tensors {name: array} -> flat float32 params in llm.c's layout (wte padded with 0)."""
+    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
+    p = FlatTensors(param_shapes(cfg), lambda n: np.zeros(n, dtype=np.float32))
+    used = set()
+
+    def take(hf_name, shape, transpose):
+        if hf_name not in tensors:
+            raise LlmpyError(f"{path}: missing tensor {hf_name}")
+        t = np.asarray(tensors[hf_name])
+        t = t.T if transpose else t
+        if t.shape != shape:
+            raise LlmpyError(f"{path}: tensor {hf_name} has shape {tuple(tensors[hf_name].shape)}, "
+                             f"expected {shape[::-1] if transpose else shape} for this config")
+        used.add(hf_name)
+        return t
+
+    V = cfg.vocab_size
+    for name, view in p.items():
+        if name == "wte":
+            view[:V] = take(HF_NAMES[name], (V, cfg.channels), False)   # rows V..Vp stay 0
+        elif "{}" not in HF_NAMES[name]:
+            view[...] = take(HF_NAMES[name], view.shape, False)
+        else:
+            for l in range(cfg.num_layers):
+                view[l] = take(HF_NAMES[name].format(l), view[l].shape, name in CONV1D)
+    if "lm_head.weight" in tensors:
+        if not np.array_equal(tensors["lm_head.weight"], tensors["wte.weight"]):
+            raise LlmpyError(f"{path}: lm_head.weight differs from wte.weight; llm.c ties them")
+        used.add("lm_head.weight")
+    extra = sorted(k for k in tensors if k not in used and not NOT_WEIGHTS.search(k))
+    if extra:
+        raise LlmpyError(f"{path}: unexpected tensors for a GPT-2: {', '.join(extra[:5])}")
+    return p.buf
+
+
+def params_to_hf(cfg, flat):
+    """Flat llm.c params -> {HF name: contiguous float32 array}, as GPT2LMHeadModel names them."""
+    p = FlatTensors(param_shapes(cfg), lambda n: np.asarray(flat, dtype=np.float32))
+    out = {}
+    for name, view in p.items():
+        if name == "wte":
+            out[PREFIX + HF_NAMES[name]] = view[:cfg.vocab_size]                # drop padding
+        elif "{}" not in HF_NAMES[name]:
+            out[PREFIX + HF_NAMES[name]] = view
+        else:
+            for l in range(cfg.num_layers):
+                out[PREFIX + HF_NAMES[name].format(l)] = view[l].T if name in CONV1D else view[l]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- files
+
+def _read_safetensors(path):
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise LlmpyError(f"{path}: reading safetensors needs safetensors: "
+                         "pip install 'llmpy[hf]'") from None
+    try:
+        tensors = load_file(path)
+    except Exception as e:   # the library's own error types vary by version
+        raise LlmpyError(f"{path}: cannot read safetensors: {e}") from None
+    return {k: v.astype(np.float32) for k, v in tensors.items()}
+
+
+def _read_pytorch_bin(path):
+    try:
+        import torch
+    except ImportError:
+        raise LlmpyError(f"{path}: reading pytorch_model.bin needs PyTorch "
+                         "(pip install torch, or use a model.safetensors)") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # a pickle of anything can fail in many ways
+        raise LlmpyError(f"{path}: cannot read a PyTorch state dict: {e}") from None
+    return {k: v.float().numpy() for k, v in sd.items()}
+
+
+def download(name):
+    """A hub model (gpt2, gpt2-medium, openai-community/gpt2-xl, ...) -> its local directory."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise LlmpyError(f"{name}: downloading from the Hugging Face hub needs huggingface_hub: "
+                         "pip install 'llmpy[hf]'") from None
+    print(f"downloading {name} from the Hugging Face hub")
+    try:
+        config = hf_hub_download(name, "config.json")
+        hf_hub_download(name, "model.safetensors")
+    except Exception as e:   # network, missing repo, missing file: all the user's to fix
+        raise LlmpyError(f"{name}: not a local directory, and the hub download failed: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return os.path.dirname(config)
+
+
+def read_hf(src):
+    """(GPT2Config, flat params) from an HF model directory or hub name."""
+    if not os.path.isdir(src):
+        if os.path.exists(src) or not HUB_ID.match(src):
+            raise LlmpyError(f"{src}: not an HF model directory (config.json + model.safetensors "
+                             "or pytorch_model.bin), an llm.c model file, or a hub name")
+        src = download(src)
+    config_path = os.path.join(src, "config.json")
+    try:
+        with open(config_path) as f:
+            c = json.load(f)
+    except FileNotFoundError:
+        raise LlmpyError(f"{config_path}: no such file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LlmpyError(f"{config_path}: not valid JSON: {e}") from None
+    cfg = config_from_hf(c, config_path)
+    weights = os.path.join(src, "model.safetensors")
+    if os.path.exists(weights):
+        tensors = _read_safetensors(weights)
+    elif os.path.exists(os.path.join(src, "pytorch_model.bin")):
+        weights = os.path.join(src, "pytorch_model.bin")
+        tensors = _read_pytorch_bin(weights)
+    else:
+        raise LlmpyError(f"{src}: no model.safetensors or pytorch_model.bin")
+    return cfg, params_from_hf(cfg, tensors, weights)
+
+
+def write_hf(out_dir, cfg, flat):
+    """An HF model directory (config.json + model.safetensors) that
+    transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads."""
+    try:
+        from safetensors.numpy import save
+    except ImportError:
+        raise LlmpyError(f"{out_dir}: writing safetensors needs safetensors: "
+                         "pip install 'llmpy[hf]'") from None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise LlmpyError(f"{out_dir}: cannot create directory: {e.strerror}") from None
+    blob = save(params_to_hf(cfg, flat), metadata={"format": "pt"})
+    atomic_write(os.path.join(out_dir, "model.safetensors"), [np.frombuffer(blob, np.uint8)])
+    text = json.dumps(config_to_hf(cfg), indent=2) + "\n"
+    atomic_write(os.path.join(out_dir, "config.json"), [np.frombuffer(text.encode(), np.uint8)])
+
+
+def convert(src, out, dtype="fp32"):
+    """llm.c model file -> HF directory, or HF directory / hub name -> llm.c model file."""
+    if os.path.isfile(src):
+        cfg, flat = read_model(src)
+        write_hf(out, cfg, flat)
+        print(f"wrote {out}/ (config.json, model.safetensors) from {src}")
+    else:
+        cfg, flat = read_hf(src)
+        write_model(out, cfg, flat, version={"fp32": FP32, "bf16": BF16}[dtype])
+        print(f"wrote {out}: {dtype}, L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} "
+              f"V={cfg.vocab_size} Vp={cfg.padded_vocab_size} maxT={cfg.max_seq_len}")

@@ -1,0 +1,103 @@
+"""The command line as a user meets it: help, the embedded default, and bad input (one line on
+stderr naming the problem, exit code 1, never a traceback)."""
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmpy.checkpoint import num_params
+from llmpy.config import GPT2Config
+from test_gpt2 import write_llmc_model, write_llmc_tokens
+
+CFG = GPT2Config(max_seq_len=16, vocab_size=90, num_layers=1, num_heads=2, channels=8)
+
+
+def llmpy(*args):
+    return subprocess.run([sys.executable, "-m", "llmpy", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmpy: error: "), r.stderr
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+
+
+@pytest.fixture
+def files(tmp_path):
+    flat = np.random.default_rng(0).normal(0, 0.02, num_params(CFG))
+    write_llmc_model(tmp_path / "m.bin", CFG, flat)
+    write_llmc_tokens(tmp_path / "d.bin", np.arange(500) % CFG.vocab_size)
+    return tmp_path
+
+
+def train(files, *extra, model="m.bin", data="d.bin"):
+    return llmpy("train", "--model", files / model, "--train-data", files / data,
+                 "--val-every", "0", "--sample-every", "0", "--steps", "1", "-b", 2, "-t", 8, *extra)
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["sample"]])
+def test_help(cmd):
+    r = llmpy(*cmd, "--help")
+    assert r.returncode == 0 and "usage: llmpy" in r.stdout
+
+
+def test_embedded_default_trains_and_samples():
+    r = llmpy("train", "--steps", "2", "--val-every", "1", "--val-batches", "1",
+              "--sample-every", "2", "--sample-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert "embedded default" in r.stdout and "val loss" in r.stdout
+    sample = r.stdout.split("--- sample at step 2 ---\n")[1].split("\n---")[0]
+    assert sum(c.isalpha() for c in sample) >= 16     # decoded text, not token ids
+
+
+def test_train_runs_on_llmc_files(files):
+    r = train(files, "--save", files / "out.bin")
+    assert r.returncode == 0, r.stderr
+    assert "step    1/1" in r.stdout and (files / "out.bin").stat().st_size == \
+        (files / "m.bin").stat().st_size
+
+
+def test_missing_files(files):
+    assert_one_line_error(train(files, model="nope.bin"), "nope.bin", "no such file")
+    assert_one_line_error(train(files, data="nope.bin"), "nope.bin", "no such file")
+
+
+def test_bad_model_files(files):
+    raw = (files / "m.bin").read_bytes()
+    (files / "magic.bin").write_bytes(struct.pack("<i", 1234) + raw[4:])
+    assert_one_line_error(train(files, model="magic.bin"), "magic.bin", "bad magic", 1234)
+    (files / "version.bin").write_bytes(raw[:4] + struct.pack("<i", 4) + raw[8:])
+    assert_one_line_error(train(files, model="version.bin"), "version.bin", "version 4")
+    (files / "short.bin").write_bytes(raw[:-10])
+    assert_one_line_error(train(files, model="short.bin"), "short.bin", "truncated")
+    (files / "header.bin").write_bytes(raw[:100])
+    assert_one_line_error(train(files, model="header.bin"), "header.bin", "truncated")
+
+
+def test_bad_data_files(files):
+    write_llmc_tokens(files / "big.bin", [1, 2, CFG.vocab_size, 3])
+    assert_one_line_error(train(files, data="big.bin"), "big.bin", f"token id {CFG.vocab_size}")
+    (files / "magic.bin").write_bytes(struct.pack("<256i", 20240521, 1, 4, *[0] * 253) + b"\0" * 8)
+    assert_one_line_error(train(files, data="magic.bin"), "magic.bin", "bad magic")
+    raw = (files / "d.bin").read_bytes()
+    (files / "short.bin").write_bytes(raw[:-2])
+    assert_one_line_error(train(files, data="short.bin"), "short.bin", "500 tokens")
+    (files / "empty.bin").write_bytes(b"")
+    assert_one_line_error(train(files, data="empty.bin"), "empty.bin", "empty")
+
+
+def test_bad_shapes(files):
+    assert_one_line_error(train(files, "-t", 17), "17", "max_seq_len 16")
+    assert_one_line_error(train(files, "-b", 40, "-t", 16), "d.bin", "too few", "641")
+
+
+def test_nan_loss_stops(files):
+    write_llmc_model(files / "nan.bin", CFG, np.full(num_params(CFG), np.nan))
+    assert_one_line_error(train(files, "--save", files / "out.bin", model="nan.bin"),
+                          "step 1", "nan")
+    assert not (files / "out.bin").exists()

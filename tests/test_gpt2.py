@@ -1,0 +1,170 @@
+"""The whole model against the PyTorch reference (torchref/gpt2.py) in float32: logits, loss,
+all 16 gradient tensors, and 10 AdamW steps, on every backend.
+
+Tolerance: max |ours - torch| / max |torch| <= 1e-5 per tensor (measured: below 1e-6 on the
+numpy backend); losses to 1e-5 relative. Both sides sum in float32 in different orders, so
+bit equality is not expected; 1e-5 is about 100 ulps of the largest value.
+"""
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BACKENDS
+from llmpy.config import GPT2Config, preset
+from llmpy.model import GPT2, init_weights, load_params, param_shapes
+from llmpy.optim import AdamW, AdamWConfig
+from torchref.gpt2 import from_flat
+
+TOL = 1e-5
+# odd sizes, and a vocab (100) that is padded (to 128)
+CFG = GPT2Config(max_seq_len=16, vocab_size=100, num_layers=2, num_heads=3, channels=48)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def random_weights(cfg, seed=0):
+    """GPT-2 init plus noise, so that LayerNorm weights and biases are not just 1 and 0."""
+    host = GPT2(cfg, BACKENDS[0])
+    init_weights(host, seed)
+    flat = host.params.buf + np.random.default_rng(seed).normal(0, 0.02, len(host.params))
+    host.params.buf[:] = flat
+    host.params.wte[cfg.vocab_size:] = 0
+    return host.params.buf.copy()
+
+
+def batch(cfg, B, T, seed=1):
+    r = np.random.default_rng(seed)
+    return r.integers(0, cfg.vocab_size, (B, T)), r.integers(0, cfg.vocab_size, (B, T))
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda be: be.name)
+def backend(request):
+    return request.param
+
+
+def test_forward_backward_matches_torch(backend):
+    flat = random_weights(CFG)
+    x, y = batch(CFG, 3, 11)
+    model = GPT2(CFG, backend)
+    load_params(model, flat)
+    loss = model.forward(x, y)
+    model.zero_grad()
+    model.backward()
+
+    ref = from_flat(CFG, flat)
+    logits, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+    ref_loss.backward()
+    V = CFG.vocab_size
+    host = backend.to_host
+    assert rel_err(host(model.acts.logits)[..., :V], logits.detach().numpy()) <= TOL
+    assert abs(loss - ref_loss.item()) <= TOL * ref_loss.item()
+    ref_grads = ref.flat(grads=True)
+    o = 0
+    for name, shape in param_shapes(CFG):
+        n = int(np.prod(shape))
+        ours = np.asarray(host(getattr(model.grads, name))).reshape(-1)
+        assert rel_err(ours, ref_grads[o:o + n]) <= TOL, name
+        o += n
+    assert not np.asarray(host(model.grads.wte))[V:].any(), "padded rows get no gradient"
+
+
+def test_adamw_steps_match_torch(backend):
+    flat = random_weights(CFG, seed=2)
+    x, y = batch(CFG, 4, 16, seed=3)
+    model = GPT2(CFG, backend)
+    load_params(model, flat)
+    opt = AdamW(model, AdamWConfig(lr=1e-3, weight_decay=0.01))
+    ref = from_flat(CFG, flat)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+    for step in range(10):
+        loss = model.forward(x, y)
+        model.zero_grad()
+        model.backward()
+        opt.update()
+        ref_opt.zero_grad()
+        _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+        ref_loss.backward()
+        ref_opt.step()
+        assert abs(loss - ref_loss.item()) <= TOL * ref_loss.item(), f"step {step}"
+    ours, theirs = model.backend.to_host(model.params.buf).copy(), ref.flat()
+    # The key bias has an exactly-zero true gradient (softmax ignores a per-row constant), so
+    # both sides see only rounding noise, which Adam scales up to steps of size ~lr.
+    C = CFG.channels
+    kb = model.params.offsets["qkvb"] + np.add.outer(np.arange(CFG.num_layers) * 3 * C,
+                                                     np.arange(C, 2 * C)).ravel()
+    assert np.abs(ours[kb] - theirs[kb]).max() <= 10 * 1e-3
+    ours[kb] = theirs[kb] = 0
+    assert rel_err(ours, theirs) <= TOL
+
+
+def write_llmc_model(path, cfg, flat):
+    """An independent writer of llm.c's model file (as llm.c's train_gpt2.py writes it)."""
+    header = [20240326, 3, cfg.max_seq_len, cfg.vocab_size, cfg.num_layers, cfg.num_heads,
+              cfg.channels, cfg.padded_vocab_size] + [0] * 248
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", *header))
+        f.write(np.asarray(flat, dtype="<f4").tobytes())
+
+
+def write_llmc_tokens(path, tokens):
+    """An independent writer of llm.c's token file (as dev/data/data_common.py writes it)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", 20240520, 1, len(tokens), *[0] * 253))
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_cli_training_matches_torch(tmp_path):
+    """Issue 2's acceptance check: `llmpy train` on files made by another program gives the
+    same per-step losses as PyTorch trained on the same windows in the same order."""
+    cfg = GPT2Config(max_seq_len=32, vocab_size=300, num_layers=2, num_heads=2, channels=32)
+    flat = random_weights(cfg, seed=4)
+    B, T, steps = 4, 16, 5
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, B * T * steps + 1 + 17)
+    write_llmc_model(tmp_path / "model.bin", cfg, flat)
+    write_llmc_tokens(tmp_path / "train.bin", tokens)
+    write_llmc_tokens(tmp_path / "val.bin", tokens[:B * T + 1])
+    log = tmp_path / "out.jsonl"
+    r = subprocess.run([sys.executable, "-m", "llmpy", "train", "--model", tmp_path / "model.bin",
+                        "--train-data", tmp_path / "train.bin", "--val-data", tmp_path / "val.bin",
+                        "-b", str(B), "-t", str(T), "--steps", str(steps), "--no-shuffle",
+                        "--weight-decay", "0", "--val-every", "0", "--sample-every", "0",
+                        "--log-jsonl", log], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ours = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [o["step"] for o in ours] == list(range(1, steps + 1))
+    assert all(o["ms"] > 0 for o in ours)
+
+    ref = from_flat(cfg, flat)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0)
+    for step in range(steps):
+        window = torch.from_numpy(tokens[step * B * T: step * B * T + B * T + 1].astype(np.int64))
+        opt.zero_grad()
+        _, loss = ref(window[:-1].view(B, T), window[1:].view(B, T))
+        loss.backward()
+        opt.step()
+        assert abs(ours[step]["train_loss"] - loss.item()) <= 1e-5 * loss.item(), f"step {step}"
+
+
+@pytest.mark.slow
+def test_gpt2_124m_matches_torch():
+    cfg = preset("d12")
+    model = GPT2(cfg, BACKENDS[-1])
+    init_weights(model, 0)
+    flat = model.backend.to_host(model.params.buf).copy()
+    x, y = batch(cfg, 4, 64)
+    loss = model.forward(x, y)
+    model.zero_grad()
+    model.backward()
+    ref = from_flat(cfg, flat)
+    _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= TOL * ref_loss.item()
+    assert rel_err(model.backend.to_host(model.grads.buf), ref.flat(grads=True)) <= 1e-4

@@ -1,0 +1,98 @@
+"""llm.c's model and token files, read and written byte for byte, and the DataLoader's order."""
+import struct
+
+import numpy as np
+import pytest
+
+from llmpy.checkpoint import bf16_to_fp32, fp32_to_bf16, num_params, read_model, write_model
+from llmpy.config import GPT2Config
+from llmpy.data import DataLoader, read_tokens, write_tokens
+from test_gpt2 import write_llmc_model, write_llmc_tokens
+
+CFG = GPT2Config(max_seq_len=8, vocab_size=70, num_layers=2, num_heads=2, channels=8)
+
+
+def flat_params(cfg, seed=0):
+    return np.random.default_rng(seed).standard_normal(num_params(cfg)).astype(np.float32)
+
+
+def test_model_file_is_llmc_bytes(tmp_path):
+    flat = flat_params(CFG)
+    write_llmc_model(tmp_path / "theirs.bin", CFG, flat)
+    write_model(tmp_path / "ours.bin", CFG, flat)
+    assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "theirs.bin").read_bytes()
+    cfg, params = read_model(tmp_path / "theirs.bin")
+    assert cfg == CFG and cfg.padded_vocab_size == 128
+    np.testing.assert_array_equal(params, flat)
+
+
+def test_model_file_bf16(tmp_path):
+    flat = flat_params(CFG)
+    # independent bf16 rounding: torch's float32 -> bfloat16 cast (round to nearest even)
+    torch = pytest.importorskip("torch")
+    bits = torch.from_numpy(flat).to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
+    header = [20240326, 5, CFG.max_seq_len, CFG.vocab_size, CFG.num_layers, CFG.num_heads,
+              CFG.channels, CFG.padded_vocab_size] + [0] * 248
+    (tmp_path / "theirs.bin").write_bytes(struct.pack("<256i", *header) + bits.tobytes())
+    write_model(tmp_path / "ours.bin", CFG, flat, version=5)
+    assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "theirs.bin").read_bytes()
+    _, params = read_model(tmp_path / "ours.bin")
+    np.testing.assert_array_equal(params, torch.from_numpy(bits.view(np.int16)).view(
+        torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(bf16_to_fp32(fp32_to_bf16(params)), params)
+
+
+def test_token_files(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, 1000)
+    write_llmc_tokens(tmp_path / "theirs.bin", tokens)
+    write_tokens(tmp_path / "ours.bin", tokens)
+    assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "theirs.bin").read_bytes()
+    np.testing.assert_array_equal(read_tokens(tmp_path / "theirs.bin"), tokens)
+    # the original llm.c README's format: a headerless stream of int32 token ids
+    tokens.astype("<i4").tofile(tmp_path / "legacy.bin")
+    np.testing.assert_array_equal(read_tokens(tmp_path / "legacy.bin"), tokens)
+
+
+def test_dataloader_order_like_llmc(tmp_path):
+    tokens = np.arange(100) % 70
+    write_tokens(tmp_path / "d.bin", tokens)
+    B, T = 2, 5
+    loader = DataLoader(str(tmp_path / "d.bin"), B, T)
+    windows = (len(tokens) - 1) // (B * T)
+    for i in range(windows + 1):              # one past the end wraps to the start
+        x, y = loader.next_batch()
+        start = (i % windows) * B * T
+        np.testing.assert_array_equal(x.ravel(), tokens[start:start + B * T])
+        np.testing.assert_array_equal(y.ravel(), tokens[start + 1:start + B * T + 1])
+
+
+def test_dataloader_shuffle_and_shards(tmp_path):
+    for i in range(3):
+        write_tokens(tmp_path / f"s_train_{i:06d}.bin", np.arange(41) + 100 * i)
+    B, T = 2, 4                                # 5 windows per shard
+    seen = []
+    loader = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
+    for _ in range(15):
+        seen.append(int(loader.next_batch()[0][0, 0]))
+    starts = sorted(100 * s + 8 * w for s in range(3) for w in range(5))
+    assert sorted(seen) == starts and seen != starts    # one epoch: every window once
+    again = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
+    assert [int(again.next_batch()[0][0, 0]) for _ in range(15)] == seen
+    # resuming from a saved position continues identically
+    again.reset()
+    for _ in range(6):
+        again.next_batch()
+    state = again.state()
+    resumed = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
+    resumed.load_state(state)
+    assert [int(resumed.next_batch()[0][0, 0]) for _ in range(9)] == seen[6:]
+
+
+def test_dataloader_ranks_are_disjoint(tmp_path):
+    write_tokens(tmp_path / "d.bin", np.arange(201))
+    B, T = 2, 5                                # 20 windows of B*T tokens, 10 per rank
+    starts = [[int(loader.next_batch()[0][0, 0]) for _ in range(10)]
+              for loader in (DataLoader(str(tmp_path / "d.bin"), B, T, rank=r, world=2)
+                             for r in range(2))]
+    assert starts[0] == list(range(0, 200, 2 * B * T))
+    assert starts[1] == list(range(B * T, 200, 2 * B * T))
