@@ -1,30 +1,34 @@
 """Tiny Shakespeare, tokenized exactly as llm.c's dev/data/tinyshakespeare.py does."""
 import os
 
-from ..data import write_tokens
 from ..errors import LlmpyError
-from ..tokenizer import EOT, Tokenizer
+from .common import encode_documents, fetch, output_dir, read_text, write_token_files
 
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768
 
 
-def tokenize(text, tokenizer):
-    """Split on blank lines, EOT before each section, "\\n\\n" re-appended to all but the last.
+def tokenize(text, workers=1, source="text"):
+    """Every section between blank lines is a document with EOT before it; llm.c keeps the "\\n\\n"
+    at the end of all but the last section (for compatibility with its first version).
     Returns (val tokens, train tokens): the first 32,768 tokens are val."""
     sections = text.split("\n\n")
-    tokens = []
-    for i, s in enumerate(sections):
-        tokens.append(EOT)
-        tokens.extend(tokenizer.encode(s + "\n\n" if i < len(sections) - 1 else s))
-    if len(tokens) <= VAL_TOKENS:
-        raise LlmpyError(f"corpus has {len(tokens)} tokens, too few for a {VAL_TOKENS}-token "
-                         "val split")
+    tokens = encode_documents([s + "\n\n" for s in sections[:-1]] + sections[-1:], workers)
+    if tokens.size <= VAL_TOKENS:
+        raise LlmpyError(f"{source}: {tokens.size:,} tokens are too few for the "
+                         f"{VAL_TOKENS:,}-token val split and a train split")
     return tokens[:VAL_TOKENS], tokens[VAL_TOKENS:]
 
 
-def write_split(text, out_dir, prefix="tiny_shakespeare", tokenizer=None):
-    val, train = tokenize(text, tokenizer or Tokenizer())
+def write_split(text, out_dir, prefix="tiny_shakespeare", workers=1, source="text"):
+    val, train = tokenize(text, workers, source)
     paths = [os.path.join(out_dir, f"{prefix}_{split}.bin") for split in ("val", "train")]
-    write_tokens(paths[0], val)
-    write_tokens(paths[1], train)
+    write_token_files([(paths[0], val), (paths[1], train)])
     return paths
+
+
+def prepro(input=None, out="tinyshakespeare", workers=None):
+    """Tokenize a text file, or without one download llm.c's tinyshakespeare into out first."""
+    input = input or fetch(URL, out, "tiny_shakespeare.txt")
+    text = read_text(input)
+    return write_split(text, output_dir(out), workers=workers, source=input)
