@@ -221,14 +221,31 @@ def write_hf(out_dir, cfg, flat):
     atomic_write(os.path.join(out_dir, "config.json"), [np.frombuffer(text.encode(), np.uint8)])
 
 
-def convert(src, out, dtype="fp32"):
-    """llm.c model file -> HF directory, or HF directory / hub name -> llm.c model file."""
+def write_gpt2_tokenizer(path, cfg):
+    """llm.c's tokenizer file for a model with GPT-2's vocabulary (the BPE bundled with llmpy)."""
+    from .tokenizer import Tokenizer
+    tok = Tokenizer()
+    if cfg.vocab_size != tok.vocab_size:
+        raise LlmpyError(f"{path}: the model's vocab size {cfg.vocab_size} is not GPT-2's "
+                         f"{tok.vocab_size}, so its tokenizer is not GPT-2's")
+    tok.save(path)
+    print(f"wrote {path}")
+
+
+def convert(src, out, dtype="fp32", tokenizer=""):
+    """llm.c model file -> HF directory, or HF directory / hub name -> llm.c model file
+    (and, optionally, llm.c's tokenizer file)."""
     if os.path.isfile(src):
+        if tokenizer:
+            raise LlmpyError(f"{tokenizer}: --tokenizer writes llm.c's tokenizer file, for a "
+                             "conversion to an llm.c .bin")
         cfg, flat = read_model(src)
         write_hf(out, cfg, flat)
         print(f"wrote {out}/ (config.json, model.safetensors) from {src}")
     else:
         cfg, flat = read_hf(src)
+        if tokenizer:
+            write_gpt2_tokenizer(tokenizer, cfg)
         write_model(out, cfg, flat, version={"fp32": FP32, "bf16": BF16}[dtype])
         print(f"wrote {out}: {dtype}, L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} "
               f"V={cfg.vocab_size} Vp={cfg.padded_vocab_size} maxT={cfg.max_seq_len}")

@@ -108,7 +108,7 @@ def test_whole_model_float64(seed):
             return getattr(ref, k)
 
         @staticmethod
-        def zeros(n):
+        def zeros(n, dtype=None):              # float64 also where the model asks >= float32
             return np.zeros(n, dtype=np.float64)
 
     cfg = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp, num_layers=2,

@@ -1,0 +1,156 @@
+"""llm.c's debug state (gpt2_124M_debug_state.bin) and `test-model`, the counterpart of llm.c's
+test_gpt2.c: one batch, the reference's logits, loss and gradients, checked tensor by tensor.
+
+File: a 256 x int32 header (magic 20240327, version 2, B at [2], T at [3]), then
+x int32[B*T], y int32[B*T], logits float32[B*T*V] (V unpadded), loss float32[1], and the
+gradients of all parameters as float32 in the model file's layout (wte padded to Vp rows, with
+zero rows), as llm.c's train_gpt2.py writes it.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checkpoint import num_params, read_model
+from .data import DataLoader, bundled_data
+from .errors import LlmpyError
+from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
+from .model import param_shapes
+
+STATE_MAGIC = 20240327
+STATE_VERSION = 2
+# test-model's tolerance, on max|ours - ref| / max|ref| per tensor (and |d loss| / loss).
+# Both sides compute in float32, summing in different orders: measured errors are ~1e-6
+# (see tests/test_interop.py); 1e-4 leaves room for BLAS differences but not for a bug.
+TOL = 1e-4
+
+
+@dataclass
+class DebugState:
+    x: np.ndarray          # (B,T) int32 inputs
+    y: np.ndarray          # (B,T) int32 targets
+    logits: np.ndarray     # (B,T,V) float32
+    loss: float
+    grads: np.ndarray      # (num_params,) float32, the model file's layout
+
+
+def read_debug_state(path, cfg):
+    """The debug state for a model of config cfg (its V and parameter count size the file)."""
+    h = read_header(path, STATE_MAGIC, (STATE_VERSION,), "debug state")
+    B, T, V, N = int(h[2]), int(h[3]), cfg.vocab_size, num_params(cfg)
+    if B < 1 or not 1 <= T <= cfg.max_seq_len:
+        raise LlmpyError(f"{path}: debug state header has B={B} T={T}; need B >= 1 and "
+                         f"1 <= T <= the model's max_seq_len {cfg.max_seq_len}")
+    expected = HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + N)
+    size = file_size(path)
+    if size != expected:
+        what = "truncated" if size < expected else "too long"
+        raise LlmpyError(f"{path}: debug state {what}: {size} bytes, expected {expected} for "
+                         f"B={B} T={T} and this model's V={V} and {N:,} parameters")
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        x = np.fromfile(f, "<i4", B * T).reshape(B, T)
+        y = np.fromfile(f, "<i4", B * T).reshape(B, T)
+        logits = np.fromfile(f, "<f4", B * T * V).reshape(B, T, V)
+        loss = float(np.fromfile(f, "<f4", 1)[0])
+        grads = np.fromfile(f, "<f4", N)
+    for what, t in (("input", x), ("target", y)):
+        if t.min() < 0 or t.max() >= V:
+            raise LlmpyError(f"{path}: {what} token id {int(t[(t < 0) | (t >= V)][0])} is out of "
+                             f"range for the model's vocab size {V}")
+    return DebugState(x, y, logits, loss, grads)
+
+
+def write_debug_state(path, state):
+    B, T = state.x.shape
+    atomic_write(path, [make_header(STATE_MAGIC, STATE_VERSION, B, T),
+                        state.x.astype("<i4"), state.y.astype("<i4"),
+                        state.logits.astype("<f4"), np.array([state.loss], "<f4"),
+                        state.grads.astype("<f4")])
+
+
+def _torchref(what):
+    """The PyTorch reference, imported only by the commands that need it."""
+    try:
+        from torchref import steps
+    except ImportError as e:
+        raise LlmpyError(f"{what} needs the PyTorch reference ({e}): "
+                         "pip install 'llmpy[test]'") from None
+    return steps
+
+
+def default_out(model_path):
+    """gpt2_124M.bin -> gpt2_124M_debug_state.bin, as llm.c names the pair."""
+    return os.path.splitext(model_path)[0] + "_debug_state.bin"
+
+
+def make_debug_state(model_path, data_path, B, T, out):
+    """Run the PyTorch reference on the first batch of data_path and write the debug state."""
+    steps = _torchref("writing a debug state")
+    cfg, params = read_model(model_path)
+    if T > cfg.max_seq_len:
+        raise LlmpyError(f"-t {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    x, y = DataLoader(data_path or bundled_data("shakespeare_val.bin"), B, T,
+                      cfg.vocab_size).next_batch()
+    logits, loss, grads = steps.forward_backward(cfg, params, x, y)
+    write_debug_state(out, DebugState(x, y, logits, loss, grads))
+    print(f"wrote {out}: B={B} T={T}, reference loss {loss:.6f}")
+
+
+# ----------------------------------------------------------------------------- test-model
+
+def compare(name, ours, ref, tol=TOL, note=""):
+    """Prints one row; returns whether max|ours - ref| / max|ref| <= tol."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = float(np.abs(ours - ref).max())
+    scale = float(np.abs(ref).max())
+    rel = err / scale if scale else (0.0 if err == 0 else np.inf)
+    ok = rel <= tol
+    print(f"{name:<12} {err:12.3e} {rel:12.3e}  {'OK' if ok else 'FAIL':<4}  {note}".rstrip())
+    return ok
+
+
+def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay=0.01, tol=TOL):
+    """llm.c's test_gpt2: forward/backward on the stored batch vs the debug state, then `steps`
+    AdamW updates vs the PyTorch reference's losses. Raises LlmpyError if anything is off."""
+    from .optim import AdamW, AdamWConfig
+    from .train import build_model
+    model = build_model(model_path, backend)
+    cfg, V = model.config, model.config.vocab_size
+    state = read_debug_state(state_path, cfg)
+    ref_losses = []
+    if steps:
+        torchref = _torchref("checking AdamW steps (--steps 0 skips them)")
+        params = backend.to_host(model.params.buf).copy()                  # (num_params,)
+        ref_losses = torchref.adamw_losses(cfg, params, state.x, state.y, steps, lr, weight_decay)
+    B, T = state.x.shape
+    print(f"model {model_path}: L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} V={V} "
+          f"| debug state {state_path}: B={B} T={T} | backend {backend.name}")
+    print(f"OK when max|ours - ref| / max|ref| <= {tol:g} per tensor")
+    print(f"{'tensor':<12} {'max abs err':>12} {'max rel err':>12}  result")
+    opt = AdamW(model, AdamWConfig(lr=lr, weight_decay=weight_decay))
+    results = []
+    loss = model.forward(state.x, state.y)
+    model.zero_grad()
+    model.backward()
+    results.append(compare("logits", backend.to_host(model.acts.logits)[..., :V], state.logits, tol))
+    results.append(compare("loss", loss, state.loss, tol))
+    grads = backend.to_host(model.grads.buf)
+    o = 0
+    for name, shape in param_shapes(cfg):
+        n = int(np.prod(shape))
+        results.append(compare("d" + name, grads[o:o + n], state.grads[o:o + n], tol))
+        o += n
+    for step, ref in enumerate(ref_losses):
+        if step:
+            loss = model.forward(state.x, state.y)
+            model.zero_grad()
+            model.backward()
+        opt.update()
+        results.append(compare(f"step {step}", loss, ref, tol,
+                               f"loss {loss:.6f}, reference {ref:.6f}"))
+    failed = results.count(False)
+    print(f"overall: {'OK' if not failed else 'FAIL'} ({len(results) - failed}/{len(results)} OK)")
+    if failed:
+        raise LlmpyError(f"{state_path}: FAIL: {failed} of {len(results)} checks out of "
+                         f"tolerance {tol:g}")
