@@ -1,0 +1,86 @@
+"""The GPU backend: the reference ops' signatures on torch tensors, with Triton kernels.
+
+PyTorch is only the array library here: allocation, host<->device copies and cuBLAS matmuls.
+Nothing uses autograd; every forward and backward is an explicit kernel, one file per op family:
+encoder.py, layernorm.py, matmul.py (cuBLAS), gelu.py, attention.py (flash attention),
+classifier.py (fused softmax + cross-entropy), adamw.py; bench.py is `llmpy bench gpu`.
+
+Device: the CUDA GPU when there is one. Without one, Triton's interpreter runs the same kernels
+on CPU tensors (TRITON_INTERPRET=1, set before triton is imported; interpreter.py), slowly: that
+is how CI tests them. Without a GPU and without the interpreter the backend is unavailable
+(ImportError), and so is it without torch or triton.
+
+Mixed precision, the way llm.c's train_gpt2.cu does it, in the backend-neutral model:
+- `zeros(n)` allocates in `compute_dtype`: bf16 on a GPU, float32 in the interpreter
+  (LLMPY_GPU_DTYPE=float32|float16|bfloat16 overrides it). So the model's params, grads and
+  activations are bf16.
+- `zeros(n, np.float32)` allocates float32. The model keeps its per-row statistics there
+  (model.STATS: layernorm mean/rstd, the logsumexps, the losses), AdamW its moments.
+- `master_weights(params)` gives AdamW float32 master weights, which `adamw_update(...,
+  master=)` updates and rounds into the bf16 params in the same pass.
+- Every kernel computes and accumulates in float32, and so does cuBLAS.
+- `fused = True` tells the model that attention keeps one logsumexp per row instead of the
+  (T,T) matrices (flash attention), and the classifier one per position instead of the
+  probabilities (fused classifier): neither is ever materialised.
+"""
+import os
+
+import numpy as np
+import torch
+import triton  # noqa: F401  (the backend is unavailable without it)
+
+if not torch.cuda.is_available():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ImportError("no CUDA GPU (TRITON_INTERPRET=1 runs the Triton kernels on the CPU)")
+    from .interpreter import fix_loop_bounds
+    fix_loop_bounds()
+
+from .adamw import adamw_update, master_weights  # noqa: E402,F401
+from .attention import attention_backward, attention_forward  # noqa: E402,F401
+from .classifier import crossentropy_backward, crossentropy_forward  # noqa: E402,F401
+from .encoder import encoder_backward, encoder_forward  # noqa: E402,F401
+from .gelu import gelu_backward, gelu_forward  # noqa: E402,F401
+from .layernorm import layernorm_backward, layernorm_forward  # noqa: E402,F401
+from .matmul import matmul_backward, matmul_forward  # noqa: E402,F401
+
+name = "gpu"
+fused = True
+# The shared op tests compare with float64 at float32 tolerance; tests/test_gpu.py checks
+# float16 (interpreter) and bf16 (GPU) with their own tolerances.
+test_dtypes = (np.float32,)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+compute_dtype = _DTYPES[os.environ.get("LLMPY_GPU_DTYPE",
+                                       "bfloat16" if device.type == "cuda" else "float32")]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def zeros(n, dtype=None):
+    """(n,) zeros in the compute dtype, or float32 when asked for np.float32."""
+    return torch.zeros(n, dtype=torch.float32 if dtype == np.float32 else compute_dtype,
+                       device=device)
+
+
+def to_device(x):
+    """A host array -> a new device tensor (token ids stay int64, floats keep their dtype)."""
+    return torch.tensor(np.ascontiguousarray(x), device=device)
+
+
+def to_host(x):
+    """A device tensor -> a NumPy array (bf16, which NumPy lacks, becomes float32)."""
+    x = x.detach()
+    return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- residual
+
+def residual_forward(out, inp1, inp2):
+    # out, inp1, inp2: (B,T,C)
+    torch.add(inp1, inp2, out=out)
+
+
+def residual_backward(dinp1, dinp2, dout):
+    # dinp1, dinp2, dout: (B,T,C)
+    dinp1 += dout
+    dinp2 += dout

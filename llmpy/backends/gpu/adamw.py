@@ -1,0 +1,50 @@
+"""AdamW over a flat slice of the parameter buffer in one launch (the optimizer passes runs of
+adjacent tensors that share a weight decay: llm.c's multi-tensor update), with optional float32
+master weights for bf16 params. Gradient clipping happens before, in train.py, through
+backend-neutral tensor operations."""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .interpreter import ELEMENTS as BLOCK
+
+
+@triton.jit
+def _adamw_kernel(params, grads, m, v, master, N, lr, beta1, beta2, eps, weight_decay, bc1,
+                  bc2_sqrt, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = o < N
+    g = tl.load(grads + o, mask=mask).to(tl.float32)
+    if HAS_MASTER:
+        p = tl.load(master + o, mask=mask)
+    else:
+        p = tl.load(params + o, mask=mask).to(tl.float32)
+    # the order of operations of torch.optim.AdamW and of the reference backend
+    p *= 1.0 - lr * weight_decay
+    mm = tl.load(m + o, mask=mask)
+    mm += (1.0 - beta1) * (g - mm)
+    vv = tl.load(v + o, mask=mask) * beta2 + (1.0 - beta2) * g * g
+    p -= (lr / bc1) * (mm / (tl.sqrt(vv) / bc2_sqrt + eps))
+    tl.store(m + o, mm, mask=mask)
+    tl.store(v + o, vv, mask=mask)
+    if HAS_MASTER:
+        tl.store(master + o, p, mask=mask)
+    tl.store(params + o, p.to(params.dtype.element_ty), mask=mask)
+
+
+def master_weights(params):
+    """float32 master weights for lower-precision params (llm.c's master_weights); None when the
+    params are float32 already."""
+    return None if params.dtype == torch.float32 else params.float()
+
+
+def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, master=None):
+    # params, grads: (N,) compute dtype; m, v, master: (N,) float32; step: 1-based.
+    # With master, the update is made to it, then rounded into params.
+    N = params.numel()
+    _adamw_kernel[(triton.cdiv(N, BLOCK),)](
+        params, grads, m, v, params if master is None else master, N, lr, beta1, beta2, eps,
+        weight_decay, 1.0 - beta1 ** step, math.sqrt(1.0 - beta2 ** step),
+        HAS_MASTER=master is not None, BLOCK=BLOCK)

@@ -1,0 +1,238 @@
+"""`llmpy bench gpu`: GPT-2 training throughput on the gpu backend beside PyTorch, in one run.
+
+Both sides start from the same weights and train on the same batches of the bundled
+Shakespeare, with the same step: forward, backward, global-norm clipping to 1.0, AdamW with weight decay on the 2-D
+tensors, and the loss read back to the host every step.
+- ours: llmpy's GPT2 on this backend (bf16, fp32 master weights), the step of train.py.
+- baseline: nanoGPT's recipe: torchref's model with F.scaled_dot_product_attention, bf16
+  autocast, torch.compile, fused torch.optim.AdamW; its vocabulary padded to Vp as nanoGPT pads
+  it, so both sides multiply the same classifier shapes.
+Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory. MFU counts
+6 FLOPs per parameter per token (the embedding lookups excluded) plus 12*L*C*T for attention,
+nanoGPT's and PaLM's convention, against the H100's dense bf16 peak (on an H200 the same
+peak). B is the largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
+F.scaled_dot_product_attention at GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal
+kernel must do: half of the full T*T).
+"""
+import gc
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from torchref.gpt2 import Block, TorchGPT
+
+from .. import gpu
+from .. import numpy as numpy_backend
+from ...config import GPT2Config, preset
+from ...data import DataLoader, bundled_data
+from ...errors import LlmpyError
+from ...model import GPT2, init_weights, load_params
+from ...optim import DECAYED, AdamW, AdamWConfig, clip_, global_norm
+
+PEAK_FLOPS = 989e12          # H100 SXM dense bf16 tensor-core peak
+LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
+
+
+def flops_per_token(cfg, T):
+    # the parameters that multiply: the classifier (wte) and 12*C^2 per layer; biases and
+    # LayerNorms are negligible
+    n = cfg.padded_vocab_size * cfg.channels + cfg.num_layers * 12 * cfg.channels ** 2
+    return 6 * n + 12 * cfg.num_layers * cfg.channels * T
+
+
+def batches(cfg, B, T, n):
+    loader = DataLoader(bundled_data("shakespeare_train.bin"), B, T, cfg.vocab_size)
+    return [loader.next_batch() for _ in range(n)]
+
+
+def timed(step, data, warmup):
+    """Mean seconds per step over data after `warmup` untimed steps, and the losses."""
+    losses = [step(*xy) for xy in data[:warmup]]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    losses += [step(*xy) for xy in data[warmup:]]
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (len(data) - warmup), losses
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+def ours(cfg, flat, data, warmup):
+    model = GPT2(cfg, gpu)
+    load_params(model, flat)
+    opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
+
+    def step(x, y):                              # train.py's step
+        loss = model.forward(x, y)
+        model.zero_grad()
+        model.backward()
+        clip_(model.grads.buf, global_norm(model.grads.buf), GRAD_CLIP)
+        opt.update()
+        return loss
+
+    return timed(step, data, warmup)
+
+
+def baseline(cfg, flat, data, warmup):
+    class SDPABlock(Block):
+        def attention(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, self.NH, C // self.NH).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    padded = GPT2Config(max_seq_len=cfg.max_seq_len, vocab_size=cfg.padded_vocab_size,
+                        num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                        channels=cfg.channels)
+    model = TorchGPT(padded).load_flat(flat).cuda()
+    for block in model.blocks:                  # the same module, with SDPA for attention
+        block.__class__ = SDPABlock
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=LR,
+                            betas=(0.9, 0.95), fused=True)
+    compiled = torch.compile(model)
+
+    def step(x, y):
+        x, y = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = compiled(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return timed(step, data, warmup)
+
+
+def measure(side, cfg, flat, data, warmup):
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds, losses = side(cfg, flat, data, warmup)
+    B, T = data[0][0].shape
+    tokens = B * T
+    return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
+            "mfu": flops_per_token(cfg, T) * tokens / seconds / PEAK_FLOPS,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def training(cfg, batch_sizes, T, steps, warmup):
+    """Both sides from the same initial weights at the largest B that both fit."""
+    host = GPT2(cfg, numpy_backend)
+    init_weights(host, 0)
+    for B in sorted(batch_sizes, reverse=True):
+        data = batches(cfg, B, T, warmup + steps)
+        try:
+            result = {"B": B, "T": T, "ours": measure(ours, cfg, host.params.buf, data, warmup),
+                      "baseline": measure(baseline, cfg, host.params.buf, data, warmup)}
+        except torch.cuda.OutOfMemoryError:
+            print(f"bench gpu: B={B}: out of memory, trying a smaller batch", file=sys.stderr,
+                  flush=True)
+            continue
+        result["speedup"] = result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
+        return result
+    raise LlmpyError(f"bench gpu: no batch size in {batch_sizes} fits in GPU memory")
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(B, T, NH, hs):
+    """Forward and forward+backward of causal attention on one (B,T,3C) qkv buffer."""
+    C = NH * hs
+    qkv = torch.randn(B, T, 3 * C, device=gpu.device, dtype=torch.bfloat16)
+    dout = torch.randn(B, T, C, device=gpu.device, dtype=torch.bfloat16)
+    out = torch.empty(B, T, C, device=gpu.device, dtype=torch.bfloat16)
+    lse = torch.empty(B, NH, T, device=gpu.device, dtype=torch.float32)
+    dqkv = torch.zeros_like(qkv)
+
+    def ours_fwd():
+        gpu.attention_forward(out, lse, qkv)
+
+    def ours_fwd_bwd():
+        gpu.attention_forward(out, lse, qkv)
+        gpu.attention_backward(dqkv, dout, qkv, out, lse)
+
+    leaf = qkv.clone().requires_grad_()
+
+    def sdpa_fwd():
+        q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in leaf.detach().split(C, dim=2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def sdpa_fwd_bwd():
+        q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in leaf.split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.transpose(1, 2).reshape(B, T, C).backward(dout)
+
+    fwd_flops = 4 * B * NH * T * T * hs / 2                   # two matmuls, causal half
+    result = {"B": B, "T": T, "NH": NH, "hs": hs}
+    for name, fn, flops in (("ours_fwd", ours_fwd, fwd_flops), ("sdpa_fwd", sdpa_fwd, fwd_flops),
+                            ("ours_fwd_bwd", ours_fwd_bwd, 3.5 * fwd_flops),
+                            ("sdpa_fwd_bwd", sdpa_fwd_bwd, 3.5 * fwd_flops)):
+        ms = do_bench(fn, return_mode="median")
+        result[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summary(r):
+    t, a = r["training"], r["attention"]
+    lines = [f"{r['device']} | {r['date']} | commit {r['commit']} | torch {r['torch']} | "
+             f"triton {r['triton']} | GPT-2 {r['model']} B={t['B']} T={t['T']}",
+             f"{'':10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} "
+             f"{'loss first->last':>18s}"]
+    for side in ("ours", "baseline"):
+        s = t[side]
+        lines.append(f"{side:10s} {s['ms_per_step']:9.1f} {s['tokens_per_s']:10.0f} "
+                     f"{s['mfu']:6.1%} {s['peak_memory_gib']:9.2f} "
+                     f"{s['first_loss']:8.4f}->{s['last_loss']:.4f}")
+    lines.append(f"speedup (tokens/s, ours / torch.compile baseline): {t['speedup']:.3f}x")
+    lines.append(f"attention B={a['B']} T={a['T']} NH={a['NH']} hs={a['hs']}, causal TFLOP/s: "
+                 f"fwd ours {a['ours_fwd']['tflops']:.0f} vs SDPA {a['sdpa_fwd']['tflops']:.0f}"
+                 f" | fwd+bwd ours {a['ours_fwd_bwd']['tflops']:.0f} vs SDPA "
+                 f"{a['sdpa_fwd_bwd']['tflops']:.0f}")
+    return "\n".join(lines)
+
+
+def check_args(batch_sizes, seq_len, steps, warmup):
+    """Before minutes of compiling: one line about the first bad argument."""
+    for flag, values in (("--batch-size", batch_sizes), ("--seq-len", [seq_len]),
+                         ("--steps", [steps]), ("--warmup", [warmup])):
+        if min(values) < 1:
+            raise LlmpyError(f"bench gpu: {flag} must be >= 1, got {min(values)}")
+
+
+def bench_gpu(model="gpt2", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, warmup=3,
+              as_json=False):
+    """Prints the results as a table (see summary), or as JSON."""
+    check_args(batch_sizes, seq_len, steps, warmup)
+    if not torch.cuda.is_available():
+        raise LlmpyError("bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    cfg = preset(model, max_seq_len=seq_len)
+    r = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+         "commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
+         "model": model}
+    r["training"] = training(cfg, batch_sizes, seq_len, steps, warmup)
+    r["attention"] = attention(r["training"]["B"], seq_len, cfg.num_heads,
+                               cfg.channels // cfg.num_heads)
+    print(json.dumps(r, indent=1) if as_json else summary(r))
+    return r

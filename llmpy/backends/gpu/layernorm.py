@@ -1,0 +1,94 @@
+"""LayerNorm forward and backward: each program normalises a block of ROWS rows of C, with the
+statistics in float32.
+
+The weight and bias gradients are sums over all B*T rows. Each program of the backward sums its
+share of rows into its own float32 partial, and the partials are added up afterwards in a fixed
+order: deterministic, and no atomics.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .interpreter import ROWS
+from .matmul import add_column_sums
+
+
+@triton.jit
+def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, N, C, eps,
+                              ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    o = rows[:, None] * C + cols[None, :]                       # (ROWS,BLOCK_C); B*T*C < 2**31
+    x = tl.load(inp + o, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mu[:, None], 0.0)
+    rs = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)      # biased variance, as torch
+    w = tl.load(weight + cols, mask=cols < C).to(tl.float32)
+    b = tl.load(bias + cols, mask=cols < C).to(tl.float32)
+    y = xc * rs[:, None] * w[None, :] + b[None, :]
+    tl.store(out + o, y.to(out.dtype.element_ty), mask=mask)
+    tl.store(mean + rows, mu.to(mean.dtype.element_ty), mask=rows < N)
+    tl.store(rstd + rows, rs.to(rstd.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _layernorm_backward_kernel(dinp, dw_part, db_part, dout, inp, weight, mean, rstd, N, C,
+                               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dw_part, db_part: (programs, C) float32, this program's sums over its rows
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    w = tl.load(weight + cols, mask=cols < C).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(pid * ROWS, N, tl.num_programs(0) * ROWS):
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows[:, None] < N) & (cols[None, :] < C)
+        o = rows[:, None] * C + cols[None, :]                   # (ROWS,BLOCK_C)
+        x = tl.load(inp + o, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dout + o, mask=mask, other=0.0).to(tl.float32)
+        rs = tl.load(rstd + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        mu = tl.load(mean + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        norm = tl.where(mask, (x - mu) * rs, 0.0)
+        db += tl.sum(dy, axis=0)
+        dw += tl.sum(dy * norm, axis=0)
+        # d/dx of (x - mean) * rstd: the mean term and the variance term, see doc/layernorm.md
+        dnorm = dy * w[None, :]
+        dx = (dnorm - tl.sum(dnorm, axis=1)[:, None] / C
+              - norm * (tl.sum(dnorm * norm, axis=1)[:, None] / C)) * rs
+        dx += tl.load(dinp + o, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dinp + o, dx.to(dinp.dtype.element_ty), mask=mask)
+    tl.store(dw_part + pid * C + cols, dw, mask=cols < C)
+    tl.store(db_part + pid * C + cols, db, mask=cols < C)
+
+
+def _launch(C):
+    return dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 1024 else 8)
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
+    # out: (B,T,C), mean: (B,T), rstd: (B,T), inp: (B,T,C), weight: (C,), bias: (C,)
+    C = inp.shape[-1]
+    N = inp.numel() // C
+    _layernorm_forward_kernel[(triton.cdiv(N, ROWS),)](out, mean, rstd, inp, weight, bias, N, C,
+                                                       eps, **_launch(C))
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    # dinp: (B,T,C), dweight: (C,), dbias: (C,), dout: (B,T,C), inp: (B,T,C), weight: (C,),
+    # mean: (B,T), rstd: (B,T)
+    C = inp.shape[-1]
+    N = inp.numel() // C
+    G = min(triton.cdiv(N, ROWS), _programs(inp.device))
+    parts = torch.empty((2, G, C), dtype=torch.float32, device=inp.device)
+    _layernorm_backward_kernel[(G,)](dinp, parts[0], parts[1], dout, inp, weight, mean, rstd,
+                                     N, C, **_launch(C))
+    add_column_sums(dweight, parts[0])
+    add_column_sums(dbias, parts[1])
+
+
+def _programs(device):
+    """Enough programs to fill the GPU, each with a long run of rows."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count

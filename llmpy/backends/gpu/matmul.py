@@ -1,0 +1,31 @@
+"""Matmul + bias through cuBLAS (torch.addmm): the bias add rides in the GEMM's epilogue and the
+backward's `+=` in its beta=1 accumulate, so neither costs a pass of its own. The bias gradient
+is a column sum of dout, accumulated in float32. In fp32, torch leaves TF32 off by default, so
+these are full fp32 products; in bf16, cuBLAS accumulates in fp32."""
+import torch
+
+
+def add_column_sums(dst, x):
+    # dst: (OC,) += the float32 sum over the rows of x: (N,OC)
+    dst += torch.sum(x, dim=0, dtype=torch.float32)
+
+
+def matmul_forward(out, inp, weight, bias):
+    # out: (B,T,OC), inp: (B,T,C), weight: (OC,C), bias: (OC,) or None
+    OC, C = weight.shape
+    out2, inp2 = out.view(-1, OC), inp.view(-1, C)              # (B*T,OC), (B*T,C)
+    if bias is None:
+        torch.mm(inp2, weight.t(), out=out2)
+    else:
+        torch.addmm(bias, inp2, weight.t(), out=out2)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+    # dinp: (B,T,C), dweight: (OC,C), dbias: (OC,) or None, dout: (B,T,OC), inp: (B,T,C),
+    # weight: (OC,C)
+    OC, C = weight.shape
+    dout2 = dout.view(-1, OC)                                   # (B*T,OC)
+    dinp.view(-1, C).addmm_(dout2, weight)
+    dweight.addmm_(dout2.t(), inp.view(-1, C))
+    if dbias is not None:
+        add_column_sums(dbias, dout2)

@@ -1,0 +1,299 @@
+"""The gpu backend's kernels against the NumPy reference, and the whole model against the
+NumPy model.
+
+Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1), in float32 and float16: the interpreter reads bf16 wrongly. On a GPU they
+run in float32 and bf16, and larger shapes and bf16 training are checked too.
+
+Every input is drawn, rounded to the dtype under test, and the reference runs in float64 on
+those same rounded values, so what is measured is the kernel's own error:
+max |got - want| / max |want|. Tolerances (TOL): float32 1e-5, about 100 float32 ulps of the
+largest value; float16 4e-3 and bf16 3e-2, eight units of each format's rounding (2^-11,
+2^-8): each output is rounded once, and bf16/fp16 intermediates (the attention probabilities
+fed to the second matmul) once more.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llmpy.backends import numpy as ref
+from llmpy.config import GPT2Config, preset
+from llmpy.data import DataLoader, bundled_data
+from llmpy.model import GPT2, load_params, param_shapes
+from llmpy.optim import AdamW, AdamWConfig
+from test_gpt2 import random_weights
+
+gpu = pytest.importorskip("llmpy.backends.gpu", reason="needs torch, triton and a GPU or "
+                                                       "TRITON_INTERPRET=1")
+CUDA = torch.cuda.is_available()
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+class Case:
+    """Random inputs as device tensors in one dtype, plus their exact float64 values."""
+
+    def __init__(self, dtype, seed=0):
+        self.dtype, self.rng = dtype, np.random.default_rng(seed)
+
+    def randn(self, *shape, scale=1.0, dtype=None):
+        x = torch.tensor(self.rng.standard_normal(shape) * scale, dtype=dtype or self.dtype,
+                         device=gpu.device)
+        return x, x.double().cpu().numpy()
+
+    def zeros(self, *shape, dtype=None):
+        return torch.zeros(shape, dtype=dtype or self.dtype, device=gpu.device)
+
+    def check(self, got, want, what):
+        got = got.double().cpu().numpy()
+        err = np.abs(got - want).max() / np.abs(want).max()
+        print(f"test_gpu: {what} {dtype_name(self.dtype)}: relative error {err:.2e}")
+        assert err <= TOL[self.dtype], f"{what}: relative error {err:.3g} > {TOL[self.dtype]}"
+
+
+@pytest.fixture(params=DTYPES, ids=dtype_name)
+def case(request):
+    return Case(request.param)
+
+
+def test_encoder(case):
+    B, T, C, Vp = 3, 7, 20, 40
+    inp = case.rng.integers(0, Vp, (B, T))
+    inp[:, :6] = 17                   # a frequent token: 18 rows, more than one kernel step (16)
+    wte, wte64 = case.randn(Vp, C)
+    wpe, wpe64 = case.randn(T + 2, C)
+    dout, dout64 = case.randn(B, T, C)
+    out, want = case.zeros(B, T, C), np.zeros((B, T, C))
+    ids = torch.tensor(inp, device=gpu.device)
+    gpu.encoder_forward(out, ids, wte, wpe)
+    ref.encoder_forward(want, inp, wte64, wpe64)
+    case.check(out, want, "encoder out")
+    dwte, dwte64 = case.randn(Vp, C)
+    dwpe, dwpe64 = case.randn(T + 2, C)
+    start = dwte.clone()
+    gpu.encoder_backward(dwte, dwpe, dout, ids)
+    ref.encoder_backward(dwte64, dwpe64, dout64, inp)
+    case.check(dwte, dwte64, "encoder dwte")
+    case.check(dwpe, dwpe64, "encoder dwpe")
+    again = start.clone()
+    gpu.encoder_backward(again, dwpe.clone(), dout, ids)
+    assert torch.equal(again, dwte), "the wte gradient must be the same, bit for bit, every run"
+
+
+def test_layernorm(case):
+    B, T, C = 2, 9, 37
+    x, x64 = case.randn(B, T, C, scale=3.0)
+    w, w64 = case.randn(C)
+    b, b64 = case.randn(C)
+    dout, dout64 = case.randn(B, T, C)
+    out, mean, rstd = case.zeros(B, T, C), case.zeros(B, T, dtype=torch.float32), \
+        case.zeros(B, T, dtype=torch.float32)
+    want, mean64, rstd64 = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
+    gpu.layernorm_forward(out, mean, rstd, x, w, b)
+    ref.layernorm_forward(want, mean64, rstd64, x64, w64, b64)
+    case.check(out, want, "layernorm out")
+    case.check(rstd, rstd64, "layernorm rstd")
+    dx, dx64 = case.randn(B, T, C)
+    dw, dw64 = case.randn(C)
+    db, db64 = case.randn(C)
+    gpu.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd)
+    ref.layernorm_backward(dx64, dw64, db64, dout64, x64, w64, mean64, rstd64)
+    case.check(dx, dx64, "layernorm dinp")
+    case.check(dw, dw64, "layernorm dweight")
+    case.check(db, db64, "layernorm dbias")
+
+
+def test_matmul(case):
+    B, T, C, OC = 2, 9, 24, 40
+    x, x64 = case.randn(B, T, C)
+    w, w64 = case.randn(OC, C)
+    b, b64 = case.randn(OC)
+    out, want = case.zeros(B, T, OC), np.zeros((B, T, OC))
+    gpu.matmul_forward(out, x, w, b)
+    ref.matmul_forward(want, x64, w64, b64)
+    case.check(out, want, "matmul out")
+    dout, dout64 = case.randn(B, T, OC)
+    dx, dx64 = case.randn(B, T, C)
+    dw, dw64 = case.randn(OC, C)
+    db, db64 = case.randn(OC)
+    gpu.matmul_backward(dx, dw, db, dout, x, w)
+    ref.matmul_backward(dx64, dw64, db64, dout64, x64, w64)
+    case.check(dx, dx64, "matmul dinp")
+    case.check(dw, dw64, "matmul dweight")
+    case.check(db, db64, "matmul dbias")
+
+
+def test_gelu(case):
+    x, x64 = case.randn(3, 5, 48, scale=2.0)
+    out, want = case.zeros(3, 5, 48), np.zeros((3, 5, 48))
+    gpu.gelu_forward(out, x)
+    ref.gelu_forward(want, x64)
+    case.check(out, want, "gelu out")
+    dout, dout64 = case.randn(3, 5, 48)
+    dx, dx64 = case.randn(3, 5, 48)
+    gpu.gelu_backward(dx, x, dout)
+    ref.gelu_backward(dx64, x64, dout64)
+    case.check(dx, dx64, "gelu dinp")
+
+
+# (B, T, C, NH): T over several blocks with a ragged last one, and a head size (6) that is not
+# a power of two; on a GPU also GPT-2's head size 64 at a length that fills the tuned blocks.
+ATTENTION_SHAPES = [(2, 37, 12, 2)] + ([(2, 300, 256, 4)] if CUDA else [])
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "B{}T{}C{}NH{}".format(*s))
+def test_flash_attention(case, shape):
+    B, T, C, NH = shape
+    qkv, qkv64 = case.randn(B, T, 3 * C)
+    out, lse = case.zeros(B, T, C), case.zeros(B, NH, T, dtype=torch.float32)
+    want, pre, att = np.zeros((B, T, C)), np.zeros((B, NH, T, T)), np.zeros((B, NH, T, T))
+    gpu.attention_forward(out, lse, qkv)
+    ref.attention_forward(want, pre, att, qkv64)
+    case.check(out, want, "attention out")
+    # the logsumexp of each row of scores: a diagonal score minus the log of its probability
+    diag = np.arange(T)
+    case.check(lse, pre[..., diag, diag] - np.log(att[..., diag, diag]), "attention lse")
+    dout, dout64 = case.randn(B, T, C)
+    dqkv, dqkv64 = case.randn(B, T, 3 * C)
+    gpu.attention_backward(dqkv, dout, qkv, out, lse)
+    ref.attention_backward(dqkv64, np.zeros_like(att), np.zeros_like(att), dout64, qkv64, att)
+    case.check(dqkv, dqkv64, "attention dinp")
+
+
+def test_fused_classifier(case):
+    B, T, V, Vp = 2, 5, 1500, 1536                   # V spans two of the kernel's blocks
+    logits, logits64 = case.randn(B, T, Vp, scale=3.0)
+    targets = case.rng.integers(0, V, (B, T))
+    tgt = torch.tensor(targets, device=gpu.device)
+    losses, lse = case.zeros(B, T, dtype=torch.float32), case.zeros(B, T, dtype=torch.float32)
+    want, probs = np.zeros((B, T)), np.zeros((B, T, Vp))
+    gpu.crossentropy_forward(losses, lse, logits, tgt, V)
+    ref.crossentropy_forward(want, probs, logits64, targets, V)
+    case.check(losses, want, "classifier losses")
+    dlosses, dlosses64 = case.randn(B, T, dtype=torch.float32)
+    dlogits, dlogits64 = case.randn(B, T, Vp)
+    gpu.crossentropy_backward(dlogits, dlosses, logits, lse, tgt, V)
+    ref.crossentropy_backward(dlogits64, dlosses64, probs, targets, V)
+    case.check(dlogits, dlogits64, "classifier dlogits")
+
+
+def test_adamw_master_weights(case):
+    n, kw = 3001, dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    p, p64 = case.randn(n)
+    master = gpu.master_weights(p)
+    assert (master is None) == (case.dtype == torch.float32)
+    m, v = case.zeros(n, dtype=torch.float32), case.zeros(n, dtype=torch.float32)
+    m64, v64 = np.zeros(n), np.zeros(n)
+    for step in range(1, 4):
+        g, g64 = case.randn(n)
+        gpu.adamw_update(p, g, m, v, step, **kw, master=master)
+        ref.adamw_update(p64, g64, m64, v64, step, **kw)
+    if master is not None:                           # float32 arithmetic on the master weights
+        err = np.abs(master.double().cpu().numpy() - p64).max() / np.abs(p64).max()
+        assert err <= TOL[torch.float32], err
+        assert torch.equal(p, master.to(p.dtype)), "params are the master weights, rounded"
+    case.check(p, p64, "adamw params")
+
+
+# ----------------------------------------------------------------------------- whole model
+
+CFG = GPT2Config(max_seq_len=16, vocab_size=100, num_layers=2, num_heads=3, channels=48)
+
+
+def numpy_and_gpu_models(cfg, dtype, monkeypatch):
+    """A NumPy model and a gpu model computing in dtype, with the same random weights: those of
+    the gpu model's params, so rounded to dtype."""
+    monkeypatch.setattr(gpu, "compute_dtype", dtype)
+    np_model, gpu_model = GPT2(cfg, ref), GPT2(cfg, gpu)
+    load_params(gpu_model, random_weights(cfg))
+    load_params(np_model, gpu.to_host(gpu_model.params.buf))
+    return np_model, gpu_model
+
+
+@pytest.fixture(params=DTYPES, ids=dtype_name)
+def model_dtype(request):
+    return request.param
+
+
+def test_model_matches_numpy(model_dtype, monkeypatch):
+    """Loss and all 16 gradients; errors compound through the layers, so the tolerance is the
+    kernels' times 2."""
+    np_model, gpu_model = numpy_and_gpu_models(CFG, model_dtype, monkeypatch)
+    x, y = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 2, 13))
+    losses = []
+    for model in (np_model, gpu_model):
+        losses.append(model.forward(x, y))
+        model.zero_grad()
+        model.backward()
+    tol = 2 * TOL[model_dtype]
+    assert abs(losses[1] - losses[0]) <= tol * losses[0], losses
+    for name, _ in param_shapes(CFG):
+        want = getattr(np_model.grads, name)
+        got = gpu.to_host(getattr(gpu_model.grads, name))
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= tol, f"{name}: relative error {err:.3g}"
+
+
+@needs_cuda
+def test_bf16_training_tracks_fp32(monkeypatch):
+    """20 AdamW steps of the tiny preset on Shakespeare: bf16 on the GPU (fp32 master weights)
+    against the float32 NumPy model. Each step's loss within 2% of float32's, and both learn."""
+    cfg = preset("tiny", max_seq_len=64)
+    np_model, gpu_model = numpy_and_gpu_models(cfg, torch.bfloat16, monkeypatch)
+    losses = {}
+    for model in (np_model, gpu_model):
+        opt = AdamW(model, AdamWConfig(lr=1e-3))
+        loader = DataLoader(bundled_data("shakespeare_train.bin"), 4, 64, cfg.vocab_size)
+        losses[model.backend.name] = out = []
+        for _ in range(20):
+            out.append(model.forward(*loader.next_batch()))
+            model.zero_grad()
+            model.backward()
+            opt.update()
+    want, got = np.array(losses["numpy"]), np.array(losses["gpu"])
+    print("test_gpu: losses fp32", np.round(want, 4).tolist(), "bf16", np.round(got, 4).tolist())
+    assert np.all(np.abs(got - want) <= 0.02 * want), np.abs(got - want) / want
+    assert got[-1] < got[0] - 1.0 and want[-1] < want[0] - 1.0
+
+
+# ----------------------------------------------------------------------------- no GPU
+
+def run_cli(*args, env=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "llmpy", *args], capture_output=True, text=True,
+                          env=env)
+
+
+@pytest.mark.skipif(CUDA, reason="checks a machine without a GPU")
+def test_backend_unavailable_without_gpu_or_interpreter():
+    r = run_cli("train", "--backend", "gpu", "--steps", "1")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "llmpy: error: backend 'gpu' is not available: no CUDA GPU (TRITON_INTERPRET=1 runs the "
+        "Triton kernels on the CPU)"]
+
+
+@pytest.mark.skipif(CUDA, reason="checks a machine without a GPU")
+def test_bench_gpu_needs_cuda():
+    r = run_cli("bench", "gpu", env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["llmpy: error: bench gpu needs a CUDA GPU "
+                                             "(torch.cuda.is_available() is False)"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "64", "0"], "--batch-size must be >= 1, got 0")])
+def test_bench_gpu_checks_arguments_first(args, message):
+    r = run_cli("bench", "gpu", *args, env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"llmpy: error: bench gpu: {message}"]
