@@ -1,0 +1,176 @@
+"""A run directory and its checkpoints, so that a killed run resumes exactly where it was.
+
+RUN_DIR/
+  config.json             the full TrainConfig, the model shape, the git commit
+  log.jsonl               one JSON object per step
+  ckpt_00000100/          one directory per checkpoint, complete once it has this name:
+    model.bin             the weights, an llm.c model file (llmpy sample/train read it)
+    adamw_m.bin           AdamW's first moment, raw little-endian float32, layout of model.bin
+    adamw_v.bin           AdamW's second moment, the same
+    adamw_master.bin      float32 master weights, when the backend keeps bf16 params
+    manifest.json         step, file sizes, DataLoader position, RNG and outlier-window state
+
+A checkpoint is written into ckpt_XXXXXXXX.tmp/ (every file fsync'ed, the manifest last), then
+renamed into place and the run directory fsync'ed: a crash at any moment leaves either no new
+checkpoint or a complete one, never a half-written one under a checkpoint's name.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import numpy as np
+
+from .checkpoint import read_model, write_model
+from .errors import LlmpyError
+from .files import atomic_write, file_size
+from .model import load_params
+
+FORMAT, VERSION = "llmpy-checkpoint", 1
+CKPT = re.compile(r"^ckpt_(\d{8})$")
+# Test hook: seconds to sleep inside a checkpoint write, so a test can kill the process there.
+SLEEP_ENV = "LLMPY_TEST_CHECKPOINT_SLEEP"
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, obj):
+    atomic_write(path, [np.frombuffer(json.dumps(obj, indent=1).encode(), dtype=np.uint8)])
+
+
+def git_commit():
+    """The commit of the llmpy checkout that runs, or None outside git."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def prepare(run_dir, config, resume):
+    """Create the run directory and write config.json; refuse to mix a new run into old
+    checkpoints unless resuming."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise LlmpyError(f"{run_dir}: cannot create the run directory: {e.strerror}") from None
+    if not resume and checkpoints(run_dir):
+        raise LlmpyError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to "
+                         "continue it, or choose another --run-dir")
+    _write_json(os.path.join(run_dir, "config.json"), config)
+
+
+def checkpoints(run_dir):
+    """{step: path} of the complete checkpoints."""
+    out = {}
+    for name in os.listdir(run_dir):
+        m = CKPT.match(name)
+        if m and os.path.exists(os.path.join(run_dir, name, "manifest.json")):
+            out[int(m.group(1))] = os.path.join(run_dir, name)
+    return out
+
+
+def _remove(path):
+    """Delete a checkpoint directory; it stops counting as complete with its manifest."""
+    manifest = os.path.join(path, "manifest.json")
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    shutil.rmtree(path)
+
+
+def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
+    """Write checkpoint `step`; state: the JSON-able rest (DataLoader, RNG, outlier windows).
+    Then keep the newest keep_last (0: all) plus every multiple of major_every."""
+    be = model.backend
+    params = be.to_host(model.params.buf)
+    if not np.isfinite(params).all():
+        raise LlmpyError(f"step {step}: the weights are not finite; not writing a checkpoint")
+    name = f"ckpt_{step:08d}"
+    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
+    for leftover in os.listdir(run_dir):      # a crashed write, or a crashed delete
+        path = os.path.join(run_dir, leftover)
+        if leftover.startswith("ckpt_") and os.path.isdir(path) and \
+                not os.path.exists(os.path.join(path, "manifest.json")):
+            shutil.rmtree(path)
+    os.makedirs(tmp)
+    write_model(os.path.join(tmp, "model.bin"), model.config, params)
+    atomic_write(os.path.join(tmp, "adamw_m.bin"), [np.asarray(be.to_host(opt.m), dtype="<f4")])
+    atomic_write(os.path.join(tmp, "adamw_v.bin"), [np.asarray(be.to_host(opt.v), dtype="<f4")])
+    if opt.master is not None:   # bf16 params: their float32 master copy is the real state
+        atomic_write(os.path.join(tmp, "adamw_master.bin"),
+                     [np.asarray(be.to_host(opt.master), dtype="<f4")])
+    time.sleep(float(os.environ.get(SLEEP_ENV, 0)))
+    sizes = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "adamw_step": opt.step,
+                "files": sizes, **state}
+    _write_json(os.path.join(tmp, "manifest.json"), manifest)
+    _fsync_dir(tmp)                           # the files' names, before the directory's
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    done = sorted(checkpoints(run_dir))
+    for s in done[:-keep_last] if keep_last else []:
+        if not (major_every and s % major_every == 0):
+            _remove(os.path.join(run_dir, f"ckpt_{s:08d}"))
+
+
+def load_latest(run_dir, model, opt):
+    """Load the newest complete checkpoint into model and opt. Returns its manifest (with the
+    step, the DataLoader position and the RNG state), or None when there is none yet."""
+    done = checkpoints(run_dir)
+    if not done:
+        return None
+    path = done[max(done)]
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LlmpyError(f"{path}/manifest.json: unreadable checkpoint manifest: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise LlmpyError(f"{path}/manifest.json: not an {FORMAT} version {VERSION} manifest")
+    for fname, size in manifest["files"].items():
+        have = file_size(os.path.join(path, fname))
+        if have != size:
+            raise LlmpyError(f"{path}/{fname}: {'truncated' if have < size else 'grown'}: "
+                             f"{have} bytes, the manifest says {size}; delete {path} to resume "
+                             "from the checkpoint before it")
+    cfg, params = read_model(os.path.join(path, "model.bin"))
+    mc = model.config
+    if cfg != mc:
+        shape = ("L={0.num_layers} NH={0.num_heads} C={0.channels} V={0.vocab_size} "
+                 "maxT={0.max_seq_len}")
+        raise LlmpyError(f"{path}: the checkpoint is a model with {shape.format(cfg)}, but this "
+                         f"run's model has {shape.format(mc)}")
+    load_params(model, params)
+    be = model.backend
+    for fname, buf in (("adamw_m.bin", opt.m), ("adamw_v.bin", opt.v)):
+        buf[:] = be.to_device(np.fromfile(os.path.join(path, fname), dtype="<f4"))
+    if "adamw_master.bin" in manifest["files"]:
+        opt.master = be.to_device(np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4"))
+    opt.step = manifest["adamw_step"]
+    print(f"resuming from {path} (step {manifest['step']})")
+    return manifest
+
+
+def trim_log(path, step):
+    """Keep the log's records up to `step`: the steps after the checkpoint will be redone.
+    A torn last line (the process died while writing it) goes too."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    atomic_write(path, [np.frombuffer("".join(keep).encode(), dtype=np.uint8)])

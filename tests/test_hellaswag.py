@@ -1,0 +1,151 @@
+"""HellaSwag: llm.c's eval file (checked against an independent writer, as llm.c's
+dev/data/data_common.py write_evalfile lays it out), the accuracy (checked against the PyTorch
+reference scoring each completion by its mean loss), `llmpy prepro hellaswag`, the in-training
+eval, and bad eval files."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmpy import cli
+from llmpy.backends import get_backend
+from llmpy.config import GPT2Config, TrainConfig
+from llmpy.errors import LlmpyError
+from llmpy.evals import hellaswag, read_evalfile, write_evalfile
+from llmpy.model import GPT2, load_params
+from llmpy.tokenizer import Tokenizer
+from llmpy.train import train
+from test_gpt2 import random_weights, write_llmc_model, write_llmc_tokens
+from torchref.gpt2 import from_flat
+
+CFG = GPT2Config(max_seq_len=32, vocab_size=100, num_layers=2, num_heads=2, channels=16)
+
+
+def independent_evalfile(path, examples):
+    """llm.c's eval format, written with struct: header (20240522, 1, n, longest bytes), then per
+    example 65535, its bytes, index, label, 4, then (length, tokens) for the context and each
+    completion."""
+    body, longest = b"", 0
+    for i, (label, ctx, endings) in enumerate(examples):
+        fields = [i, label, len(endings), len(ctx), *ctx]
+        for e in endings:
+            fields += [len(e), *e]
+        nbytes = 2 * (2 + len(fields))
+        longest = max(longest, nbytes)
+        body += struct.pack(f"<{2 + len(fields)}H", 65535, nbytes, *fields)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", 20240522, 1, len(examples), longest, *[0] * 252))
+        f.write(body)
+
+
+def random_examples(n, seed, ctx_len=(3, 10), end_len=(1, 6)):
+    r = np.random.default_rng(seed)
+    tok = lambda lo_hi: r.integers(0, CFG.vocab_size, r.integers(*lo_hi)).tolist()  # noqa: E731
+    return [(int(r.integers(4)), tok(ctx_len), [tok(end_len) for _ in range(4)])
+            for _ in range(n)]
+
+
+def torch_predictions(flat, examples, T):
+    """argmin over the 4 completions of the mean loss of their tokens, each completion token
+    predicted from everything before it (at most T tokens in a row, the oldest dropped)."""
+    ref = from_flat(CFG, flat)
+    preds = []
+    with torch.no_grad():
+        for _, ctx, endings in examples:
+            means = []
+            for end in endings:
+                full = ctx + end
+                row = full[-T:]
+                cut = len(full) - len(row)
+                logits, _ = ref(torch.tensor([row]))
+                pos = [j - 1 - cut for j in range(len(ctx), len(full)) if j - 1 - cut >= 0]
+                tgt = [full[p + 1 + cut] for p in pos]
+                means.append(F.cross_entropy(logits[0, pos], torch.tensor(tgt)).item())
+            preds.append(int(np.argmin(means)))
+    return preds
+
+
+def test_evalfile_matches_independent_writer(tmp_path):
+    examples = random_examples(7, seed=0)
+    independent_evalfile(tmp_path / "theirs.bin", examples)
+    write_evalfile(tmp_path / "ours.bin", examples)
+    assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "theirs.bin").read_bytes()
+    assert read_evalfile(tmp_path / "theirs.bin") == examples
+
+
+@pytest.mark.parametrize("B,T,ctx_len", [(4, 32, (3, 10)), (8, 32, (3, 10)), (6, 32, (3, 10)),
+                                         (8, 8, (5, 12))])
+def test_accuracy_matches_torch(B, T, ctx_len):
+    """Half the labels are the reference's prediction, half are not: accuracy exactly 1/2.
+    (8, 8, ...) has rows longer than T, (6, ...) a batch of 4 rows that differs from B."""
+    flat = random_weights(CFG, seed=3)
+    examples = random_examples(9, seed=B + T, ctx_len=ctx_len)
+    preds = torch_predictions(flat, examples, T)
+    examples = [((p if i % 2 else p + 1) % 4, ctx, ends)
+                for i, (p, (_, ctx, ends)) in enumerate(zip(preds, examples))]
+    model = GPT2(CFG, get_backend("numpy"))
+    load_params(model, flat)
+    assert hellaswag(model, examples, B, T) == (4, 9)
+
+
+def test_prepro_hellaswag(tmp_path):
+    records = [{"ctx": "A man is sitting on a roof. he", "label": 3,
+                "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                            "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+               {"ctx": "Then, the man writes over the snow.", "label": 0,
+                "endings": ["writes", "stands", "shovels snow", "sits"]}]
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli.main(["prepro", "hellaswag", "--input", str(tmp_path / "hs.jsonl"),
+                     "--out", str(tmp_path / "out")]) == 0
+    tok = Tokenizer()
+    independent_evalfile(tmp_path / "theirs.bin",
+                         [(r["label"], tok.encode(r["ctx"]), [tok.encode(" " + e)
+                                                              for e in r["endings"]])
+                          for r in records])
+    assert (tmp_path / "out" / "hellaswag_val.bin").read_bytes() == \
+        (tmp_path / "theirs.bin").read_bytes()
+
+
+def test_hellaswag_during_training(tmp_path):
+    flat = random_weights(CFG, seed=5)
+    write_llmc_model(tmp_path / "model.bin", CFG, flat)
+    write_llmc_tokens(tmp_path / "train.bin", np.random.default_rng(6).integers(0, 100, 2000))
+    examples = random_examples(6, seed=7)
+    independent_evalfile(tmp_path / "hs.bin", examples)
+    cfg = TrainConfig(model=str(tmp_path / "model.bin"), train_data=str(tmp_path / "train.bin"),
+                      backend="numpy", batch_size=4, seq_len=16, steps=5, val_every=0,
+                      sample_every=0, hellaswag_every=2, hellaswag_data=str(tmp_path / "hs.bin"),
+                      log_jsonl=str(tmp_path / "log.jsonl"))
+    model = train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "hellaswag_acc" in r] == [2, 4, 5]
+    final = model.backend.to_host(model.params.buf).copy()
+    preds = torch_predictions(final, examples, 16)
+    assert log[-1]["hellaswag_acc"] == pytest.approx(
+        np.mean([p == label for p, (label, _, _) in zip(preds, examples)]))
+
+
+def test_bad_eval_files(tmp_path, capsys):
+    examples = random_examples(3, seed=1)
+    independent_evalfile(tmp_path / "ok.bin", examples)
+    raw = (tmp_path / "ok.bin").read_bytes()
+    cases = {"short.bin": (raw[:-6], "truncated"),
+             "magic.bin": (struct.pack("<i", 7) + raw[4:], "bad magic"),
+             "marker.bin": (raw[:1024] + b"\0\0" + raw[1026:], "<START_EXAMPLE>"),
+             "trailing.bin": (raw + b"\0\0", "trailing bytes")}
+    for name, (data, words) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(LlmpyError, match=words):
+            read_evalfile(tmp_path / name)
+    # and through the CLI: one line, exit 1, before any training
+    write_llmc_model(tmp_path / "model.bin", CFG, random_weights(CFG))
+    write_llmc_tokens(tmp_path / "train.bin", np.arange(200) % 100)
+    rc = cli.main(["train", "--model", str(tmp_path / "model.bin"), "--train-data",
+                   str(tmp_path / "train.bin"), "--backend", "numpy", "-b", "4", "-t", "8",
+                   "--hellaswag-every", "1",
+                   "--hellaswag-data", str(tmp_path / "short.bin")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "short.bin" in err[0] and "truncated" in err[0]

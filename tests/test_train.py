@@ -1,0 +1,199 @@
+"""The training loop's optimisation against PyTorch: llm.c's lr schedules vs torch's schedulers;
+AdamW with weight decay on the 2-D weights only, global-norm clipping and a schedule vs
+torch.optim.AdamW (two param groups) + clip_grad_norm_; gradient accumulation vs one big batch;
+the outlier guard (a NaN gradient, a z-score outlier); --overfit-single-batch; the plot."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmpy import cli
+from llmpy.config import GPT2Config, TrainConfig
+from llmpy.model import GPT2
+from llmpy.optim import OutlierDetector, get_lr
+from llmpy.train import train
+from test_gpt2 import random_weights, rel_err, write_llmc_model, write_llmc_tokens
+from torchref.gpt2 import from_flat
+
+CFG = GPT2Config(max_seq_len=16, vocab_size=100, num_layers=2, num_heads=2, channels=16)
+# the 2-D tensors llm.c decays, written out here rather than taken from llmpy.optim
+DECAYED = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}
+
+
+@pytest.fixture
+def files(tmp_path):
+    flat = random_weights(CFG, seed=7)
+    write_llmc_model(tmp_path / "model.bin", CFG, flat)
+    tokens = np.random.default_rng(8).integers(0, CFG.vocab_size, 4000)
+    write_llmc_tokens(tmp_path / "train.bin", tokens)
+    return tmp_path, flat, tokens
+
+
+def run(tmp_path, **kw):
+    """Train in this process; returns (model, log records)."""
+    log = tmp_path / f"log{len(list(tmp_path.glob('log*')))}.jsonl"
+    args = dict(model=str(tmp_path / "model.bin"), train_data=str(tmp_path / "train.bin"),
+                backend="numpy", batch_size=2, seq_len=8, steps=10, val_every=0,
+                sample_every=0)
+    args.update(kw)
+    if "run_dir" in kw:
+        log = tmp_path / kw["run_dir"] / "log.jsonl"
+    else:
+        args["log_jsonl"] = str(log)
+    model = train(TrainConfig(**args), set(args))
+    return model, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def after_backward(monkeypatch, n, fault):
+    """Inject a fault: fault(grads) right after the n-th backward pass."""
+    calls = []
+    backward = GPT2.backward
+
+    def patched(self, *args):
+        backward(self, *args)
+        calls.append(1)
+        if len(calls) == n:
+            fault(self.grads.buf)
+    monkeypatch.setattr(GPT2, "backward", patched)
+
+
+def lrs_of(scheduler, n):
+    out = []
+    for _ in range(n):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()            # no gradients: changes nothing
+        scheduler.step()
+    return out
+
+
+def test_schedules_match_torch():
+    lr, W, N, frac = 1e-3, 5, 50, 0.1
+    opt = lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)  # noqa: E731
+    warm = [lr * (t + 1) / W for t in range(W)]
+    cos = lrs_of(torch.optim.lr_scheduler.CosineAnnealingLR(opt(), N - W, eta_min=lr * frac), N - W)
+    lin = lrs_of(torch.optim.lr_scheduler.LinearLR(opt(), 1.0, frac, total_iters=N - W), N - W)
+    for name, expected in (("cosine", warm + cos), ("linear", warm + lin)):
+        ours = [get_lr(t, lr, name, W, N, frac) for t in range(N)]
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, err_msg=name)
+    # constant ignores warmup, as llm.c's get_learning_rate_constant
+    assert [get_lr(t, lr, "constant", W, N, frac) for t in range(N)] == [lr] * N
+    # WSD (arXiv 2405.18392, llm.c): warmup, flat until 80% of the steps, then 1 - sqrt decay
+    wsd = [get_lr(t, lr, "wsd", W, N, frac) for t in range(N)]
+    assert wsd[:W] == warm and wsd[W:40] == [lr] * (40 - W)
+    assert all(a > b for a, b in zip(wsd[40:], wsd[41:]))
+    assert wsd[45] == pytest.approx(lr * frac + (1 - math.sqrt(0.5)) * lr * (1 - frac))
+
+
+def test_adamw_decay_clip_schedule_match_torch(files):
+    tmp_path, flat, tokens = files
+    B, T, steps, lr, wd, clip = 2, 8, 10, 3e-3, 0.1, 1.8
+    model, log = run(tmp_path, steps=steps, lr=lr, weight_decay=wd, grad_clip=clip,
+                     lr_schedule="cosine", warmup_steps=3, final_lr_frac=0.1, beta2=0.95)
+    ref = from_flat(CFG, flat)
+    decay = [t for name, ts in ref._layout() if name in DECAYED for t in ts]
+    rest = [t for name, ts in ref._layout() if name not in DECAYED for t in ts]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    clipped = 0
+    for step in range(steps):
+        window = torch.from_numpy(tokens[step * B * T: (step + 1) * B * T + 1].astype(np.int64))
+        opt.zero_grad()
+        _, loss = ref(window[:-1].view(B, T), window[1:].view(B, T))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip).item()
+        clipped += norm > clip
+        lr_t = lr * (step + 1) / 3 if step < 3 else \
+            0.1 * lr + 0.5 * (1 + math.cos(math.pi * (step - 3) / (steps - 3))) * 0.9 * lr
+        for g in opt.param_groups:
+            g["lr"] = lr_t
+        opt.step()
+        assert log[step]["lr"] == pytest.approx(lr_t, rel=1e-12)
+        assert log[step]["train_loss"] == pytest.approx(loss.item(), rel=1e-5), step
+        assert log[step]["grad_norm"] == pytest.approx(norm, rel=1e-4), step
+    assert 0 < clipped < steps, "the test must exercise both clipped and unclipped steps"
+    ours, theirs = model.backend.to_host(model.params.buf).copy(), ref.flat()
+    # the key bias has an exactly-zero true gradient: only rounding noise, which Adam scales
+    # up to steps of ~lr (see test_gpt2.py); compare it loosely and the rest tightly
+    C, L = CFG.channels, CFG.num_layers
+    kb = model.params.offsets["qkvb"] + np.add.outer(np.arange(L) * 3 * C,
+                                                     np.arange(C, 2 * C)).ravel()
+    assert np.abs(ours[kb] - theirs[kb]).max() <= 2 * steps * lr
+    ours[kb] = theirs[kb] = 0
+    assert rel_err(ours, theirs) <= 1e-5
+
+
+def test_grad_accumulation_equals_one_big_batch(files):
+    tmp_path = files[0]
+    big, big_log = run(tmp_path, batch_size=4, steps=4, lr=1e-3)
+    acc, acc_log = run(tmp_path, batch_size=2, total_batch_size=2 * 2 * 8, steps=4, lr=1e-3)
+    for a, b in zip(acc_log, big_log):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert rel_err(acc.params.buf, big.params.buf) <= 1e-5
+
+
+def test_nan_gradient_skips_the_update(files, monkeypatch, capsys):
+    tmp_path = files[0]
+    ref, _ = run(tmp_path, steps=2, lr=1e-3)
+    after_backward(monkeypatch, 3, lambda g: g.__setitem__(5, np.nan))
+    model, log = run(tmp_path, steps=3, lr=1e-3)
+    assert "skipped" not in log[1] and log[2]["skipped"] == "the gradient norm is nan"
+    assert log[2]["grad_norm"] is None
+    assert "warning: step 3: update skipped: the gradient norm is nan" in capsys.readouterr().out
+    assert np.array_equal(model.params.buf, ref.params.buf)   # step 3 changed nothing
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(files, monkeypatch, capsys):
+    """The weights stay finite, but every loss is NaN: two skipped steps, then one error."""
+    tmp_path = files[0]
+    forward = GPT2.forward
+    monkeypatch.setattr(GPT2, "forward", lambda self, *a: forward(self, *a) * math.nan)
+    rc = cli.main(["train", "--model", str(tmp_path / "model.bin"), "--train-data",
+                   str(tmp_path / "train.bin"), "--backend", "numpy", "-b", "2", "-t", "8",
+                   "--val-every", "0", "--sample-every", "0", "--save", str(tmp_path / "out.bin")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out.count("update skipped: the loss is nan") == 2
+    assert err.strip().splitlines() == ["llmpy: error: step 3: the loss is nan, 3 steps in a row; "
+                                        "stopping with the weights of the last good update "
+                                        "(try a lower --lr)"]
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_outlier_detector_z_scores():
+    x = np.random.default_rng(0).normal(size=30)
+    x[20] = 40.0
+    det = OutlierDetector(window=8)
+    z = [det.update(float(v)) for v in x]
+    assert all(math.isnan(v) for v in z[:8])
+    for i in range(8, 30):   # z of x[i] within the newest 8 values, x[i] included (llm.c)
+        w = x[i - 7:i + 1]
+        assert z[i] == pytest.approx((x[i] - w.mean()) / w.std(), rel=1e-12)
+    assert z[20] > 2.4
+    flat = OutlierDetector(window=2)
+    assert [flat.update(1.0) for _ in range(3)][2] == 0.0    # zero spread: z 0, as llm.c
+
+
+def test_grad_norm_outlier_skips_the_update(files, monkeypatch):
+    """llm.c's -sg: after 64 ordinary steps, a gradient 1000x larger is skipped."""
+    tmp_path = files[0]
+    after_backward(monkeypatch, 70, lambda g: g.__imul__(1000.0))
+    _, log = run(tmp_path, steps=72, batch_size=1, seq_len=4, lr=1e-4, skip_update_gradz=5.0)
+    skipped = [r["step"] for r in log if "skipped" in r]
+    assert skipped == [70] and log[69]["skipped"].startswith("grad norm z-score")
+
+
+def test_overfit_single_batch(files):
+    _, log = run(files[0], steps=4, lr=0.0, overfit_single_batch=True)
+    assert len({r["train_loss"] for r in log}) == 1       # lr 0 and the same batch each step
+    _, log = run(files[0], steps=4, lr=0.0)
+    assert len({r["train_loss"] for r in log}) == 4
+
+
+def test_plot(files, tmp_path):
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "run"
+    run(files[0], steps=3, run_dir=str(run_dir))
+    assert cli.main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
