@@ -32,6 +32,17 @@ def read_header(path, magic, versions, kind):
     return header
 
 
+def ensure_dir(path, what="output directory"):
+    """Create a directory (and its parents), or fail in one line, before any work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot create the {what}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LlmpyError(f"{path}: {what} is not writable")
+    return path
+
+
 def make_header(magic, version, *values):
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1] = magic, version

@@ -14,7 +14,7 @@ import numpy as np
 from .checkpoint import BF16, FP32, read_model, write_model
 from .config import GPT2Config
 from .errors import LlmpyError
-from .files import atomic_write
+from .files import atomic_write, ensure_dir
 from .model import FlatTensors, param_shapes
 
 # llm.c tensor -> HF tensor name; a name with {} is one tensor per layer ({} = layer index).
@@ -211,10 +211,7 @@ def write_hf(out_dir, cfg, flat):
     except ImportError:
         raise LlmpyError(f"{out_dir}: writing safetensors needs safetensors: "
                          "pip install 'llmpy[hf]'") from None
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise LlmpyError(f"{out_dir}: cannot create directory: {e.strerror}") from None
+    ensure_dir(out_dir)
     blob = save(params_to_hf(cfg, flat), metadata={"format": "pt"})
     atomic_write(os.path.join(out_dir, "model.safetensors"), [np.frombuffer(blob, np.uint8)])
     text = json.dumps(config_to_hf(cfg), indent=2) + "\n"

@@ -25,7 +25,7 @@ import numpy as np
 
 from .checkpoint import read_model, write_model
 from .errors import LlmpyError
-from .files import atomic_write, file_size
+from .files import atomic_write, ensure_dir, file_size
 from .model import load_params
 
 FORMAT, VERSION = "llmpy-checkpoint", 1
@@ -59,10 +59,7 @@ def git_commit():
 def prepare(run_dir, config, resume):
     """Create the run directory and write config.json; refuse to mix a new run into old
     checkpoints unless resuming."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise LlmpyError(f"{run_dir}: cannot create the run directory: {e.strerror}") from None
+    ensure_dir(run_dir, "run directory")
     if not resume and checkpoints(run_dir):
         raise LlmpyError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to "
                          "continue it, or choose another --run-dir")

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..data import write_tokens
 from ..errors import LlmpyError
+from ..files import ensure_dir
 from ..tokenizer import EOT_TEXT, Tokenizer
 
 MIN_WORK_CHARS = 1 << 20   # a process pool pays off only when each process gets this much text
@@ -81,13 +82,7 @@ def fetch(url, out, filename):
 
 def output_dir(path):
     """Create the output directory, and fail now, not after tokenizing, if it is not writable."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise LlmpyError(f"{path}: cannot create the output directory: {e.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise LlmpyError(f"{path}: output directory is not writable")
-    return path
+    return ensure_dir(path)
 
 
 @functools.lru_cache(maxsize=None)
