@@ -2,8 +2,10 @@
 import argparse
 import sys
 
-from .config import TrainConfig, add_arguments, from_arguments
+from .config import PRESETS, TrainConfig, add_arguments, from_arguments
+from .bench import add_parsers as add_bench_parsers
 from .errors import LlmpyError
+from .prepro import add_parser as add_prepro_parser
 
 
 def cmd_train(args):
@@ -15,17 +17,16 @@ def cmd_train(args):
 def cmd_sample(args):
     import numpy as np
     from .backends import get_backend
-    from .sample import generate_recompute
+    from .sample import generate
     from .tokenizer import Tokenizer
     from .train import build_model
     model = build_model(args.model, get_backend(args.backend))
     tok = Tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else []
-    T = min(model.config.max_seq_len, len(prompt) + args.tokens)
     rng = np.random.default_rng(args.seed)
     sys.stdout.write(args.prompt)
     out = []
-    for t in generate_recompute(model, prompt, args.tokens, rng, args.temperature, args.top_k, T):
+    for t in generate(model, prompt, args.tokens, rng, args.temperature, args.top_k):
         out.append(t)
         text = tok.decode(out)
         if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
@@ -33,6 +34,37 @@ def cmd_sample(args):
             sys.stdout.flush()
             out = []
     sys.stdout.write(tok.decode(out) + "\n")
+
+
+def cmd_plot(args):
+    from .plot import plot
+    plot(args.run_dir, args.out)
+
+
+def cmd_convert(args):
+    from .hf import convert
+    convert(args.src, args.out, args.dtype, args.tokenizer)
+
+
+def cmd_debug_state(args):
+    from .debugstate import default_out, make_debug_state
+    make_debug_state(args.model, args.data, args.batch_size, args.seq_len,
+                     args.out or default_out(args.model))
+
+
+def cmd_test_model(args):
+    from .backends import get_backend
+    from .debugstate import TOL, check_model
+    check_model(args.model, args.state, get_backend(args.backend), args.steps,
+                tol=TOL if args.tol is None else args.tol)
+
+
+def cmd_bench_gpu(args):
+    try:
+        from .backends.gpu.bench import bench_gpu
+    except ImportError as e:
+        raise LlmpyError(f"bench gpu needs torch, triton and a CUDA GPU: {e}") from None
+    bench_gpu(args.model, args.batch_size, args.seq_len, args.steps, args.warmup, args.json)
 
 
 def make_parser():
@@ -52,8 +84,71 @@ def make_parser():
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = all)")
     s.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
-    s.add_argument("--backend", default="numpy", help="numpy, cpu or gpu (default: numpy)")
+    s.add_argument("--backend", default="auto", help="auto, numpy, cpu or gpu (default: auto, "
+                   "which is cpu when numba and scipy are installed, else numpy)")
     s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("convert", help="Hugging Face GPT-2 <-> llm.c model .bin",
+                       description="SRC an llm.c model .bin: write OUT as a Hugging Face model "
+                       "directory. SRC an HF directory (config.json + model.safetensors or "
+                       "pytorch_model.bin) or hub name (gpt2, gpt2-medium, ...): write OUT as an "
+                       "llm.c model .bin.")
+    c.add_argument("src", help="llm.c .bin, HF model directory, or HF hub name")
+    c.add_argument("out", help="output .bin or directory")
+    c.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="llm.c .bin precision: fp32 (version 3) or bf16 (version 5)")
+    c.add_argument("--tokenizer", default="", metavar="PATH",
+                   help="also write llm.c's tokenizer file (e.g. gpt2_tokenizer.bin) for the "
+                   "GPT-2 vocabulary")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("debug-state", help="write llm.c's debug state with the PyTorch reference",
+                       description="Run the PyTorch reference (torchref) on the first batch of "
+                       "DATA and write llm.c's debug state: inputs, targets, logits, loss and "
+                       "all gradients, for `llmpy test-model` or llm.c's test_gpt2.")
+    d.add_argument("model", help="llm.c model .bin")
+    d.add_argument("--data", default="", help="token .bin (default: the bundled Shakespeare val)")
+    d.add_argument("-b", "--batch-size", type=int, default=4, help="B (default: 4)")
+    d.add_argument("-t", "--seq-len", type=int, default=64, help="T (default: 64)")
+    d.add_argument("--out", default="", help="output file (default: MODEL_debug_state.bin)")
+    d.set_defaults(func=cmd_debug_state)
+
+    m = sub.add_parser("test-model", help="check llm.py against a debug state (llm.c's test_gpt2)",
+                       description="Forward and backward on the debug state's batch, compared "
+                       "tensor by tensor, then AdamW steps (lr 1e-4, weight decay 0.01) compared "
+                       "with the PyTorch reference's losses. Exit 1 on any FAIL.")
+    m.add_argument("model", help="llm.c model .bin")
+    m.add_argument("state", help="llm.c debug state .bin")
+    m.add_argument("--backend", default="numpy", help="numpy, cpu or gpu (default: numpy)")
+    m.add_argument("--steps", type=int, default=10,
+                   help="AdamW steps to compare (default: 10; 0 needs no PyTorch)")
+    m.add_argument("--tol", type=float, default=None,
+                   help="OK when max|ours - ref| / max|ref| <= TOL per tensor (default: 1e-4)")
+    m.set_defaults(func=cmd_test_model)
+
+    add_prepro_parser(sub)
+
+    pl = sub.add_parser("plot", help="plot a run's losses and HellaSwag accuracy (PNG)",
+                        description="Train and val loss, and HellaSwag accuracy, against the "
+                        "step, from RUN_DIR/log.jsonl (needs matplotlib: llmpy[plot]).")
+    pl.add_argument("run_dir", help="a run directory (--run-dir), or a log .jsonl")
+    pl.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/plot.png)")
+    pl.set_defaults(func=cmd_plot)
+
+    b = sub.add_parser("bench", help="benchmarks, each against its baseline in the same run")
+    bench = b.add_subparsers(dest="bench", required=True)
+    add_bench_parsers(bench)
+    g = bench.add_parser("gpu", help="GPT-2 training on the gpu backend vs PyTorch + "
+                         "torch.compile, and flash attention vs SDPA",
+                         description="Needs a CUDA GPU. See llmpy/backends/gpu/bench.py.")
+    g.add_argument("--model", default="gpt2", choices=PRESETS, help="preset (default: gpt2)")
+    g.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64, 32, 16],
+                   help="the batch sizes to try; the largest that fits runs (default: 64 32 16)")
+    g.add_argument("-t", "--seq-len", type=int, default=1024, help="T (default: 1024)")
+    g.add_argument("--steps", type=int, default=10, help="timed steps per side (default: 10)")
+    g.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    g.add_argument("--json", action="store_true", help="print the results as JSON")
+    g.set_defaults(func=cmd_bench_gpu)
     return p
 
 

@@ -69,7 +69,10 @@ class TrainConfig:
     beta2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay, on the 2-D weights only")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    # Off by default like llm.c's CPU train_gpt2.c, so a plain run matches a plain PyTorch AdamW
+    # loop step for step; train_gpt2.cu, the embedded default and the README recipes use 1.0.
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this, e.g. 1.0 as llm.c's "
+                          "train_gpt2.cu (0: no clipping; the norm is logged either way)")
     skip_update_lossz: float = _f(0.0, "skip the update when the loss z-score over the last "
                                   "64 steps exceeds this (0: off)")
     skip_update_gradz: float = _f(0.0, "skip the update when the grad-norm z-score over the "
@@ -84,9 +87,10 @@ class TrainConfig:
     sample_temperature: float = _f(1.0, "sampling temperature (0: greedy)")
     sample_top_k: int = _f(0, "sample from the k likeliest tokens (0: all)")
     hellaswag_every: int = _f(0, "HellaSwag accuracy every N steps (0: never)")
-    hellaswag_data: str = _f("data/hellaswag_val.bin", "HellaSwag eval file, as written by "
+    hellaswag_data: str = _f("hellaswag/hellaswag_val.bin", "HellaSwag eval file, as written by "
                              "`llmpy prepro hellaswag`")
-    backend: str = _f("numpy", "compute backend: numpy, cpu or gpu")
+    backend: str = _f("auto", "compute backend: numpy, cpu, gpu, or auto (cpu when numba and "
+                      "scipy are installed, else numpy)")
     log_jsonl: str = _f("", "write one JSON object per step to this file")
     save: str = _f("", "write the final model to this llm.c .bin")
     run_dir: str = _f("", "run directory: log.jsonl, config.json and checkpoints")
@@ -94,12 +98,21 @@ class TrainConfig:
     keep_last: int = _f(2, "keep the newest K checkpoints (0: all)")
     major_every: int = _f(0, "never delete the checkpoints at multiples of M steps (0: none)")
     resume: bool = _f(False, "continue from the newest complete checkpoint in --run-dir")
+    # data-parallel over torch.distributed, under torchrun (see distributed.py)
+    dist: bool = _f(False, "join a torch.distributed process group even when WORLD_SIZE is 1 "
+                    "(it always does when WORLD_SIZE > 1)")
+    zero: int = _f(0, "ZeRO stage: 1 shards AdamW's state across the ranks (0: off)")
+    dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before "
+                             "the run stops with an error; longer than rank 0's evals, samples "
+                             "and checkpoints")
+    dist_check_every: int = _f(0, "debug: check every N steps that the parameters are "
+                               "identical on every rank (0: never)")
 
 
 # What the embedded default changes, for every field the user did not set on the command line:
 # a from-scratch model needs a larger learning rate and more steps than a GPT-2 fine-tune.
-EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, val_every=50,
-                        sample_every=150, sample_tokens=96)
+EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, grad_clip=1.0,
+                        val_every=50, sample_every=150, sample_tokens=96)
 
 
 def add_arguments(parser, cls, short=None):

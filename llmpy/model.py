@@ -25,37 +25,69 @@ def param_shapes(cfg):
     ]
 
 
-def activation_shapes(cfg, B, T):
-    """Everything the forward pass writes and the backward pass reads, as llm.c lays it out."""
+def activation_shapes(cfg, B, T, fused=False):
+    """Everything the forward pass writes and the backward pass reads, as llm.c lays it out.
+    fused: the backend has flash attention and a fused classifier (llm.c's CUDA layout): they
+    save one logsumexp per row instead of the (T,T) attention matrices and the probabilities."""
     C, NH, L, Vp = cfg.channels, cfg.num_heads, cfg.num_layers, cfg.padded_vocab_size
+    att = ([("att_lse", (L, B, NH, T))] if fused else
+           [("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T))])
     return [
         ("encoded", (B, T, C)),
         ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
-        ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)),
-        ("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T)),
+        ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)), *att,
         ("attproj", (L, B, T, C)), ("residual2", (L, B, T, C)),
         ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
         ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
         ("fcproj", (L, B, T, C)), ("residual3", (L, B, T, C)),
         ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
-        ("logits", (B, T, Vp)), ("probs", (B, T, Vp)), ("losses", (B, T)),
+        ("logits", (B, T, Vp)), ("logits_lse", (B, T)) if fused else ("probs", (B, T, Vp)),
+        ("losses", (B, T)),
     ]
 
 
-class FlatTensors:
-    """One flat buffer `buf` with a named view per tensor (llm.c's ParameterTensors)."""
+def grad_activation_shapes(cfg, B, T, fused=False):
+    """The backward pass's scratch, reused as in llm.c's CUDA version: (whole-model shapes, one
+    layer's shapes). A residual add passes its gradient through unchanged, so the residual
+    stream's gradient is a single (B,T,C) buffer that every layer adds into, and it is also
+    d(fcproj) and d(attproj). A layer's other gradients are needed only while that layer runs,
+    so each layer reuses one layer's worth."""
+    C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
+    att = [] if fused else [("preatt", (B, NH, T, T)), ("att", (B, NH, T, T))]
+    model = [("logits", (B, T, Vp)), ("losses", (B, T)), ("lnf", (B, T, C)),
+             ("residual", (B, T, C))]
+    layer = [("ln1", (B, T, C)), ("qkv", (B, T, 3 * C)), ("atty", (B, T, C)), *att,
+             ("ln2", (B, T, C)), ("fch", (B, T, 4 * C)), ("fch_gelu", (B, T, 4 * C))]
+    return model, layer
 
-    def __init__(self, shapes, alloc):
+
+# Per-row statistics: float32 on every backend, also on one that computes in bf16, because the
+# backward pass needs them to more digits than bf16's three.
+STATS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "att_lse",
+         "logits_lse", "losses")
+
+
+class FlatTensors:
+    """One flat buffer `buf` with a named view per tensor (llm.c's ParameterTensors). Tensors
+    named in `float32` go to a second flat buffer, `buf32`, that alloc(n, np.float32) makes."""
+
+    def __init__(self, shapes, alloc, float32=()):
         self.shapes = dict(shapes)
-        self.offsets = {}
+        self.offsets = {}                                       # into buf, or into buf32
+        self.buf = self._place([(n, s) for n, s in shapes if n not in float32], alloc)
+        stats = [(n, s) for n, s in shapes if n in float32]
+        self.buf32 = self._place(stats, lambda n: alloc(n, np.float32)) if stats else None
+
+    def _place(self, shapes, alloc):
         total = 0
         for name, shape in shapes:
             self.offsets[name] = total
             total += int(np.prod(shape))
-        self.buf = alloc(total)                                 # (total,)
+        buf = alloc(total)                                      # (total,)
         for name, shape in shapes:
             o = self.offsets[name]
-            setattr(self, name, self.buf[o:o + int(np.prod(shape))].reshape(shape))
+            setattr(self, name, buf[o:o + int(np.prod(shape))].reshape(shape))
+        return buf
 
     def names(self):
         return list(self.shapes)
@@ -71,10 +103,11 @@ class GPT2:
     def __init__(self, config, backend):
         self.config = config
         self.backend = backend
+        self.fused = getattr(backend, "fused", False)          # see activation_shapes
         self.params = FlatTensors(param_shapes(config), backend.zeros)
         self.grads = FlatTensors(param_shapes(config), backend.zeros)
         self.B = self.T = 0
-        self.acts = self.grad_acts = None
+        self.acts = self.grad_acts = self.grad_layer = None
         self.inputs = self.targets = None
         self.mean_loss = None
 
@@ -83,9 +116,9 @@ class GPT2:
 
     def _ensure_activations(self, B, T):
         if (B, T) != (self.B, self.T):
-            shapes = activation_shapes(self.config, B, T)
-            self.acts = FlatTensors(shapes, self.backend.zeros)
-            self.grad_acts = None                               # made on the first backward
+            shapes = activation_shapes(self.config, B, T, self.fused)
+            self.acts = FlatTensors(shapes, self.backend.zeros, STATS)
+            self.grad_acts = self.grad_layer = None             # made on the first backward
             self.B, self.T = B, T
 
     def check_tokens(self, tokens, what="input"):
@@ -119,7 +152,10 @@ class GPT2:
             be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual,
                                  p.ln1w[l], p.ln1b[l])
             be.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
-            be.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l])
+            if self.fused:
+                be.attention_forward(a.atty[l], a.att_lse[l], a.qkv[l])
+            else:
+                be.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l])
             be.matmul_forward(a.attproj[l], a.atty[l], p.attprojw[l], p.attprojb[l])
             be.residual_forward(a.residual2[l], residual, a.attproj[l])
             be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l],
@@ -134,48 +170,65 @@ class GPT2:
         if self.targets is None:
             self.mean_loss = None
             return None
-        be.crossentropy_forward(a.losses, a.probs, a.logits, self.targets, V)
+        if self.fused:
+            be.crossentropy_forward(a.losses, a.logits_lse, a.logits, self.targets, V)
+        else:
+            be.crossentropy_forward(a.losses, a.probs, a.logits, self.targets, V)
         self.mean_loss = float(a.losses.mean())
         return self.mean_loss
 
     def zero_grad(self):
         self.grads.buf[:] = 0
 
-    def backward(self):
-        """Accumulates d(mean loss)/d(params) into self.grads (call zero_grad first)."""
+    def backward(self, layer_done=None):
+        """Accumulates d(mean loss)/d(params) into self.grads (call zero_grad first).
+        layer_done(l), if given, is called as soon as layer l's gradients are complete (from
+        l = L-1 down to 0): data-parallel training starts reducing them there, while the layers
+        below still run (distributed.py)."""
         if self.mean_loss is None:
             raise LlmpyError("backward() needs a forward() with targets first")
         be, cfg, p, g, a = self.backend, self.config, self.params, self.grads, self.acts
         B, T, L, V = self.B, self.T, cfg.num_layers, cfg.vocab_size
         if self.grad_acts is None:
-            self.grad_acts = FlatTensors(activation_shapes(cfg, B, T), be.zeros)
-        d = self.grad_acts
+            whole, layer = grad_activation_shapes(cfg, B, T, self.fused)
+            self.grad_acts = FlatTensors(whole, be.zeros, STATS)
+            self.grad_layer = FlatTensors(layer, be.zeros)
+        d, dl = self.grad_acts, self.grad_layer
         d.buf[:] = 0                                            # backward ops accumulate
         d.losses[...] = 1.0 / (B * T)                           # d(mean)/d(each loss)
 
-        be.crossentropy_backward(d.logits, d.losses, a.probs, self.targets, V)
+        if self.fused:
+            be.crossentropy_backward(d.logits, d.losses, a.logits, a.logits_lse, self.targets, V)
+        else:
+            be.crossentropy_backward(d.logits, d.losses, a.probs, self.targets, V)
         be.matmul_backward(d.lnf, g.wte, None, d.logits, a.lnf, p.wte)
         last = a.residual3[L - 1] if L else a.encoded
-        dlast = d.residual3[L - 1] if L else d.encoded
-        be.layernorm_backward(dlast, g.lnfw, g.lnfb, d.lnf, last, p.lnfw, a.lnf_mean, a.lnf_rstd)
+        be.layernorm_backward(d.residual, g.lnfw, g.lnfb, d.lnf, last, p.lnfw, a.lnf_mean,
+                              a.lnf_rstd)
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
-            dresidual = d.encoded if l == 0 else d.residual3[l - 1]
-            be.residual_backward(d.residual2[l], d.fcproj[l], d.residual3[l])
-            be.matmul_backward(d.fch_gelu[l], g.fcprojw[l], g.fcprojb[l], d.fcproj[l],
+            dl.buf[:] = 0
+            # d.residual holds d(residual3[l]) = d(fcproj[l])
+            be.matmul_backward(dl.fch_gelu, g.fcprojw[l], g.fcprojb[l], d.residual,
                                a.fch_gelu[l], p.fcprojw[l])
-            be.gelu_backward(d.fch[l], a.fch[l], d.fch_gelu[l])
-            be.matmul_backward(d.ln2[l], g.fcw[l], g.fcb[l], d.fch[l], a.ln2[l], p.fcw[l])
-            be.layernorm_backward(d.residual2[l], g.ln2w[l], g.ln2b[l], d.ln2[l], a.residual2[l],
+            be.gelu_backward(dl.fch, a.fch[l], dl.fch_gelu)
+            be.matmul_backward(dl.ln2, g.fcw[l], g.fcb[l], dl.fch, a.ln2[l], p.fcw[l])
+            be.layernorm_backward(d.residual, g.ln2w[l], g.ln2b[l], dl.ln2, a.residual2[l],
                                   p.ln2w[l], a.ln2_mean[l], a.ln2_rstd[l])
-            be.residual_backward(dresidual, d.attproj[l], d.residual2[l])
-            be.matmul_backward(d.atty[l], g.attprojw[l], g.attprojb[l], d.attproj[l],
+            # now d.residual holds d(residual2[l]) = d(attproj[l])
+            be.matmul_backward(dl.atty, g.attprojw[l], g.attprojb[l], d.residual,
                                a.atty[l], p.attprojw[l])
-            be.attention_backward(d.qkv[l], d.preatt[l], d.att[l], d.atty[l], a.qkv[l], a.att[l])
-            be.matmul_backward(d.ln1[l], g.qkvw[l], g.qkvb[l], d.qkv[l], a.ln1[l], p.qkvw[l])
-            be.layernorm_backward(dresidual, g.ln1w[l], g.ln1b[l], d.ln1[l], residual,
+            if self.fused:
+                be.attention_backward(dl.qkv, dl.atty, a.qkv[l], a.atty[l], a.att_lse[l])
+            else:
+                be.attention_backward(dl.qkv, dl.preatt, dl.att, dl.atty, a.qkv[l], a.att[l])
+            be.matmul_backward(dl.ln1, g.qkvw[l], g.qkvb[l], dl.qkv, a.ln1[l], p.qkvw[l])
+            be.layernorm_backward(d.residual, g.ln1w[l], g.ln1b[l], dl.ln1, residual,
                                   p.ln1w[l], a.ln1_mean[l], a.ln1_rstd[l])
-        be.encoder_backward(g.wte, g.wpe, d.encoded, self.inputs)
+            # now d.residual holds d(residual3[l-1]), or d(encoded) after the first layer
+            if layer_done:
+                layer_done(l)
+        be.encoder_backward(g.wte, g.wpe, d.residual, self.inputs)
 
 
 def init_weights(model, seed=0):

@@ -1,6 +1,16 @@
-"""Text generation: temperature and top-k sampling from the model's next-token distribution."""
+"""Text generation: temperature and top-k sampling from the model's next-token distribution.
+
+generate() keeps a KV cache: every position stores its keys and values once, and each new token
+runs one position through the network, attending to the cache. generate_recompute() is llm.c's
+way, a forward pass over the whole window per token, kept as the benchmark's baseline.
+"""
+import math
+
 import numpy as np
 
+from .backends import numpy as ref
+from .errors import LlmpyError
+from .model import FlatTensors, param_shapes
 from .tokenizer import EOT
 
 
@@ -17,6 +27,89 @@ def sample_next(logits, rng, temperature=1.0, top_k=0):
     return int(rng.choice(p.size, p=p / p.sum()))
 
 
+class Decoder:
+    """Runs one position at a time with a KV cache, on the host, with the model's backend ops
+    (the NumPy reference's where the backend's arrays are not host arrays, as on a GPU). One
+    position reads every weight once for two FLOPs each, so a step is bound by memory
+    bandwidth, not by arithmetic. The weights are views of the model's parameters on the CPU
+    backends (a host copy on a GPU)."""
+
+    def __init__(self, model, max_len):
+        cfg = model.config
+        C, NH, L = cfg.channels, cfg.num_heads, cfg.num_layers
+        host = model.backend.to_host(model.params.buf)          # (num_params,) float32
+        self.params = FlatTensors(param_shapes(cfg), lambda n: host)
+        self.ops = model.backend if host is model.params.buf else ref
+        self.config = cfg
+        self.k = np.zeros((L, NH, max_len, C // NH), np.float32)   # (L,NH,maxlen,hs) keys
+        self.v = np.zeros((L, NH, max_len, C // NH), np.float32)   # (L,NH,maxlen,hs) values
+        # one position's activations: the model's layout with B*T = 1 row
+        self.acts = FlatTensors([
+            ("residual", (1, C)), ("ln", (1, C)), ("mean", (1,)), ("rstd", (1,)),
+            ("qkv", (1, 3 * C)), ("atty", (1, C)), ("proj", (1, C)),
+            ("fch", (1, 4 * C)), ("fch_gelu", (1, 4 * C)),
+            ("logits", (1, cfg.vocab_size))], ref.zeros)
+
+    def attention(self, l, pos):
+        """The reference attention for the one query at `pos`, against the cached positions
+        0..pos; stores this position's key and value first."""
+        a, NH = self.acts, self.config.num_heads
+        q, k, v = a.qkv[0].reshape(3, NH, -1)                   # each (NH,hs)
+        self.k[l, :, pos], self.v[l, :, pos] = k, v
+        keys, values = self.k[l, :, :pos + 1], self.v[l, :, :pos + 1]   # (NH,pos+1,hs)
+        att = (keys @ q[:, :, None])[..., 0]                    # (NH,pos+1)
+        att *= 1.0 / math.sqrt(q.shape[-1])
+        att -= att.max(axis=-1, keepdims=True)
+        np.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        a.atty[0] = (att[:, None, :] @ values).reshape(-1)     # (NH,1,hs) -> (C,)
+
+    def step(self, token, pos, logits=True):
+        """Run `token` at position `pos`: the next-token logits (V,), or None if not wanted
+        (the prompt's tokens only need to fill the cache)."""
+        p, a, ops = self.params, self.acts, self.ops
+        L, V = self.config.num_layers, self.config.vocab_size
+        x = a.residual                                          # (1,C) the residual stream
+        np.add(p.wte[token], p.wpe[pos], out=x[0])
+        for l in range(L):
+            ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.ln1w[l], p.ln1b[l])
+            ops.matmul_forward(a.qkv, a.ln, p.qkvw[l], p.qkvb[l])
+            self.attention(l, pos)
+            ops.matmul_forward(a.proj, a.atty, p.attprojw[l], p.attprojb[l])
+            ops.residual_forward(x, x, a.proj)
+            ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.ln2w[l], p.ln2b[l])
+            ops.matmul_forward(a.fch, a.ln, p.fcw[l], p.fcb[l])
+            ops.gelu_forward(a.fch_gelu, a.fch)
+            ops.matmul_forward(a.proj, a.fch_gelu, p.fcprojw[l], p.fcprojb[l])
+            ops.residual_forward(x, x, a.proj)
+        if not logits:
+            return None
+        ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.lnfw, p.lnfb)
+        ops.matmul_forward(a.logits, a.ln, p.wte[:V], None)    # tied classifier weights
+        return a.logits[0]
+
+
+def generate(model, prompt, n, rng, temperature=1.0, top_k=0):
+    """Yields n token ids, one cached decode step each. The prompt and the new tokens must fit
+    in the model's max_seq_len (a cache cannot slide: positions are baked into it)."""
+    seq = list(prompt) or [EOT]
+    if n <= 0:
+        return
+    maxT = model.config.max_seq_len
+    if len(seq) + n - 1 > maxT:
+        raise LlmpyError(f"the prompt ({len(seq)} tokens) and {n} new tokens do not fit in the "
+                         f"model's max_seq_len {maxT}")
+    decoder = Decoder(model, len(seq) + n - 1)     # the last new token is never run
+    for pos, tok in enumerate(seq[:-1]):
+        decoder.step(tok, pos, logits=False)
+    logits = decoder.step(seq[-1], len(seq) - 1)
+    for i in range(n):
+        nxt = sample_next(logits, rng, temperature, top_k)
+        yield nxt
+        if i < n - 1:
+            logits = decoder.step(nxt, len(seq) + i)
+
+
 def generate_recompute(model, prompt, n, rng, temperature=1.0, top_k=0, T=None):
     """llm.c's way: re-run the forward pass over the whole window for every new token.
     Yields n token ids. Runs at the model's current (B,T) so no new activations are allocated."""
@@ -24,7 +117,8 @@ def generate_recompute(model, prompt, n, rng, temperature=1.0, top_k=0, T=None):
     B = max(model.B, 1)
     T = T or model.T or min(cfg.max_seq_len, 64)
     seq = list(prompt) or [EOT]
-    tokens = np.full((B, T), EOT, dtype=np.int64)                # (B,T), row 0 holds the text
+    # (B,T), row 0 holds the text; the padding after it is never attended to (causal mask)
+    tokens = np.zeros((B, T), dtype=np.int64)
     for _ in range(n):
         window = seq[-T:]
         tokens[0, :len(window)] = window

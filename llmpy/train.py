@@ -1,19 +1,31 @@
-"""The training loop: forward, backward, update, with validation, sampling and logs."""
+"""The training loop, as llm.c's train_gpt2.cu runs it: each step accumulates the gradients of
+total_batch_size / (B*T*ranks) micro-batches on each data-parallel rank (distributed.py),
+then makes one AdamW update under an lr schedule, with the gradients clipped to a global norm,
+unless the outlier guard skips it. Validation, HellaSwag and samples every so often; a JSONL
+log; and checkpoints in a run directory that a killed run resumes from exactly (see
+resume.py)."""
+import dataclasses
 import json
 import math
+import os
+import sys
 import time
 
 import numpy as np
 
+from . import distributed, resume
 from .backends import get_backend
 from .checkpoint import read_model, write_model
 from .config import EMBEDDED_DEFAULT, PRESETS, preset
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
+from .evals import hellaswag, read_evalfile
 from .model import GPT2, init_weights, load_params
-from .optim import AdamW, AdamWConfig
-from .sample import generate_recompute
+from .optim import DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_, get_lr
+from .sample import generate
 from .tokenizer import Tokenizer
+
+MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
 
 
 def build_model(spec, backend, seed=0, max_seq_len=1024):
@@ -38,22 +50,142 @@ def apply_embedded_default(cfg, explicit):
         cfg.val_data = bundled_data("shakespeare_val.bin")
 
 
+def check_flags(cfg):
+    if cfg.lr_schedule not in SCHEDULES:
+        raise LlmpyError(f"unknown --lr-schedule {cfg.lr_schedule!r} (choose from "
+                         f"{', '.join(SCHEDULES)})")
+    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir:
+        raise LlmpyError("--resume and --checkpoint-every need a --run-dir")
+
+
+def grad_accum_steps(cfg, world=1):
+    """Micro-batches per optimizer step, on each of `world` data-parallel ranks."""
+    tokens = cfg.batch_size * cfg.seq_len * world
+    total = cfg.total_batch_size or tokens
+    if total % tokens:
+        raise LlmpyError(f"--total-batch-size {total} is not a multiple of B*T"
+                         + (f"*ranks = {cfg.batch_size}*{cfg.seq_len}*{world}" if world > 1
+                            else "") + f" = {tokens}")
+    return total // tokens
+
+
 def evaluate(model, loader, num_batches):
     loader.reset()
     return float(np.mean([model.forward(*loader.next_batch()) for _ in range(num_batches)]))
 
 
 def sample_text(model, tokenizer, cfg, rng):
-    ids = list(generate_recompute(model, [], cfg.sample_tokens, rng, T=model.T))
+    ids = list(generate(model, [], cfg.sample_tokens, rng, cfg.sample_temperature,
+                        cfg.sample_top_k))
     return tokenizer.decode(ids)
 
 
+def forward_backward(model, loader, accum, dist):
+    """Gradients of the mean loss over `accum` micro-batches, as one batch of accum*B rows would
+    give them, averaged over the data-parallel ranks. Returns this rank's mean loss."""
+    model.zero_grad()
+    loss = 0.0
+    for i in range(accum):
+        loss += model.forward(*loader.next_batch())
+        # adds d(micro-batch mean loss) into model.grads; in the last micro-step the ranks
+        # start averaging each layer's gradients as soon as they are final
+        model.backward(dist.layer_hook(model) if i == accum - 1 else None)
+    dist.sync_grads(model)
+    if accum > 1:
+        model.grads.buf *= 1.0 / accum
+    return loss / accum
+
+
+def skip_reason(loss, norm, zloss, zgrad, cfg):
+    """Why this step's update must not happen (llm.c's -sl/-sg, and NaN/inf), or None."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(norm):
+        return f"the gradient norm is {norm}"
+    if cfg.skip_update_lossz and zloss > cfg.skip_update_lossz:
+        return f"loss z-score {zloss:.2f} > {cfg.skip_update_lossz}"
+    if cfg.skip_update_gradz and zgrad > cfg.skip_update_gradz:
+        return f"grad norm z-score {zgrad:.2f} > {cfg.skip_update_gradz}"
+    return None
+
+
+def finite_or_none(x):
+    return x if math.isfinite(x) else None
+
+
+class RunState:
+    """What a checkpoint must hold besides the weights and AdamW's moments to continue exactly."""
+
+    def __init__(self, cfg, loader):
+        self.cfg, self.loader = cfg, loader
+        self.rng = np.random.default_rng(cfg.seed)        # sampling
+        self.loss_z, self.grad_z = OutlierDetector(), OutlierDetector()
+        self.nonfinite = 0                                 # steps in a row
+
+    def batch_shape(self):
+        c, world = self.cfg, self.loader.world
+        return {"batch_size": c.batch_size, "seq_len": c.seq_len, "ranks": world,
+                "total_batch_size": c.total_batch_size or c.batch_size * c.seq_len * world}
+
+    def state(self):
+        return {"batch": self.batch_shape(), "train_loader": self.loader.state(),
+                "rng": self.rng.bit_generator.state, "loss_window": self.loss_z.values,
+                "grad_window": self.grad_z.values, "nonfinite": self.nonfinite}
+
+    def load_state(self, s, where):
+        if s["batch"] != self.batch_shape():
+            b = s["batch"]
+            raise LlmpyError(f"{where}: written with -b {b['batch_size']} -t {b['seq_len']} "
+                             f"--total-batch-size {b['total_batch_size']} on {b['ranks']} "
+                             "data-parallel rank(s); resume with those")
+        self.loader.load_state(s["train_loader"])
+        self.rng.bit_generator.state = s["rng"]
+        self.loss_z.values, self.grad_z.values = s["loss_window"], s["grad_window"]
+        self.nonfinite = s["nonfinite"]
+
+
+def open_log(cfg, start):
+    """The JSONL log: --log-jsonl, else RUN_DIR/log.jsonl; a resumed run drops the records of
+    the steps it will redo."""
+    path = cfg.log_jsonl or (os.path.join(cfg.run_dir, "log.jsonl") if cfg.run_dir else "")
+    if not path:
+        return None
+    if cfg.resume:
+        resume.trim_log(path, start)
+    try:
+        return open(path, "a" if cfg.resume else "w")
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot write the log: {e.strerror}") from None
+
+
+def guard(step, loss, norm, model, run, cfg):
+    """The outlier guard: the reason to skip this step's update, or None. Stops the run when
+    the weights themselves are broken, or after MAX_NONFINITE non-finite steps in a row."""
+    zloss = run.loss_z.update(loss) if math.isfinite(loss) else math.nan
+    zgrad = run.grad_z.update(norm) if math.isfinite(norm) else math.nan
+    reason = skip_reason(loss, norm, zloss, zgrad, cfg)
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    run.nonfinite = 0 if finite else run.nonfinite + 1
+    if not math.isfinite(loss) and not math.isfinite(float(model.params.buf.sum())):
+        raise LlmpyError(f"step {step}: the loss is {loss}: the model's weights are not finite")
+    if run.nonfinite >= MAX_NONFINITE:
+        raise LlmpyError(f"step {step}: {reason}, {MAX_NONFINITE} steps in a row; stopping with "
+                         "the weights of the last good update (try a lower --lr)")
+    return reason
+
+
 def train(cfg, explicit=()):
+    dist = distributed.init(cfg)          # one process, or a rank of a torchrun job
+    main = dist.rank == 0                 # rank 0 alone prints, logs, evaluates and saves
+    if not main:
+        sys.stdout = open(os.devnull, "w")
     if not cfg.model and not cfg.train_data:
         apply_embedded_default(cfg, explicit)
         print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")
     if not cfg.train_data:
         raise LlmpyError("--train-data is required when --model is given")
+    check_flags(cfg)
+    accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
     model = build_model(cfg.model or "tiny", backend, seed=cfg.seed)
     mc = model.config
@@ -62,44 +194,82 @@ def train(cfg, explicit=()):
         raise LlmpyError(f"--seq-len {T} exceeds the model's max_seq_len {mc.max_seq_len}")
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
-          f"parameters | backend {backend.name} | B={B} T={T}")
-    train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed)
-    val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None
-    tokenizer = Tokenizer() if cfg.sample_every else None
-    opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay))
-    rng = np.random.default_rng(cfg.seed)
-    log = open(cfg.log_jsonl, "w") if cfg.log_jsonl else None
+          f"parameters | backend {backend.name} | B={B} T={T} grad accum {accum}"
+          + (f" | {dist.world} ranks" + (", ZeRO-1" if dist.zero else "") if dist.world > 1
+             else ""))
+    train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed,
+                              dist.rank, dist.world)
+    val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
+    hella = read_evalfile(cfg.hellaswag_data) if cfg.hellaswag_every and main else None
+    tokenizer = Tokenizer() if cfg.sample_every and main else None
+    opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
+                decayed=DECAYED, shard=dist.shard(model.num_parameters()))
+    run = RunState(cfg, train_loader)
+    start = 0
+    if cfg.run_dir:
+        if main:
+            resume.prepare(cfg.run_dir, {"train": dataclasses.asdict(cfg),
+                                         "model": dataclasses.asdict(mc),
+                                         "backend": backend.name,
+                                         "git_commit": resume.git_commit()}, cfg.resume)
+        manifest = dist.load_checkpoint(cfg.run_dir, model, opt) if cfg.resume else None
+        if manifest:
+            run.load_state(manifest, cfg.run_dir)
+            start = manifest["step"]
+    dist.broadcast(model.params.buf)      # every rank starts from rank 0's weights
+    log = open_log(cfg, start) if main else None
     do_val = val_loader is not None and cfg.val_every > 0
     try:
-        if do_val:
+        if do_val and start == 0:
             print(f"step 0: val loss {evaluate(model, val_loader, cfg.val_batches):.6f}")
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             last = step == cfg.steps
             t0 = time.perf_counter()
-            loss = model.forward(*train_loader.next_batch())
-            if not math.isfinite(loss):
-                raise LlmpyError(f"step {step}: the loss is {loss}; stopping before the weights "
-                                 "are corrupted (try a lower --lr)")
-            model.zero_grad()
-            model.backward()
-            opt.update()
+            if cfg.overfit_single_batch:
+                train_loader.reset()
+            lr = get_lr(step - 1, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.steps,
+                        cfg.final_lr_frac)
+            loss = dist.mean(forward_backward(model, train_loader, accum, dist))
+            norm = dist.grad_norm(model.grads.buf)
+            reason = guard(step, loss, norm, model, run, cfg)
+            if reason is None:
+                clip_(model.grads.buf, norm, cfg.grad_clip)
+                opt.update(lr)
+                dist.sync_params(model.params.buf)
+            dist.check_params(model.params.buf, step)
             ms = (time.perf_counter() - t0) * 1e3
-            rec = {"step": step, "train_loss": loss, "ms": ms, "tokens_per_s": B * T / ms * 1e3}
-            print(f"step {step:4d}/{cfg.steps} | loss {loss:.6f} | {ms:8.1f} ms | "
-                  f"{rec['tokens_per_s']:8.0f} tok/s", flush=True)
+            rec = {"step": step, "train_loss": finite_or_none(loss), "ms": ms,
+                   "tokens_per_s": B * T * accum * dist.world / ms * 1e3, "lr": lr,
+                   "grad_norm": finite_or_none(norm)}
+            print(f"step {step:4d}/{cfg.steps} | loss {loss:.6f} | lr {lr:.2e} | norm "
+                  f"{norm:.4f} | {ms:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s", flush=True)
+            if reason:
+                rec["skipped"] = reason
+                print(f"warning: step {step}: update skipped: {reason}", flush=True)
             if do_val and (step % cfg.val_every == 0 or last):
                 rec["val_loss"] = evaluate(model, val_loader, cfg.val_batches)
                 print(f"val loss {rec['val_loss']:.6f}")
-            if cfg.sample_every and (step % cfg.sample_every == 0 or last):
-                print(f"--- sample at step {step} ---\n{sample_text(model, tokenizer, cfg, rng)}\n---",
-                      flush=True)
+            if hella and (step % cfg.hellaswag_every == 0 or last):
+                correct, total = hellaswag(model, hella, B, T)
+                rec["hellaswag_acc"] = correct / total
+                print(f"HellaSwag: {correct}/{total} = {correct / total:.4f}")
+            if tokenizer and (step % cfg.sample_every == 0 or last):
+                text = sample_text(model, tokenizer, cfg, run.rng)
+                print(f"--- sample at step {step} ---\n{text}\n---", flush=True)
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+                full = dist.full_optimizer(opt)   # all ranks: ZeRO-1 gathers the shards
+                if main:
+                    resume.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
+                                cfg.major_every)
     finally:
         if log:
             log.close()
-    if cfg.save:
+    if cfg.save and main:
         write_model(cfg.save, mc, backend.to_host(model.params.buf))
         print(f"saved {cfg.save}")
+    dist.close()
     return model
+

@@ -99,24 +99,32 @@ def test_matmul(h, with_bias):
 
 
 def torch_attention(qkv):
-    # qkv: (B,T,3C) -> y (B,T,C), att (B,NH,T,T)
+    # qkv: (B,T,3C) -> y (B,T,C), att (B,NH,T,T), lse (B,NH,T) the logsumexp of each score row
     q, k, v = (t.reshape(B, T, NH, C // NH).transpose(1, 2) for t in qkv.split(C, dim=-1))
     pre = (q @ k.transpose(-1, -2)) / np.sqrt(C // NH)
-    att = pre.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    return (att @ v).transpose(1, 2).reshape(B, T, C), att
+    pre = pre.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    att = pre.softmax(-1)
+    return (att @ v).transpose(1, 2).reshape(B, T, C), att, pre.logsumexp(-1)
 
 
 def test_attention(h):
     qkv, dout, dqkv0 = h.randn(B, T, 3 * C), h.randn(B, T, C), h.randn(B, T, 3 * C)
     tq = leaf(qkv)
-    ref, ref_att = torch_attention(tq)
+    ref, ref_att, ref_lse = torch_attention(tq)
     ref.backward(torch.from_numpy(dout))
-    out, preatt, att = h.empty(B, T, C), h.empty(B, NH, T, T), h.empty(B, NH, T, T)
-    dqkv, dpreatt, datt = h.dev(dqkv0), h.empty(B, NH, T, T), h.empty(B, NH, T, T)
-    h.be.attention_forward(out, preatt, att, h.dev(qkv))
-    h.be.attention_backward(dqkv, dpreatt, datt, h.dev(dout), h.dev(qkv), att)
+    out, dqkv = h.empty(B, T, C), h.dev(dqkv0)
+    if getattr(h.be, "fused", False):   # flash attention keeps a logsumexp per row, no (T,T)
+        lse = h.empty(B, NH, T)
+        h.be.attention_forward(out, lse, h.dev(qkv))
+        h.be.attention_backward(dqkv, h.dev(dout), h.dev(qkv), out, lse)
+        h.check(lse, ref_lse, "lse")
+    else:
+        preatt, att = h.empty(B, NH, T, T), h.empty(B, NH, T, T)
+        dpreatt, datt = h.empty(B, NH, T, T), h.empty(B, NH, T, T)
+        h.be.attention_forward(out, preatt, att, h.dev(qkv))
+        h.be.attention_backward(dqkv, dpreatt, datt, h.dev(dout), h.dev(qkv), att)
+        h.check(att, ref_att, "att")
     h.check(out, ref, "out")
-    h.check(att, ref_att, "att")
     h.check(dqkv, dqkv0 + tq.grad.numpy(), "dinp")
 
 
@@ -149,11 +157,18 @@ def test_crossentropy(h):
     ref = F.cross_entropy(tl[..., :V].reshape(-1, V), torch.from_numpy(targets).reshape(-1),
                           reduction="none").reshape(B, T)
     ref.backward(torch.from_numpy(dlosses))
-    losses, probs, dlogits = h.empty(B, T), h.empty(B, T, Vp), h.dev(dlogits0)
-    h.be.crossentropy_forward(losses, probs, h.dev(logits), h.dev(targets), V)
-    h.be.crossentropy_backward(dlogits, h.dev(dlosses), probs, h.dev(targets), V)
+    losses, dlogits = h.empty(B, T), h.dev(dlogits0)
+    if getattr(h.be, "fused", False):   # the fused classifier keeps a logsumexp per row
+        lse = h.empty(B, T)
+        h.be.crossentropy_forward(losses, lse, h.dev(logits), h.dev(targets), V)
+        h.be.crossentropy_backward(dlogits, h.dev(dlosses), h.dev(logits), lse, h.dev(targets), V)
+        h.check(lse, tl[..., :V].logsumexp(-1), "lse")
+    else:
+        probs = h.empty(B, T, Vp)
+        h.be.crossentropy_forward(losses, probs, h.dev(logits), h.dev(targets), V)
+        h.be.crossentropy_backward(dlogits, h.dev(dlosses), probs, h.dev(targets), V)
+        h.check(probs[..., :V], tl[..., :V].softmax(-1), "probs")
     h.check(losses, ref, "losses")
-    h.check(probs[..., :V], tl[..., :V].softmax(-1), "probs")
     # the padded logits take no part: their gradient buffer is left as it was
     h.check(dlogits, dlogits0 + tl.grad.numpy(), "dlogits")
 

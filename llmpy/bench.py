@@ -1,0 +1,343 @@
+"""`llmpy bench cpu` and `llmpy bench sample`: llm.py beside its baselines, in the same run.
+
+bench cpu: a training step (forward, backward, AdamW) on the cpu backend, beside PyTorch eager
+(torchref's nanoGPT-style model and torch.optim.AdamW: same weights, batch and thread count), the
+NumPy reference backend, and the step's matmuls alone as NumPy sgemm calls, which bound the step
+from below. Each runs in its own subprocess, so each peak RSS is its own and every library sees
+the thread count before it starts its threads.
+bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+IMPLS = ("cpu", "torch", "numpy")
+NAMES = {"cpu": "llmpy cpu", "torch": "PyTorch eager", "numpy": "llmpy numpy"}
+PHASES = ("forward", "zero_grad", "backward", "optimizer")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def make_batch(cfg, B, T, seed=1):
+    """The benchmark's (inputs, targets), (B,T) int64 each, the same in every subprocess."""
+    r = np.random.default_rng(seed)
+    return r.integers(0, cfg.vocab_size, (B, T)), r.integers(0, cfg.vocab_size, (B, T))
+
+
+def matmul_shapes(cfg, B, T):
+    """[(what, M, N, K, count)]: every GEMM of one training step as (M,K) @ (K,N). The
+    attention's (T,T) products are left out: at T=64 they are under 1% of the FLOPs."""
+    BT, C, L = B * T, cfg.channels, cfg.num_layers
+    weights = [("qkv", 3 * C, C, L), ("attproj", C, C, L), ("fc", 4 * C, C, L),
+               ("fcproj", C, 4 * C, L), ("classifier", cfg.padded_vocab_size, C, 1)]
+    shapes = []
+    for name, OC, IC, n in weights:
+        shapes += [(f"{name} forward", BT, OC, IC, n), (f"{name} dinp", BT, IC, OC, n),
+                   (f"{name} dweight", OC, IC, BT, n)]
+    return shapes
+
+
+def step_gflop(cfg, B, T):
+    return sum(2 * M * N * K * n for _, M, N, K, n in matmul_shapes(cfg, B, T)) / 1e9
+
+
+# ----------------------------------------------------------------------------- workers
+
+def time_gemms(cfg, B, T, reps=5):
+    """The step's matmuls as NumPy sgemm calls with preallocated outputs: (wall seconds,
+    process CPU seconds) for one step's worth, from the median of reps per shape."""
+    rng = np.random.default_rng(0)
+    wall = cpu = 0.0
+    for _, M, N, K, n in matmul_shapes(cfg, B, T):
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K), dtype=np.float32).T            # (K,N), a transposed view
+        out = np.empty((M, N), np.float32)
+        times = []
+        for _ in range(reps + 1):                                        # the first warms up
+            c0, t0 = time.process_time(), time.perf_counter()
+            np.matmul(a, b, out=out)
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+        wall += n * statistics.median(t[0] for t in times[1:])
+        cpu += n * statistics.median(t[1] for t in times[1:])
+    return wall, cpu
+
+
+def timed_step(forward, *phases):
+    """One training step: forward() returns the loss, then the PHASES run in order. Returns
+    (loss, [wall seconds of each phase, forward first], process CPU seconds of the step)."""
+    c0, t = time.process_time(), [time.perf_counter()]
+    loss = forward()
+    t.append(time.perf_counter())
+    for phase in phases:
+        phase()
+        t.append(time.perf_counter())
+    return loss, [b - a for a, b in zip(t, t[1:])], time.process_time() - c0
+
+
+class OpTimer:
+    """A backend whose ops add their wall time to `seconds[op name]`; the rest passes through."""
+
+    def __init__(self, backend):
+        self.seconds, self.calls = {}, {}
+        for name in dir(backend):
+            fn = getattr(backend, name)
+            timed = callable(fn) and name.endswith(("_forward", "_backward", "_update"))
+            setattr(self, name, self._timed(name, fn) if timed else fn)
+
+    def _timed(self, name, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            fn(*args, **kwargs)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return call
+
+
+def train_llmpy(spec, backend_name, B, T, warmup, steps):
+    from .backends import get_backend
+    from .optim import AdamW
+    from .train import build_model
+    backend = get_backend(backend_name)
+    model = build_model(spec, backend)
+    opt = AdamW(model)
+    x, y = make_batch(model.config, B, T)
+
+    def step():
+        return timed_step(lambda: model.forward(x, y), model.zero_grad, model.backward,
+                          opt.update)
+
+    records = [step() for _ in range(warmup + steps)]
+    model.backend = OpTimer(backend)            # one more step, op by op, outside the timings
+    ops = {"(step)": (1, sum(step()[1]))}
+    ops.update({k: (model.backend.calls[k], s) for k, s in model.backend.seconds.items()})
+    return records, ops
+
+
+def train_torch(spec, B, T, warmup, steps, threads):
+    import torch
+    from torchref.gpt2 import from_flat
+    from .backends import get_backend
+    from .train import build_model
+    torch.set_num_threads(threads)
+    host = build_model(spec, get_backend("numpy"))
+    cfg = host.config
+    ref = from_flat(cfg, host.params.buf)
+    del host
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0)                # llmpy's AdamW defaults
+    x, y = (torch.from_numpy(a) for a in make_batch(cfg, B, T))
+    loss = [None]                                   # the forward's loss tensor, for backward
+
+    def forward():
+        loss[0] = ref(x, y)[1]
+        return loss[0].item()
+
+    def step():
+        return timed_step(forward, opt.zero_grad, lambda: loss[0].backward(), opt.step)
+
+    return [step() for _ in range(warmup + steps)], {}
+
+
+def worker(job):
+    """Runs one measurement (in a subprocess) and returns its JSON-able result."""
+    if job["impl"] == "sgemm":
+        from .config import preset
+        wall, cpu = time_gemms(preset(job["model"]), job["batch"], job["seq"])
+        return {"seconds": wall, "cpu_time_s": cpu}
+    args = job["model"], job["batch"], job["seq"], job["warmup"], job["steps"]
+    if job["impl"] == "torch":
+        records, ops = train_torch(*args, job["threads"])
+    else:
+        records, ops = train_llmpy(job["model"], job["impl"], *args[1:])
+    timed = records[job["warmup"]:]
+    return {"step_s": [sum(r[1]) for r in timed], "losses": [r[0] for r in records],
+            "cpu_time_s": statistics.median(r[2] for r in timed),
+            "phases_s": {p: statistics.median(r[1][i] for r in timed)
+                         for i, p in enumerate(PHASES)},
+            "ops": ops, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_worker(job):
+    """worker(job) in a fresh interpreter whose BLAS, OpenMP and Numba get job['threads']."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS"):
+        env[var] = str(job["threads"])
+    out = subprocess.run([sys.executable, "-m", "llmpy.bench", json.dumps(job)], env=env,
+                         stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- bench cpu
+
+def bench_cpu(args):
+    from .config import PRESETS, preset
+    from .errors import LlmpyError
+    impls = [i for i in args.impls.split(",") if i]
+    if any(i not in IMPLS for i in impls):
+        raise LlmpyError(f"--impls {args.impls}: choose from {', '.join(IMPLS)}")
+    if args.model not in PRESETS:
+        raise LlmpyError(f"--model {args.model}: choose a preset: {', '.join(PRESETS)}")
+    cfg = preset(args.model)
+    if args.seq_len > cfg.max_seq_len:
+        raise LlmpyError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
+                         f"{cfg.max_seq_len}")
+    job = dict(model=args.model, batch=args.batch_size, seq=args.seq_len, warmup=args.warmup,
+               steps=args.steps, threads=args.threads or os.cpu_count())
+    load = os.getloadavg()[0]
+    results = {"config": {**job, "layers": cfg.num_layers, "channels": cfg.channels,
+                          "load_average_1min": load},
+               "matmul_gflop": step_gflop(cfg, args.batch_size, args.seq_len),
+               "sgemm": run_worker({**job, "impl": "sgemm"})}
+    results["sgemm_bound_s"] = results["sgemm"]["seconds"]
+    for impl in impls:
+        results[impl] = run_worker({**job, "impl": impl})
+        results[impl]["median_s"] = statistics.median(results[impl]["step_s"])
+    if "cpu" in results:
+        cpu = results["cpu"]["median_s"]
+        results["cpu_vs_sgemm_bound"] = cpu / results["sgemm_bound_s"]
+        for other in ("torch", "numpy"):
+            if other in results:
+                results[f"{other}_over_cpu"] = results[other]["median_s"] / cpu
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print_cpu(results, impls)
+    return results
+
+
+def print_cpu(r, impls):
+    c, gf = r["config"], r["matmul_gflop"]
+    print(f"training step: L={c['layers']} C={c['channels']} ({c['model']}), B={c['batch']} "
+          f"T={c['seq']}, fp32, AdamW, {c['threads']} threads; median of {c['steps']} steps "
+          f"after {c['warmup']} warm-up; load average {c['load_average_1min']:.2f}")
+    bound = r["sgemm_bound_s"]
+    print(f"sgemm bound: the step's {gf:.1f} GFLOP of matmuls as NumPy sgemm calls take "
+          f"{bound:.3f} s ({gf / bound:.0f} GFLOP/s; CPU time {r['sgemm']['cpu_time_s']:.2f} s)")
+    print("CPU time: the process's CPU seconds per step, all threads; on a busy machine it says "
+          "more than the wall time\n")
+    print(f"{'':16}{'step':>9}" + "".join(f"{p:>16}" for p in PHASES)
+          + f"{'GFLOP/s':>9}{'CPU time':>10}{'peak RSS':>10}{'loss 1':>9}")
+    for impl in impls:
+        x = r[impl]
+        step = x["median_s"]
+        cells = "".join(f"{x['phases_s'][p]:8.3f} s {100 * x['phases_s'][p] / step:3.0f}%"
+                        for p in PHASES)
+        print(f"{NAMES[impl]:16}{step:7.3f} s{cells}{gf / step:9.0f}{x['cpu_time_s']:8.2f} s"
+              f"{x['peak_rss_mb']:7.0f} MB{x['losses'][0]:9.4f}")
+    if "cpu" in r:
+        print()
+        for other in ("torch", "numpy"):
+            if other in r:
+                print(f"speedup of llmpy cpu over {NAMES[other]}: {r[other + '_over_cpu']:.2f}x")
+        print(f"llmpy cpu takes {r['cpu_vs_sgemm_bound']:.2f}x the sgemm bound")
+        ops = dict(r["cpu"]["ops"])
+        step = ops.pop("(step)")[1]
+        print(f"\nllmpy cpu, op by op (one more step, {step:.3f} s):\n{'op':24}{'calls':>6}"
+              f"{'time':>11}{'share':>7}")
+        for name, (calls, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
+            print(f"{name:24}{calls:6d}{s:9.3f} s{100 * s / step:6.1f}%")
+        rest = step - sum(s for _, s in ops.values())
+        print(f"{'(outside the ops)':24}{'':6}{rest:9.3f} s{100 * rest / step:6.1f}%")
+
+
+# ----------------------------------------------------------------------------- bench sample
+
+def time_weight_reads(model, reps=5):
+    """Seconds for one matrix-vector product with every weight matrix, one after the other:
+    the memory traffic that a decode step cannot avoid (median of reps)."""
+    from .sample import Decoder
+    decoder, L = Decoder(model, 1), model.config.num_layers
+    p = decoder.params
+    mats = [p.wte] + [w[l] for w in (p.qkvw, p.attprojw, p.fcw, p.fcprojw) for l in range(L)]
+    vecs = [(np.ones((1, W.shape[1]), np.float32), np.empty((1, W.shape[0]), np.float32))
+            for W in mats]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for W, (x, out) in zip(mats, vecs):
+            decoder.ops.matmul_forward(out, x, W, None)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), sum(W.nbytes for W in mats)
+
+
+def bench_sample(args):
+    from .backends import get_backend
+    from .sample import generate, generate_recompute
+    from .tokenizer import EOT
+    from .train import build_model
+    model = build_model(args.model, get_backend(args.backend))
+    n, B, T = args.tokens, args.batch_size, min(args.seq_len, model.config.max_seq_len)
+    model.forward(np.zeros((B, T), np.int64))     # llm.c's shape for the recompute, warmed up
+    list(generate(model, [EOT], 2, np.random.default_rng(0)))          # warm-up
+    times, ids = {}, {}
+    for name, gen in (("kv_cache", lambda rng: generate(model, [EOT], n, rng)),
+                      ("recompute", lambda rng: generate_recompute(model, [EOT], n, rng, T=T))):
+        t0 = time.perf_counter()
+        ids[name] = list(gen(np.random.default_rng(args.seed)))
+        times[name] = time.perf_counter() - t0
+    sweep_s, nbytes = time_weight_reads(model)
+    r = {"config": {"model": args.model, "tokens": n, "recompute_B": B, "recompute_T": T,
+                    "backend": model.backend.name, "load_average_1min": os.getloadavg()[0]},
+         "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
+         "kv_cache_tokens_per_s": n / times["kv_cache"],
+         "recompute_tokens_per_s": n / times["recompute"],
+         "speedup": times["recompute"] / times["kv_cache"],
+         "same_tokens": ids["kv_cache"] == ids["recompute"],
+         "weight_reads_s": sweep_s, "weight_gb_per_s": nbytes / sweep_s / 1e9,
+         # a decode step reads every weight once, so a token costs at least sweep_s
+         "speedup_bound": times["recompute"] / n / sweep_s}
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return r
+    c = r["config"]
+    print(f"sampling {n} tokens from {c['model']} (backend {c['backend']}), load average "
+          f"{c['load_average_1min']:.2f}")
+    print(f"KV cache:                       {r['kv_cache_s']:8.2f} s "
+          f"{r['kv_cache_tokens_per_s']:8.1f} tokens/s")
+    print(f"full recompute at B={B}, T={T}:   {r['recompute_s']:8.2f} s "
+          f"{r['recompute_tokens_per_s']:8.1f} tokens/s   (llm.c's way)")
+    print(f"KV cache is {r['speedup']:.1f}x faster; same tokens: {r['same_tokens']}")
+    print(f"a decode step reads every weight once: {nbytes / 1e6:.0f} MB, alone "
+          f"{1e3 * sweep_s:.1f} ms ({r['weight_gb_per_s']:.1f} GB/s), so no cache can beat this "
+          f"recompute by more than {r['speedup_bound']:.0f}x here "
+          f"(KV cache: {1e3 * r['kv_cache_s'] / n:.1f} ms per token)")
+    return r
+
+
+def add_parsers(bench):
+    """`bench cpu` and `bench sample`, on the `bench` subcommand's subparsers."""
+    c = bench.add_parser("cpu", help="training step: cpu backend vs PyTorch eager, the NumPy "
+                         "backend and the sgemm bound", description=__doc__.split("\n\n")[1])
+    s = bench.add_parser("sample", help="tokens/s: KV-cache sampling vs llm.c's full recompute",
+                         description="Generate with the KV cache and with a forward pass over "
+                         "the whole (B,T) window per token, as llm.c's train_gpt2.c samples.")
+    c.add_argument("--model", default="d12", help="a preset (default: d12, GPT-2 124M with "
+                   "random weights)")
+    s.add_argument("--model", default="d12", help="a preset or an llm.c .bin (default: d12)")
+    for q in (c, s):
+        q.add_argument("-b", "--batch-size", type=int, default=4, help="B (default: 4)")
+        q.add_argument("-t", "--seq-len", type=int, default=64, help="T (default: 64)")
+        q.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
+    c.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    c.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
+    c.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"what to time, of {','.join(IMPLS)} (default: all)")
+    c.set_defaults(func=bench_cpu)
+    s.add_argument("--tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    s.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
+    s.add_argument("--backend", default="auto", help="backend (default: auto)")
+    s.set_defaults(func=bench_sample)
+
+
+if __name__ == "__main__":           # a run_worker subprocess: one job in, one JSON line out
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

@@ -1,0 +1,83 @@
+"""KV-cache generation: each decode step's logits against the full forward pass over the same
+tokens, the tokens it samples against llm.c's full recompute, and `llmpy sample` end to end."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import BACKENDS
+from llmpy.checkpoint import read_model
+from llmpy.config import GPT2Config
+from llmpy.errors import LlmpyError
+from llmpy.model import GPT2, load_params
+from llmpy.sample import Decoder, generate, generate_recompute
+from test_cli import assert_one_line_error, llmpy
+from test_gpt2 import CFG, random_weights, rel_err, write_llmc_model
+
+TOL = 1e-5
+# the CPU backends: their forward runs in float32, like the decoder
+CPU_BACKENDS = [pytest.param(be, id=be.name) for be in BACKENDS if be.name in ("numpy", "cpu")]
+
+
+def model_on(backend, cfg=CFG, seed=0):
+    model = GPT2(cfg, backend)
+    load_params(model, random_weights(cfg, seed))
+    return model
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_decode_steps_match_the_full_forward(backend):
+    model = model_on(backend)
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, CFG.max_seq_len))
+    model.forward(tokens)
+    full = model.acts.logits[0, :, :CFG.vocab_size]            # (T,V)
+    decoder = Decoder(model, CFG.max_seq_len)
+    for pos, tok in enumerate(tokens[0]):
+        assert rel_err(decoder.step(tok, pos), full[pos]) <= TOL, pos
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.8, 5)])
+def test_generate_samples_what_recompute_samples(backend, temperature, top_k):
+    model = model_on(backend, seed=3)
+    prompt, n = [7, 1, 42], CFG.max_seq_len - 3
+    kw = dict(temperature=temperature, top_k=top_k)
+    cached = list(generate(model, prompt, n, np.random.default_rng(5), **kw))
+    again = list(generate_recompute(model, prompt, n, np.random.default_rng(5), **kw,
+                                    T=CFG.max_seq_len))
+    assert cached == again
+
+
+def test_generate_must_fit_the_context():
+    model = model_on(BACKENDS[0])
+    list(generate(model, [1, 2], CFG.max_seq_len - 1, np.random.default_rng(0)))   # just fits
+    with pytest.raises(LlmpyError, match="max_seq_len"):
+        list(generate(model, [1, 2], CFG.max_seq_len, np.random.default_rng(0)))
+
+
+@pytest.fixture(scope="module")
+def gpt2_vocab_model(tmp_path_factory):
+    """A small model over GPT-2's vocabulary, so that its tokens decode to text."""
+    cfg = GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=2, num_heads=2, channels=16)
+    path = tmp_path_factory.mktemp("sample") / "model.bin"
+    write_llmc_model(path, cfg, random_weights(cfg, seed=6))
+    return path
+
+
+def test_cli_streams_the_kv_cache_sample(gpt2_vocab_model):
+    from llmpy.tokenizer import Tokenizer
+    r = llmpy("sample", "--model", gpt2_vocab_model, "--prompt", "The king", "--tokens", 12,
+              "--temperature", 0.9, "--top-k", 50, "--seed", 11)
+    assert r.returncode == 0, r.stderr
+    cfg, params = read_model(gpt2_vocab_model)
+    model = GPT2(cfg, BACKENDS[0])
+    load_params(model, params)
+    tok = Tokenizer()
+    ids = generate(model, tok.encode("The king"), 12, np.random.default_rng(11), 0.9, 50)
+    assert r.stdout == "The king" + tok.decode(list(ids)) + "\n"
+
+
+def test_cli_sample_too_long(gpt2_vocab_model):
+    r = llmpy("sample", "--model", gpt2_vocab_model, "--prompt", "The king", "--tokens", 40)
+    assert_one_line_error(r, "max_seq_len 32")
