@@ -7,6 +7,7 @@ from below. Each runs in its own subprocess, so each peak RSS is its own and eve
 the thread count before it starts its threads.
 bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute.
 """
+import importlib.util
 import json
 import os
 import resource
@@ -186,6 +187,11 @@ def bench_cpu(args):
         raise LlmpyError(f"--impls {args.impls}: choose from {', '.join(IMPLS)}")
     if args.model not in PRESETS:
         raise LlmpyError(f"--model {args.model}: choose a preset: {', '.join(PRESETS)}")
+    if args.steps < 1:
+        raise LlmpyError(f"--steps {args.steps}: time at least one step")
+    if "torch" in impls and importlib.util.find_spec("torch") is None:
+        raise LlmpyError("the PyTorch baseline needs torch (pip install torch==2.13.0), or "
+                         "leave it out: --impls cpu,numpy")
     cfg = preset(args.model)
     if args.seq_len > cfg.max_seq_len:
         raise LlmpyError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "

@@ -74,6 +74,17 @@ def test_adamw_steps_match_numpy():
         assert np.abs(a - b).max() <= lr / 20, name
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_row_matmul_matches_numpy(with_bias):
+    """One position (sampling) takes a matrix-vector kernel instead of BLAS."""
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1, 1, 37), (53, 37), (53,)))
+    outs = [np.zeros((1, 1, 53), np.float32) for _ in range(2)]
+    for be, out in zip((cpu, ref), outs):
+        be.matmul_forward(out, x, w, b if with_bias else None)
+    assert rel_err(*outs) <= TOL
+
+
 def test_auto_is_cpu_and_falls_back_to_numpy(monkeypatch):
     assert get_backend("auto") is cpu
     # without numba the cpu backend cannot import, so it is unavailable and auto means numpy

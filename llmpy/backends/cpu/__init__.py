@@ -13,17 +13,19 @@
 Without numba or scipy the import fails and the backend is simply unavailable.
 
 Threads: Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores, a hundred
-times a step, and by default each pool spins for a while after its work, on the core the other
-pool needs next (measured: a GEMM right after a threaded kernel took twice as long, and a step
-1.3x as long). So unless the user set them, importing this module asks both to sleep at once:
-OMP_WAIT_POLICY=PASSIVE for Numba's OpenMP and OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles) for
-OpenBLAS. The libraries read them when they load, so this has to happen before the imports
-below; if scipy's BLAS was loaded earlier, the timeout keeps its default and only speed differs.
+times a step, and by default each pool spins for a long while after its work, on the core the
+other pool needs next (measured: a GEMM right after a threaded kernel took twice as long, and a
+step 1.3x as long). So unless the user set them, importing this module shortens both spins:
+GOMP_SPINCOUNT=20000 (libgomp's default is 300000; not 0, because threads that sleep at once
+make a sampling step, with its many short kernels, 1.3x slower) and OPENBLAS_THREAD_TIMEOUT=4
+(2^4 cycles). The libraries read them when they load, so this has to happen before the imports
+below; if scipy's BLAS was loaded earlier, its timeout keeps its default and only speed differs.
 """
 import math
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
