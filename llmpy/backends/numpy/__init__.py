@@ -77,7 +77,8 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
 
 def matmul_forward(out, inp, weight, bias):
     # out: (B,T,OC), inp: (B,T,C), weight: (OC,C), bias: (OC,) or None
-    np.matmul(inp, weight.T, out=out)
+    OC, C = weight.shape
+    np.matmul(inp.reshape(-1, C), weight.T, out=out.reshape(-1, OC))   # 2-D: one BLAS call
     if bias is not None:
         out += bias
 
@@ -140,7 +141,7 @@ def attention_backward(dinp, dpreatt, datt, dout, inp, att):
 
 def gelu_forward(out, inp):
     # out: (N,), inp: (N,), any matching shapes; tanh approximation, as GPT-2
-    np.tanh(GELU_SCALE * (inp + 0.044715 * inp ** 3), out=out)
+    np.tanh(GELU_SCALE * (inp + 0.044715 * inp * inp * inp), out=out)
     out += 1.0
     out *= inp
     out *= 0.5
@@ -148,7 +149,7 @@ def gelu_forward(out, inp):
 
 def gelu_backward(dinp, inp, dout):
     # dinp, inp, dout: matching shapes
-    u = GELU_SCALE * (inp + 0.044715 * inp ** 3)
+    u = GELU_SCALE * (inp + 0.044715 * inp * inp * inp)
     th = np.tanh(u)
     du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * inp * inp)
     dinp += dout * (0.5 * (1.0 + th) + 0.5 * inp * (1.0 - th * th) * du)
@@ -200,9 +201,18 @@ def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay)
     # torch.optim.AdamW (decoupled decay first), so the two agree to the last bits.
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    tmp = np.empty_like(params)             # (N,) one scratch array instead of a temporary per op
     params *= 1.0 - lr * weight_decay
-    m += (1.0 - beta1) * (grads - m)                            # torch's lerp_
+    np.subtract(grads, m, out=tmp)
+    tmp *= 1.0 - beta1
+    m += tmp                                                    # torch's lerp_
     v *= beta2
-    v += (1.0 - beta2) * grads * grads
-    denom = np.sqrt(v) / bc2_sqrt + eps
-    params -= (lr / bc1) * (m / denom)
+    np.multiply(grads, 1.0 - beta2, out=tmp)
+    tmp *= grads
+    v += tmp                                                    # torch's addcmul_
+    np.sqrt(v, out=tmp)
+    tmp /= bc2_sqrt
+    tmp += eps                                                  # denom
+    np.divide(m, tmp, out=tmp)
+    tmp *= lr / bc1
+    params -= tmp
