@@ -45,6 +45,19 @@ def batch(cfg, B, T, seed=1):
     return r.integers(0, cfg.vocab_size, (B, T)), r.integers(0, cfg.vocab_size, (B, T))
 
 
+def forward_backward_both(cfg, backend, flat, x, y):
+    """One forward and backward of llmpy and of the PyTorch reference, from the same weights."""
+    model = GPT2(cfg, backend)
+    load_params(model, flat)
+    loss = model.forward(x, y)
+    model.zero_grad()
+    model.backward()
+    ref = from_flat(cfg, flat)
+    logits, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+    ref_loss.backward()
+    return model, loss, ref, logits, ref_loss
+
+
 @pytest.fixture(params=BACKENDS, ids=lambda be: be.name)
 def backend(request):
     return request.param
@@ -53,15 +66,7 @@ def backend(request):
 def test_forward_backward_matches_torch(backend):
     flat = random_weights(CFG)
     x, y = batch(CFG, 3, 11)
-    model = GPT2(CFG, backend)
-    load_params(model, flat)
-    loss = model.forward(x, y)
-    model.zero_grad()
-    model.backward()
-
-    ref = from_flat(CFG, flat)
-    logits, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
-    ref_loss.backward()
+    model, loss, ref, logits, ref_loss = forward_backward_both(CFG, backend, flat, x, y)
     V = CFG.vocab_size
     host = backend.to_host
     assert rel_err(host(model.acts.logits)[..., :V], logits.detach().numpy()) <= TOL
@@ -161,11 +166,6 @@ def test_gpt2_124m_matches_torch():
     init_weights(model, 0)
     flat = model.backend.to_host(model.params.buf).copy()
     x, y = batch(cfg, 4, 64)
-    loss = model.forward(x, y)
-    model.zero_grad()
-    model.backward()
-    ref = from_flat(cfg, flat)
-    _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
-    ref_loss.backward()
+    model, loss, ref, _, ref_loss = forward_backward_both(cfg, model.backend, flat, x, y)
     assert abs(loss - ref_loss.item()) <= TOL * ref_loss.item()
     assert rel_err(model.backend.to_host(model.grads.buf), ref.flat(grads=True)) <= 1e-4
