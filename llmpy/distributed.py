@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import resume
-from .errors import LlmpyError
+from .errors import LlmpyError, first_line
 from .optim import global_norm
 
 # The parameters that are not per layer; the backward pass finishes their gradients last.
@@ -239,10 +239,6 @@ class Dist:
             opt.master = zeros(s.stop - s.start, np.float32)
             opt.master[:] = full.master[s]
         return manifest
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def init(cfg):

@@ -66,13 +66,16 @@ def atomic_write(path, arrays):
     except OSError as e:
         raise LlmpyError(f"{path}: cannot write: {e.strerror}") from None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())   # mkstemp makes 0600; the usual mode
             for a in arrays:
                 f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:                      # disk full, path is a directory, ...
+        os.unlink(tmp)
+        raise LlmpyError(f"{path}: cannot write: {e.strerror}") from None
     except BaseException:
         os.unlink(tmp)
         raise

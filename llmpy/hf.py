@@ -13,7 +13,7 @@ import numpy as np
 
 from .checkpoint import BF16, FP32, read_model, write_model
 from .config import GPT2Config
-from .errors import LlmpyError
+from .errors import LlmpyError, first_line
 from .files import atomic_write, ensure_dir
 from .model import FlatTensors, param_shapes
 
@@ -172,7 +172,7 @@ def download(name):
         hf_hub_download(name, "model.safetensors")
     except Exception as e:   # network, missing repo, missing file: all the user's to fix
         raise LlmpyError(f"{name}: not a local directory, and the hub download failed: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {first_line(e)}") from None
     return os.path.dirname(config)
 
 

@@ -95,8 +95,8 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
     for leftover in os.listdir(run_dir):      # a crashed write, or a crashed delete
         path = os.path.join(run_dir, leftover)
-        if leftover.startswith("ckpt_") and os.path.isdir(path) and \
-                not os.path.exists(os.path.join(path, "manifest.json")):
+        if leftover.startswith("ckpt_") and os.path.isdir(path) and (
+                not CKPT.match(leftover) or not os.path.exists(os.path.join(path, "manifest.json"))):
             shutil.rmtree(path)
     os.makedirs(tmp)
     write_model(os.path.join(tmp, "model.bin"), model.config, params)
@@ -151,7 +151,11 @@ def load_latest(run_dir, model, opt):
     for fname, buf in (("adamw_m.bin", opt.m), ("adamw_v.bin", opt.v)):
         buf[:] = be.to_device(np.fromfile(os.path.join(path, fname), dtype="<f4"))
     if "adamw_master.bin" in manifest["files"]:
-        opt.master = be.to_device(np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4"))
+        master = np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4")
+        if hasattr(be, "master_weights"):
+            opt.master = be.to_device(master)
+        else:                   # a float32 backend: the master copy is the precise weights
+            load_params(model, master)
     opt.step = manifest["adamw_step"]
     print(f"resuming from {path} (step {manifest['step']})")
     return manifest

@@ -19,6 +19,7 @@ from .checkpoint import read_model, write_model
 from .config import EMBEDDED_DEFAULT, PRESETS, preset
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
+from .files import ensure_dir
 from .evals import hellaswag, read_evalfile
 from .model import GPT2, init_weights, load_params
 from .optim import DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_, get_lr
@@ -51,6 +52,15 @@ def apply_embedded_default(cfg, explicit):
 
 
 def check_flags(cfg):
+    for flag in ("batch_size", "seq_len", "val_batches"):
+        if getattr(cfg, flag) < 1:
+            raise LlmpyError(f"--{flag.replace('_', '-')} must be at least 1")
+    if cfg.total_batch_size < 0:
+        raise LlmpyError("--total-batch-size must be >= 0")
+    if cfg.save:                        # fail now, not after the whole run
+        ensure_dir(os.path.dirname(os.path.abspath(cfg.save)))
+        if os.path.isdir(cfg.save):
+            raise LlmpyError(f"{cfg.save}: --save names a directory, not a file")
     if cfg.lr_schedule not in SCHEDULES:
         raise LlmpyError(f"unknown --lr-schedule {cfg.lr_schedule!r} (choose from "
                          f"{', '.join(SCHEDULES)})")

@@ -101,3 +101,10 @@ def test_nan_loss_stops(files):
     assert_one_line_error(train(files, "--save", files / "out.bin", model="nan.bin"),
                           "step 1", "nan")
     assert not (files / "out.bin").exists()
+
+
+def test_bad_flags_fail_before_training(files):
+    assert_one_line_error(train(files, "-b", 0), "--batch-size must be at least 1")
+    assert_one_line_error(train(files, "--save", files), str(files), "names a directory")
+    (files / "afile").write_text("")
+    assert_one_line_error(train(files, "--save", files / "afile" / "out.bin"), "afile")

@@ -1,7 +1,5 @@
 """KV-cache generation: each decode step's logits against the full forward pass over the same
 tokens, the tokens it samples against llm.c's full recompute, and `llmpy sample` end to end."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest

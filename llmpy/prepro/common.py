@@ -72,17 +72,12 @@ def download(url, path):
 
 def fetch(url, out, filename):
     """out/filename, downloaded from url unless it is already there (as llm.c's scripts do)."""
-    path = os.path.join(output_dir(out), filename)
+    path = os.path.join(ensure_dir(out), filename)
     if os.path.exists(path):
         print(f"{path} already exists, skipping the download")
     else:
         download(url, path)
     return path
-
-
-def output_dir(path):
-    """Create the output directory, and fail now, not after tokenizing, if it is not writable."""
-    return ensure_dir(path)
 
 
 @functools.lru_cache(maxsize=None)

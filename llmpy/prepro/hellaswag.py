@@ -5,7 +5,8 @@ import os
 
 from ..errors import LlmpyError
 from ..evals import write_evalfile
-from .common import download, output_dir, progress, read_text, tokenizer
+from ..files import ensure_dir
+from .common import download, progress, read_text, tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("val", "train")   # the test split has no labels
@@ -21,7 +22,7 @@ def prepro(input=None, out="hellaswag", split="val"):
     """Write OUT/hellaswag_{split}.bin from a jsonl file (default: download the split)."""
     if split not in SPLITS:
         raise LlmpyError(f"unknown HellaSwag split {split!r} (choose from {', '.join(SPLITS)})")
-    output_dir(out)
+    ensure_dir(out)
     if not input:
         input = os.path.join(out, f"hellaswag_{split}.jsonl")
         if os.path.exists(input):

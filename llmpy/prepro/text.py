@@ -7,7 +7,8 @@ import os
 import re
 
 from ..errors import LlmpyError
-from .common import encode_documents, output_dir, read_text, write_token_files
+from ..files import ensure_dir
+from .common import encode_documents, read_text, write_token_files
 
 
 def read_documents(path):
@@ -57,7 +58,7 @@ def prepro(files, out, val_fraction=0.1, shard_tokens=10 ** 8, name=None, worker
         raise LlmpyError(f"--shard-tokens {shard_tokens}: must be positive")
     name = name or os.path.splitext(os.path.basename(files[0]))[0]
     documents = [d for f in files for d in read_documents(f)]
-    output_dir(out)
+    ensure_dir(out)
     tokens = encode_documents(documents, workers)
     n_val = int(val_fraction * tokens.size)
     if val_fraction > 0 and n_val == 0:

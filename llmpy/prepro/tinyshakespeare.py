@@ -2,7 +2,8 @@
 import os
 
 from ..errors import LlmpyError
-from .common import encode_documents, fetch, output_dir, read_text, write_token_files
+from ..files import ensure_dir
+from .common import encode_documents, fetch, read_text, write_token_files
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768
@@ -31,4 +32,4 @@ def prepro(input=None, out="tinyshakespeare", workers=None):
     """Tokenize a text file, or without one download llm.c's tinyshakespeare into out first."""
     input = input or fetch(URL, out, "tiny_shakespeare.txt")
     text = read_text(input)
-    return write_split(text, output_dir(out), workers=workers, source=input)
+    return write_split(text, ensure_dir(out), workers=workers, source=input)

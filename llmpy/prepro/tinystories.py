@@ -13,8 +13,8 @@ import tarfile
 import numpy as np
 
 from ..errors import LlmpyError
-from ..files import file_size
-from .common import (encode_pieces, fetch, output_dir, parallel_map, read_text,
+from ..files import ensure_dir, file_size
+from .common import (encode_pieces, fetch, parallel_map, read_text,
                      write_token_files)
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -70,7 +70,7 @@ def prepro(input=None, out="tinystories", workers=None):
     input = input or fetch(URL, out, "TinyStories_all_data.tar.gz")
     if not os.path.isdir(input) and file_size(input) == 0:
         raise LlmpyError(f"{input}: empty file")
-    shards = find_shards(input, output_dir(out))
+    shards = find_shards(input, ensure_dir(out))
     files = []
     for split, paths in (("val", shards[:1]), ("train", shards[1:])):
         arrays = parallel_map(encode_shard, list(enumerate(paths)), workers,

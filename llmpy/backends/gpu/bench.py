@@ -16,7 +16,6 @@ kernel must do: half of the full T*T).
 """
 import gc
 import json
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ from ...data import DataLoader, bundled_data
 from ...errors import LlmpyError
 from ...model import GPT2, init_weights, load_params
 from ...optim import DECAYED, AdamW, AdamWConfig, clip_, global_norm
+from ...resume import git_commit
 
 PEAK_FLOPS = 989e12          # H100 SXM dense bf16 tensor-core peak
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
@@ -186,14 +186,6 @@ def attention(B, T, NH, hs):
 
 # ----------------------------------------------------------------------------- report
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def summary(r):
     t, a = r["training"], r["attention"]
     lines = [f"{r['device']} | {r['date']} | commit {r['commit']} | torch {r['torch']} | "
@@ -229,7 +221,7 @@ def bench_gpu(model="gpt2", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, wa
         raise LlmpyError("bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     cfg = preset(model, max_seq_len=seq_len)
     r = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-         "commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
+         "commit": (git_commit() or "unknown")[:7], "torch": torch.__version__, "triton": triton.__version__,
          "model": model}
     r["training"] = training(cfg, batch_sizes, seq_len, steps, warmup)
     r["attention"] = attention(r["training"]["B"], seq_len, cfg.num_heads,
