@@ -73,25 +73,22 @@ class DataLoader:
 
     def __init__(self, pattern, B, T, vocab_size=None, shuffle=False, seed=0, rank=0, world=1):
         self.files = expand_files(pattern)
-        self.B, self.T, self.vocab_size = B, T, vocab_size
+        self.B, self.T = B, T
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
         self._tokens = {}
-        self.windows = [self._num_windows(i) for i in range(len(self.files))]
+        # every shard is opened once here, which also checks its token ids against the vocab
+        sizes = [read_tokens(f, vocab_size).size for f in self.files]
+        self.windows = [max(0, (n - 1) // (B * T * world)) for n in sizes]
         if not any(self.windows):
-            n = sum(self._shard(i).size for i in range(len(self.files)))
-            raise LlmpyError(f"{pattern}: {n} tokens are too few for one batch of "
+            raise LlmpyError(f"{pattern}: {sum(sizes)} tokens are too few for one batch of "
                              f"B*T+1 = {B * T + 1} tokens" + (f" per each of {world} ranks"
                                                                if world > 1 else ""))
         self.reset()
 
     def _shard(self, i):
-        if i not in self._tokens:
-            self._tokens = {i: read_tokens(self.files[i], self.vocab_size)}  # one shard open
+        if i not in self._tokens:                      # one shard open at a time
+            self._tokens = {i: read_tokens(self.files[i])}   # ids were checked in __init__
         return self._tokens[i]
-
-    def _num_windows(self, i):
-        n = self._shard(i).size
-        return max(0, (n - 1) // (self.B * self.T * self.world))
 
     def _order(self):
         """(shard order, window order within the current shard) for this epoch."""
