@@ -177,11 +177,12 @@ class Dist:
                     w.wait()
         g.buf[self.shard(len(g.buf))] *= 1.0 / self.world
 
-    def grad_norm(self, grads):
-        """The global L2 norm of the averaged gradients (of every shard, with ZeRO-1)."""
+    def grad_norm(self, model):
+        """The global L2 norm of the model's averaged gradients (of every shard, with ZeRO-1)."""
+        grads, be = model.grads.buf, model.backend
         if not self.zero or self.td is None:
-            return global_norm(grads)
-        return self.sum(global_norm(grads[self.shard(len(grads))]) ** 2,
+            return global_norm(grads, be)
+        return self.sum(be.sum_squares(grads[self.shard(len(grads))]),
                         "gradient norm all-reduce") ** 0.5
 
     def sync_params(self, params):

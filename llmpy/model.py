@@ -147,25 +147,28 @@ class GPT2:
             np.ascontiguousarray(targets, dtype=np.int64))
 
         be.encoder_forward(a.encoded, self.inputs, p.wte, p.wpe)
+        ln_out, ln_mean, ln_rstd, ln_w, ln_b = self._layernorm_after(0)
+        be.layernorm_forward(ln_out, ln_mean, ln_rstd, a.encoded, ln_w, ln_b)
         for l in range(L):
             residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
-            be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual,
-                                 p.ln1w[l], p.ln1b[l])
+            # ln1[l] was made from `residual` by the op before: layer l-1's residual add
             be.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
             if self.fused:
                 be.attention_forward(a.atty[l], a.att_lse[l], a.qkv[l])
             else:
                 be.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l])
             be.matmul_forward(a.attproj[l], a.atty[l], p.attprojw[l], p.attprojb[l])
-            be.residual_forward(a.residual2[l], residual, a.attproj[l])
-            be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l],
-                                 p.ln2w[l], p.ln2b[l])
+            # residual2 = residual + attproj, and ln2 of it, in one pass
+            be.residual_layernorm_forward(a.residual2[l], a.ln2[l], a.ln2_mean[l],
+                                          a.ln2_rstd[l], residual, a.attproj[l], p.ln2w[l],
+                                          p.ln2b[l])
             be.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
             be.gelu_forward(a.fch_gelu[l], a.fch[l])
             be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
-            be.residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
-        last = a.residual3[L - 1] if L else a.encoded
-        be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, last, p.lnfw, p.lnfb)
+            # residual3 = residual2 + fcproj, and the next layer's ln1 of it (lnf after the last)
+            ln_out, ln_mean, ln_rstd, ln_w, ln_b = self._layernorm_after(l + 1)
+            be.residual_layernorm_forward(a.residual3[l], ln_out, ln_mean, ln_rstd,
+                                          a.residual2[l], a.fcproj[l], ln_w, ln_b)
         be.matmul_forward(a.logits, a.lnf, p.wte, None)          # tied classifier weights
         if self.targets is None:
             self.mean_loss = None
@@ -176,6 +179,14 @@ class GPT2:
             be.crossentropy_forward(a.losses, a.probs, a.logits, self.targets, V)
         self.mean_loss = float(a.losses.mean())
         return self.mean_loss
+
+    def _layernorm_after(self, l):
+        """(out, mean, rstd, weight, bias) of the layernorm that reads layer l's input: layer l's
+        ln1, or lnf for l = L (after the last layer)."""
+        a, p = self.acts, self.params
+        if l == self.config.num_layers:
+            return a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
+        return a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], p.ln1w[l], p.ln1b[l]
 
     def zero_grad(self):
         self.grads.buf[:] = 0

@@ -58,8 +58,9 @@ class AdamW:
         self.step = 0                        # updates done, for the bias corrections
         self.ranges = decay_ranges(model.params, self.config.weight_decay, decayed, self.shard)
 
-    def update(self, lr=None):
-        """One AdamW step with the gradients in model.grads; lr overrides the config's."""
+    def update(self, lr=None, grad_scale=1.0):
+        """One AdamW step with the gradients in model.grads times grad_scale (clip_scale); lr
+        overrides the config's."""
         c = self.config
         self.step += 1
         lr = c.lr if lr is None else lr
@@ -68,7 +69,8 @@ class AdamW:
         if self.master is None and hasattr(be, "master_weights"):
             self.master = be.master_weights(p)  # made here: after any load into the params
         for s, wd in self.ranges:
-            args = (p[s], g[s], self.m[s], self.v[s], self.step, lr, c.beta1, c.beta2, c.eps, wd)
+            args = (p[s], g[s], self.m[s], self.v[s], self.step, lr, c.beta1, c.beta2, c.eps, wd,
+                    grad_scale)
             if self.master is None:
                 be.adamw_update(*args)
             else:   # update the master weights, and round them into the params
@@ -98,15 +100,15 @@ def get_lr(step, lr, schedule="cosine", warmup=0, total=1, final_frac=1.0):
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def global_norm(buf):
+def global_norm(buf, backend):
     """L2 norm of a flat float buffer (all gradients at once), as a Python float."""
-    return math.sqrt(float(buf @ buf))
+    return math.sqrt(backend.sum_squares(buf))
 
 
-def clip_(buf, norm, max_norm):
-    """Scale buf in place so its norm is at most max_norm (0: off), as llm.c's grad_scale."""
-    if max_norm > 0 and norm > max_norm:
-        buf *= max_norm / norm
+def clip_scale(norm, max_norm):
+    """What to multiply the gradients by so that their norm is at most max_norm (0: off), as
+    llm.c's grad_scale; AdamW.update applies it as it reads them."""
+    return max_norm / norm if max_norm > 0 and norm > max_norm else 1.0
 
 
 class OutlierDetector:

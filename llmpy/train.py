@@ -22,7 +22,8 @@ from .errors import LlmpyError
 from .files import ensure_dir
 from .evals import hellaswag, read_evalfile
 from .model import GPT2, init_weights, load_params
-from .optim import DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_, get_lr
+from .optim import (DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_scale,
+                    get_lr)
 from .sample import generate
 from .tokenizer import Tokenizer
 
@@ -240,11 +241,10 @@ def train(cfg, explicit=()):
             lr = get_lr(step - 1, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.steps,
                         cfg.final_lr_frac)
             loss = dist.mean(forward_backward(model, train_loader, accum, dist))
-            norm = dist.grad_norm(model.grads.buf)
+            norm = dist.grad_norm(model)
             reason = guard(step, loss, norm, model, run, cfg)
             if reason is None:
-                clip_(model.grads.buf, norm, cfg.grad_clip)
-                opt.update(lr)
+                opt.update(lr, clip_scale(norm, cfg.grad_clip))
                 dist.sync_params(model.params.buf)
             dist.check_params(model.params.buf, step)
             ms = (time.perf_counter() - t0) * 1e3

@@ -112,6 +112,23 @@ def test_layernorm(case):
     case.check(db, db64, "layernorm dbias")
 
 
+def test_residual_layernorm(case):
+    B, T, C = 2, 9, 37
+    x, x64 = case.randn(B, T, C, scale=3.0)
+    y, y64 = case.randn(B, T, C)
+    w, w64 = case.randn(C)
+    b, b64 = case.randn(C)
+    res, out = case.zeros(B, T, C), case.zeros(B, T, C)
+    mean, rstd = case.zeros(B, T, dtype=torch.float32), case.zeros(B, T, dtype=torch.float32)
+    res64, want, mean64, rstd64 = (np.zeros((B, T, C)), np.zeros((B, T, C)), np.zeros((B, T)),
+                                   np.zeros((B, T)))
+    gpu.residual_layernorm_forward(res, out, mean, rstd, x, y, w, b)
+    ref.residual_layernorm_forward(res64, want, mean64, rstd64, x64, y64, w64, b64)
+    case.check(res, res64, "residual+layernorm residual")
+    case.check(out, want, "residual+layernorm out")
+    case.check(rstd, rstd64, "residual+layernorm rstd")
+
+
 def test_matmul(case):
     B, T, C, OC = 2, 9, 24, 40
     x, x64 = case.randn(B, T, C)
@@ -186,6 +203,13 @@ def test_fused_classifier(case):
     case.check(dlogits, dlogits64, "classifier dlogits")
 
 
+def test_sum_squares(case):
+    # float32 accumulation: 100003 ones would stop at 256 in bf16 (2048 in fp16)
+    assert gpu.sum_squares(case.zeros(100003) + 1) == 100003
+    x, x64 = case.randn(5000)
+    assert abs(gpu.sum_squares(x) / (x64 @ x64) - 1) <= TOL[torch.float32]
+
+
 def test_adamw_master_weights(case):
     n, kw = 3001, dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
     p, p64 = case.randn(n)
@@ -195,13 +219,14 @@ def test_adamw_master_weights(case):
     m64, v64 = np.zeros(n), np.zeros(n)
     for step in range(1, 4):
         g, g64 = case.randn(n)
-        gpu.adamw_update(p, g, m, v, step, **kw, master=master)
-        ref.adamw_update(p64, g64, m64, v64, step, **kw)
+        gpu.adamw_update(p, g, m, v, step, **kw, grad_scale=0.5, master=master)
+        ref.adamw_update(p64, g64, m64, v64, step, **kw, grad_scale=0.5)
     if master is not None:                           # float32 arithmetic on the master weights
         err = np.abs(master.double().cpu().numpy() - p64).max() / np.abs(p64).max()
         assert err <= TOL[torch.float32], err
         assert torch.equal(p, master.to(p.dtype)), "params are the master weights, rounded"
     case.check(p, p64, "adamw params")
+    case.check(m, m64, "adamw m")                   # shows grad_scale, which p hardly does
 
 
 # ----------------------------------------------------------------------------- whole model

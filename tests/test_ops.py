@@ -150,6 +150,20 @@ def test_residual(h):
     h.check(db, db0 + dout, "dinp2")
 
 
+def test_residual_layernorm(h):
+    # forward only: its backward is layernorm_backward into the residual stream's gradient
+    a, b, w, bias = h.randn(B, T, C) * 3, h.randn(B, T, C) + 1, h.randn(C), h.randn(C)
+    s = torch.tensor(a + b)
+    var, mu = torch.var_mean(s, dim=-1, unbiased=False)
+    res, out, mean, rstd = h.empty(B, T, C), h.empty(B, T, C), h.empty(B, T), h.empty(B, T)
+    h.be.residual_layernorm_forward(res, out, mean, rstd, h.dev(a), h.dev(b), h.dev(w),
+                                    h.dev(bias))
+    h.check(res, s, "residual")
+    h.check(out, F.layer_norm(s, (C,), torch.tensor(w), torch.tensor(bias), eps=1e-5), "out")
+    h.check(mean, mu, "mean")
+    h.check(rstd, 1 / torch.sqrt(var + 1e-5), "rstd")
+
+
 def test_crossentropy(h):
     logits, targets = h.randn(B, T, Vp) * 3, h.rng.integers(0, V, (B, T))
     dlosses, dlogits0 = h.randn(B, T), h.randn(B, T, Vp)
@@ -173,7 +187,8 @@ def test_crossentropy(h):
     h.check(dlogits, dlogits0 + tl.grad.numpy(), "dlogits")
 
 
-def test_adamw(h):
+@pytest.mark.parametrize("grad_scale", [1.0, 0.37])    # 0.37: clipping, fused into the update
+def test_adamw(h, grad_scale):
     n, kw = 37, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     p0 = h.randn(n)
     tp = leaf(p0)
@@ -181,8 +196,18 @@ def test_adamw(h):
     p, g, m, v = h.dev(p0), h.empty(n), h.empty(n), h.empty(n)
     for step in range(1, 4):
         grad = h.randn(n)
-        tp.grad = torch.tensor(grad)
+        tp.grad = torch.tensor(grad) * grad_scale
         opt.step()
         g = h.dev(grad)
-        h.be.adamw_update(p, g, m, v, step, kw["lr"], *kw["betas"], kw["eps"], kw["weight_decay"])
+        h.be.adamw_update(p, g, m, v, step, kw["lr"], *kw["betas"], kw["eps"], kw["weight_decay"],
+                          grad_scale)
         h.check(p, tp, f"params after step {step}")
+        # Adam's step hardly depends on a constant gradient scale: the moments show it
+        h.check(m, opt.state[tp]["exp_avg"], f"m after step {step}")
+        h.check(v, opt.state[tp]["exp_avg_sq"], f"v after step {step}")
+        h.check(g, grad, "grads (left unscaled)")
+
+
+def test_sum_squares(h):
+    x = h.randn(1001)
+    assert abs(h.be.sum_squares(h.dev(x)) / (x @ x) - 1) <= TOL[h.dtype]

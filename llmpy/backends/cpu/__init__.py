@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 from scipy.linalg.blas import sgemm  # noqa: E402
 
-from ..numpy import to_device, to_host, zeros  # noqa: E402,F401  (host memory, as the reference)
+from ..numpy import sum_squares, to_device, to_host, zeros  # noqa: E402,F401  (as the reference)
 
 name = "cpu"
 test_dtypes = (np.float32,)
@@ -82,23 +82,29 @@ def encoder_backward(dwte, dwpe, dout, inp):
 # ----------------------------------------------------------------------------- layernorm
 
 @kernel
+def _layernorm_row(out, mean, rstd, i, x, weight, bias, eps):
+    # row i: out[i]: (C,) the layernorm of x: (C,), and its mean[i], rstd[i]
+    C = x.shape[0]
+    s = 0.0
+    for c in range(C):
+        s += x[c]
+    m = s / C
+    var = 0.0
+    for c in range(C):
+        d = x[c] - m
+        var += d * d
+    mean[i] = m
+    rstd[i] = 1.0 / math.sqrt(var / C + eps)                   # biased variance, as torch
+    m32, r32 = mean[i], rstd[i]
+    for c in range(C):
+        out[i, c] = (x[c] - m32) * r32 * weight[c] + bias[c]
+
+
+@kernel
 def _layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     # out: (N,C), mean: (N,), rstd: (N,), inp: (N,C), weight: (C,), bias: (C,)
-    N, C = inp.shape
-    for i in range(N):
-        s = 0.0
-        for c in range(C):
-            s += inp[i, c]
-        m = s / C
-        var = 0.0
-        for c in range(C):
-            d = inp[i, c] - m
-            var += d * d
-        mean[i] = m
-        rstd[i] = 1.0 / math.sqrt(var / C + eps)               # biased variance, as torch
-        m32, r32 = mean[i], rstd[i]
-        for c in range(C):
-            out[i, c] = (inp[i, c] - m32) * r32 * weight[c] + bias[c]
+    for i in range(inp.shape[0]):
+        _layernorm_row(out, mean, rstd, i, inp[i], weight, bias, eps)
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
@@ -106,6 +112,26 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
     C = inp.shape[-1]
     _layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1),
                        inp.reshape(-1, C), weight, bias, eps)
+
+
+@kernel
+def _residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias, eps):
+    # residual, out, inp1, inp2: (N,C), mean, rstd: (N,), weight, bias: (C,)
+    N, C = inp1.shape
+    for i in range(N):
+        for c in range(C):
+            residual[i, c] = inp1[i, c] + inp2[i, c]
+        _layernorm_row(out, mean, rstd, i, residual[i], weight, bias, eps)
+
+
+def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,
+                               eps=1e-5):
+    # residual: (B,T,C) = inp1 + inp2; out: (B,T,C), mean, rstd: (B,T) its layernorm with
+    # weight, bias: (C,). One pass over the rows: each is normalised while still in cache.
+    C = inp1.shape[-1]
+    _residual_layernorm_forward(residual.reshape(-1, C), out.reshape(-1, C), mean.reshape(-1),
+                                rstd.reshape(-1), inp1.reshape(-1, C), inp2.reshape(-1, C),
+                                weight, bias, eps)
 
 
 @kernel
@@ -383,19 +409,21 @@ def crossentropy_backward(dlogits, dlosses, probs, targets, V):
 
 @threaded
 def _adamw(params, grads, m, v, lr_step, one_m_beta1, beta2, one_m_beta2, eps, decay,
-           bc2_sqrt):
+           bc2_sqrt, grad_scale):
     # params, grads, m, v: (N,) float32; scalars float32. One pass over memory, in
     # torch.optim.AdamW's order of operations (decoupled decay first).
     for i in prange(params.size):
-        g = grads[i]
+        g = grads[i] * grad_scale
         mi = m[i] + one_m_beta1 * (g - m[i])                    # torch's lerp_
         vi = v[i] * beta2 + one_m_beta2 * g * g
         m[i], v[i] = mi, vi
         params[i] = params[i] * decay - lr_step * (mi / (math.sqrt(vi) / bc2_sqrt + eps))
 
 
-def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
-    # params, grads, m, v: (N,) float32; step: 1-based
+def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay,
+                 grad_scale=1.0):
+    # params, grads, m, v: (N,) float32; step: 1-based; grad_scale: see the reference
     f = np.float32
     _adamw(params, grads, m, v, f(lr / (1.0 - beta1 ** step)), f(1.0 - beta1), f(beta2),
-           f(1.0 - beta2), f(eps), f(1.0 - lr * weight_decay), f(math.sqrt(1.0 - beta2 ** step)))
+           f(1.0 - beta2), f(eps), f(1.0 - lr * weight_decay), f(math.sqrt(1.0 - beta2 ** step)),
+           f(grad_scale))

@@ -35,12 +35,13 @@ if not torch.cuda.is_available():
     from .interpreter import fix_loop_bounds
     fix_loop_bounds()
 
-from .adamw import adamw_update, master_weights  # noqa: E402,F401
+from .adamw import adamw_update, master_weights, sum_squares  # noqa: E402,F401
 from .attention import attention_backward, attention_forward  # noqa: E402,F401
 from .classifier import crossentropy_backward, crossentropy_forward  # noqa: E402,F401
 from .encoder import encoder_backward, encoder_forward  # noqa: E402,F401
 from .gelu import gelu_backward, gelu_forward  # noqa: E402,F401
-from .layernorm import layernorm_backward, layernorm_forward  # noqa: E402,F401
+from .layernorm import (layernorm_backward, layernorm_forward,  # noqa: E402,F401
+                        residual_layernorm_forward)
 from .matmul import matmul_backward, matmul_forward  # noqa: E402,F401
 
 name = "gpu"

@@ -32,7 +32,7 @@ from ...config import GPT2Config, preset
 from ...data import DataLoader, bundled_data
 from ...errors import LlmpyError
 from ...model import GPT2, init_weights, load_params
-from ...optim import DECAYED, AdamW, AdamWConfig, clip_, global_norm
+from ...optim import DECAYED, AdamW, AdamWConfig, clip_scale, global_norm
 from ...resume import git_commit
 
 PEAK_FLOPS = 989e12          # H100 SXM dense bf16 tensor-core peak
@@ -72,8 +72,7 @@ def ours(cfg, flat, data, warmup):
         loss = model.forward(x, y)
         model.zero_grad()
         model.backward()
-        clip_(model.grads.buf, global_norm(model.grads.buf), GRAD_CLIP)
-        opt.update()
+        opt.update(grad_scale=clip_scale(global_norm(model.grads.buf, gpu), GRAD_CLIP))
         return loss
 
     return timed(step, data, warmup)

@@ -1,5 +1,5 @@
-"""LayerNorm forward and backward: each program normalises a block of ROWS rows of C, with the
-statistics in float32.
+"""LayerNorm forward (alone, or fused with the residual add before it) and backward: each program
+normalises a block of ROWS rows of C, with the statistics in float32.
 
 The weight and bias gradients are sums over all B*T rows. Each program of the backward sums its
 share of rows into its own float32 partial, and the partials are added up afterwards in a fixed
@@ -14,13 +14,20 @@ from .matmul import add_column_sums
 
 
 @triton.jit
-def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, N, C, eps,
-                              ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2, N, C, eps,
+                              RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # RESIDUAL: normalise inp + inp2 and store that sum in residual, as it is rounded there: the
+    # backward reads it back from residual
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < N) & (cols[None, :] < C)
     o = rows[:, None] * C + cols[None, :]                       # (ROWS,BLOCK_C); B*T*C < 2**31
     x = tl.load(inp + o, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        x += tl.load(inp2 + o, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(residual.dtype.element_ty)
+        tl.store(residual + o, x, mask=mask)
+        x = x.to(tl.float32)
     mu = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mu[:, None], 0.0)
     rs = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)      # biased variance, as torch
@@ -70,8 +77,20 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
     # out: (B,T,C), mean: (B,T), rstd: (B,T), inp: (B,T,C), weight: (C,), bias: (C,)
     C = inp.shape[-1]
     N = inp.numel() // C
-    _layernorm_forward_kernel[(triton.cdiv(N, ROWS),)](out, mean, rstd, inp, weight, bias, N, C,
-                                                       eps, **_launch(C))
+    _layernorm_forward_kernel[(triton.cdiv(N, ROWS),)](out, mean, rstd, inp, weight, bias, inp,
+                                                       inp, N, C, eps, RESIDUAL=False,
+                                                       **_launch(C))
+
+
+def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,
+                               eps=1e-5):
+    # residual: (B,T,C) = inp1 + inp2; out: (B,T,C), mean, rstd: (B,T) its layernorm with
+    # weight, bias: (C,). One kernel: the sum is normalised without a trip through memory.
+    C = inp1.shape[-1]
+    N = inp1.numel() // C
+    _layernorm_forward_kernel[(triton.cdiv(N, ROWS),)](out, mean, rstd, inp1, weight, bias,
+                                                       residual, inp2, N, C, eps,
+                                                       RESIDUAL=True, **_launch(C))
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):

@@ -168,6 +168,17 @@ def residual_backward(dinp1, dinp2, dout):
     dinp2 += dout
 
 
+def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,
+                               eps=1e-5):
+    # residual: (B,T,C) = inp1 + inp2, then out: (B,T,C), mean, rstd: (B,T) its layernorm with
+    # weight, bias: (C,). Every layernorm after the first reads a residual add's output, so a
+    # fused kernel reads the stream once instead of twice (llm.c's fused_residual_forward).
+    # Its backward is layernorm_backward adding into the residual stream's gradient, which the
+    # add passes through unchanged (model.py).
+    residual_forward(residual, inp1, inp2)
+    layernorm_forward(out, mean, rstd, residual, weight, bias, eps)
+
+
 # ----------------------------------------------------------------------------- softmax + cross-entropy
 
 def crossentropy_forward(losses, probs, logits, targets, V):
@@ -196,9 +207,19 @@ def crossentropy_backward(dlogits, dlosses, probs, targets, V):
 
 # ----------------------------------------------------------------------------- adamw
 
-def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay):
+def sum_squares(x):
+    # x: (N,) -> the sum of its squares as a Python float (the global gradient norm, squared)
+    return float(x @ x)
+
+
+def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay,
+                 grad_scale=1.0):
     # params, grads, m, v: (N,) float32; step: 1-based. Same order of operations as
     # torch.optim.AdamW (decoupled decay first), so the two agree to the last bits.
+    # grad_scale: the gradients are multiplied by it first (global-norm clipping, done here as
+    # llm.c does, instead of in a pass of its own); grads itself is left as it is.
+    if grad_scale != 1.0:
+        grads = grads * grad_scale                              # (N,)
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
     tmp = np.empty_like(params)             # (N,) one scratch array instead of a temporary per op
