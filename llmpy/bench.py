@@ -84,10 +84,13 @@ def timed_step(forward, *phases):
 
 
 class OpTimer:
-    """A backend whose ops add their wall time to `seconds[op name]`; the rest passes through."""
+    """A backend whose ops add their wall time to `seconds[op name]`; the rest passes through.
+    sync (a GPU's synchronize), if given, runs before and after each op, so that an op that
+    only queues work is timed to the end of that work."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, sync=None):
         self.seconds, self.calls = {}, {}
+        self.sync = sync or (lambda: None)
         for name in dir(backend):
             fn = getattr(backend, name)
             timed = callable(fn) and name.endswith(("_forward", "_backward", "_update"))
@@ -95,8 +98,10 @@ class OpTimer:
 
     def _timed(self, name, fn):
         def call(*args, **kwargs):
+            self.sync()
             t0 = time.perf_counter()
             fn(*args, **kwargs)
+            self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.calls[name] = self.calls.get(name, 0) + 1
         return call
@@ -245,14 +250,21 @@ def print_cpu(r, impls):
             if other in r:
                 print(f"speedup of llmpy cpu over {NAMES[other]}: {r[other + '_over_cpu']:.2f}x")
         print(f"llmpy cpu takes {r['cpu_vs_sgemm_bound']:.2f}x the sgemm bound")
-        ops = dict(r["cpu"]["ops"])
-        step = ops.pop("(step)")[1]
-        print(f"\nllmpy cpu, op by op (one more step, {step:.3f} s):\n{'op':24}{'calls':>6}"
-              f"{'time':>11}{'share':>7}")
-        for name, (calls, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
-            print(f"{name:24}{calls:6d}{s:9.3f} s{100 * s / step:6.1f}%")
-        rest = step - sum(s for _, s in ops.values())
-        print(f"{'(outside the ops)':24}{'':6}{rest:9.3f} s{100 * rest / step:6.1f}%")
+        print("\n" + op_table(r["cpu"]["ops"], "llmpy cpu"))
+
+
+def op_table(ops, who):
+    """The lines of OpTimer's results, {"(step)": (1, seconds), op: (calls, seconds)}, largest
+    first, in milliseconds."""
+    ops = dict(ops)
+    step = ops.pop("(step)")[1]
+    lines = [f"{who}, op by op (one more step, {1e3 * step:.1f} ms):",
+             f"{'op':28}{'calls':>6}{'time':>12}{'share':>7}"]
+    for name, (calls, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{name:28}{calls:6d}{1e3 * s:9.2f} ms{100 * s / step:6.1f}%")
+    rest = step - sum(s for _, s in ops.values())
+    lines.append(f"{'(outside the ops)':28}{'':6}{1e3 * rest:9.2f} ms{100 * rest / step:6.1f}%")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- bench sample

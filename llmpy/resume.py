@@ -66,6 +66,22 @@ def prepare(run_dir, config, resume):
     _write_json(os.path.join(run_dir, "config.json"), config)
 
 
+def saved_flags(run_dir):
+    """The training flags config.json recorded for the run in run_dir ({} if it has none yet),
+    so that `--resume` continues with them."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            flags = json.load(f)["train"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LlmpyError(f"{path}: unreadable run configuration: {e!r}") from None
+    if not isinstance(flags, dict):
+        raise LlmpyError(f"{path}: unreadable run configuration: 'train' is not an object")
+    return flags
+
+
 def checkpoints(run_dir):
     """{step: path} of the complete checkpoints."""
     out = {}

@@ -52,6 +52,21 @@ def apply_embedded_default(cfg, explicit):
         cfg.val_data = bundled_data("shakespeare_val.bin")
 
 
+def restore_flags(cfg, explicit):
+    """--resume: every flag not given on the command line takes the value the run was started
+    with (RUN_DIR/config.json), so `llmpy train --run-dir D --resume` continues the same run.
+    Returns the flags restored, as they would be typed."""
+    saved = resume.saved_flags(cfg.run_dir)
+    names = {f.name for f in dataclasses.fields(cfg)} - set(explicit) - {"resume"}
+    restored = []
+    for k in sorted(k for k in names & set(saved) if saved[k] != getattr(cfg, k)):
+        setattr(cfg, k, saved[k])
+        flag = "--" + k.replace("_", "-")
+        restored.append(flag if saved[k] is True else f"--no-{flag[2:]}" if saved[k] is False
+                        else f"{flag} {saved[k]}")
+    return restored
+
+
 def check_flags(cfg):
     for flag in ("batch_size", "seq_len", "val_batches"):
         if getattr(cfg, flag) < 1:
@@ -186,10 +201,13 @@ def guard(step, loss, norm, model, run, cfg):
 
 
 def train(cfg, explicit=()):
+    restored = restore_flags(cfg, explicit) if cfg.resume and cfg.run_dir else []
     dist = distributed.init(cfg)          # one process, or a rank of a torchrun job
     main = dist.rank == 0                 # rank 0 alone prints, logs, evaluates and saves
     if not main:
         sys.stdout = open(os.devnull, "w")
+    if restored:
+        print(f"resume: flags from {cfg.run_dir}/config.json: {' '.join(restored)}")
     if not cfg.model and not cfg.train_data:
         apply_embedded_default(cfg, explicit)
         print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")

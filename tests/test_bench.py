@@ -2,10 +2,11 @@
 implementations they compare start from the same weights and batch, and the FLOP count is
 right. (The benchmarks' numbers are recorded in bench/RESULTS.md, never asserted.)"""
 import json
+import math
 
 import pytest
 
-from llmpy.config import preset
+from llmpy.config import GPT2Config, preset
 from test_cli import assert_one_line_error, llmpy
 
 
@@ -27,6 +28,32 @@ def test_bench_cpu_runs_all_three_on_the_same_weights():
         assert res["losses"][0] == pytest.approx(first, rel=1e-5), impl  # same start
     assert set(out["cpu"]["ops"]) >= {"matmul_forward", "matmul_backward", "adamw_update"}
     assert out["torch_over_cpu"] > 0 and out["cpu_vs_sgemm_bound"] > 0
+
+
+def test_bench_gpu_ours_and_summary():
+    """`bench gpu`'s own side, op table included, and its report, on the tiny preset (in
+    Triton's interpreter where there is no GPU); the baseline needs a GPU."""
+    bench = pytest.importorskip("llmpy.backends.gpu.bench", reason="needs torch and triton")
+    # GPT-2's vocabulary (the data's token ids), everything else small: the interpreter is slow
+    cfg, B, T = GPT2Config(max_seq_len=16, num_layers=2, num_heads=2, channels=32), 2, 16
+    data = bench.batches(cfg, B, T, 3)
+    host = bench.GPT2(cfg, bench.numpy_backend)
+    bench.init_weights(host, 0)
+    seconds, losses, extra = bench.ours(cfg, host.params.buf, data, warmup=1)
+    assert seconds > 0 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    ops = extra["ops"]
+    assert ops["attention_backward"][0] == cfg.num_layers
+    assert ops["residual_layernorm_forward"][0] == 2 * cfg.num_layers
+    side = {"ms_per_step": 1e3 * seconds, "tokens_per_s": B * T / seconds, "mfu": 0.0,
+            "peak_memory_gib": 0.0, "first_loss": losses[0], "last_loss": losses[-1]}
+    timing = {"ms": 1.0, "tflops": 1.0}
+    report = bench.summary({
+        "device": "cpu", "date": "today", "commit": "abc", "torch": "t", "triton": "t",
+        "model": "tiny", "training": {"B": B, "T": T, "ours": {**side, **extra},
+                                      "baseline": side, "speedup": 1.0},
+        "attention": {"B": B, "T": T, "NH": 4, "hs": 32, "ours_fwd": timing,
+                      "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing}})
+    assert "attention_backward" in report and "(outside the ops)" in report
 
 
 def test_bench_sample_runs():

@@ -5,6 +5,7 @@ directories give one line and exit 1."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,28 @@ def run4(files, tmp_path, capsys):
     assert cli.main(args) == 0
     capsys.readouterr()
     return run_dir, args
+
+
+def test_resume_takes_the_flags_it_is_not_given(run4, capsys, tmp_path):
+    """`--run-dir D --resume` alone continues with the run's own flags (D/config.json): the
+    same records as resuming with the whole command line again."""
+    run_dir, args = run4
+    shutil.copytree(run_dir, tmp_path / "again")
+    assert cli.main(args + ["--resume", "--steps", "6"]) == 0
+    assert cli.main(["train", "--run-dir", str(tmp_path / "again"), "--resume", "--steps",
+                     "6"]) == 0
+    out = capsys.readouterr().out
+    assert "--lr 0.003" in out and "--shuffle" in out and "--steps" not in out.split(
+        "resume: flags")[1].splitlines()[0]
+    assert [r["step"] for r in records(run_dir)] == list(range(1, 7))
+    assert records(tmp_path / "again") == records(run_dir)
+
+
+def test_unreadable_run_config(run4, capsys):
+    run_dir, args = run4
+    (run_dir / "config.json").write_text("{")
+    msg = cli_error(capsys, ["train", "--run-dir", str(run_dir), "--resume"])
+    assert str(run_dir / "config.json") in msg and "unreadable" in msg
 
 
 def test_truncated_checkpoint(run4, capsys):

@@ -7,7 +7,8 @@ tensors, and the loss read back to the host every step.
 - baseline: nanoGPT's recipe: torchref's model with F.scaled_dot_product_attention, bf16
   autocast, torch.compile, fused torch.optim.AdamW; its vocabulary padded to Vp as nanoGPT pads
   it, so both sides multiply the same classifier shapes.
-Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory. MFU counts
+Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
+also one more step op by op (each op synchronised: launch overhead included). MFU counts
 6 FLOPs per parameter per token (the embedding lookups excluded) plus 12*L*C*T for attention,
 nanoGPT's and PaLM's convention, against the H100's dense bf16 peak (on an H200 the same
 peak). B is the largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
@@ -30,6 +31,7 @@ from .. import gpu
 from .. import numpy as numpy_backend
 from ...config import GPT2Config, preset
 from ...data import DataLoader, bundled_data
+from ...bench import OpTimer, op_table
 from ...errors import LlmpyError
 from ...model import GPT2, init_weights, load_params
 from ...optim import DECAYED, AdamW, AdamWConfig, clip_scale, global_norm
@@ -51,19 +53,28 @@ def batches(cfg, B, T, n):
     return [loader.next_batch() for _ in range(n)]
 
 
+def sync():
+    """Wait for the GPU's queued work (nothing to wait for in the interpreter, where the tests
+    run ours())."""
+    if gpu.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(step, data, warmup):
     """Mean seconds per step over data after `warmup` untimed steps, and the losses."""
     losses = [step(*xy) for xy in data[:warmup]]
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     losses += [step(*xy) for xy in data[warmup:]]
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / (len(data) - warmup), losses
 
 
 # ----------------------------------------------------------------------------- the two sides
 
 def ours(cfg, flat, data, warmup):
+    """The timed steps, then one more op by op (OpTimer, synchronising around every op: a
+    table of where the time goes, outside the timings)."""
     model = GPT2(cfg, gpu)
     load_params(model, flat)
     opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
@@ -75,7 +86,15 @@ def ours(cfg, flat, data, warmup):
         opt.update(grad_scale=clip_scale(global_norm(model.grads.buf, gpu), GRAD_CLIP))
         return loss
 
-    return timed(step, data, warmup)
+    seconds, losses = timed(step, data, warmup)
+    model.backend = OpTimer(gpu, sync=sync)
+    sync()
+    t0 = time.perf_counter()
+    step(*data[-1])
+    sync()
+    ops = {"(step)": (1, time.perf_counter() - t0)}
+    ops.update({k: (model.backend.calls[k], s) for k, s in model.backend.seconds.items()})
+    return seconds, losses, {"ops": ops}
 
 
 def baseline(cfg, flat, data, warmup):
@@ -110,20 +129,20 @@ def baseline(cfg, flat, data, warmup):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return timed(step, data, warmup)
+    return (*timed(step, data, warmup), {})
 
 
 def measure(side, cfg, flat, data, warmup):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    seconds, losses = side(cfg, flat, data, warmup)
+    seconds, losses, extra = side(cfg, flat, data, warmup)
     B, T = data[0][0].shape
     tokens = B * T
     return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
             "mfu": flops_per_token(cfg, T) * tokens / seconds / PEAK_FLOPS,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "first_loss": losses[0], "last_loss": losses[-1], **extra}
 
 
 def training(cfg, batch_sizes, T, steps, warmup):
@@ -201,6 +220,7 @@ def summary(r):
                  f"fwd ours {a['ours_fwd']['tflops']:.0f} vs SDPA {a['sdpa_fwd']['tflops']:.0f}"
                  f" | fwd+bwd ours {a['ours_fwd_bwd']['tflops']:.0f} vs SDPA "
                  f"{a['sdpa_fwd_bwd']['tflops']:.0f}")
+    lines.append(op_table(t["ours"]["ops"], "ours"))
     return "\n".join(lines)
 
 
