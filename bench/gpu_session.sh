@@ -3,8 +3,8 @@
 #     run(command="bash bench/gpu_session.sh", timeout_s=600)
 # It installs nothing: the GPU image has torch and triton; the repository is used in place.
 #   1. the GPU tests: every kernel in fp32 and bf16 against the NumPy reference, the shared op
-#      and whole-model tests on the gpu backend (fp32), bf16 training against fp32, and bench
-#      gpu's own side on a tiny model;
+#      and whole-model tests on the gpu backend (fp32), bf16 training against fp32, bench gpu's
+#      own side on a tiny model, and torchrun + NCCL on the one GPU (plain DP and ZeRO-1);
 #   2. `llmpy bench gpu`: GPT-2 124M, T=1024, against PyTorch + torch.compile, and where our
 #      step's time goes, op by op.
 # Writes $OUT/device.txt, gpu_tests.log, bench_gpu.log, bench_gpu.json; prints a summary last.
@@ -22,7 +22,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 echo "=== 1. GPU tests"
 timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_ops.py \
-    tests/test_gpt2.py tests/test_bench.py -k "not cli and not bench_cpu and not bench_sample" \
+    tests/test_gpt2.py tests/test_bench.py tests/test_distributed.py::test_nccl_on_one_gpu_matches_one_process \
+    -k "not cli and not bench_cpu and not bench_sample" \
     2>&1 | tee "$OUT/gpu_tests.log" | grep -v "test_gpu:"
 tests_rc=${PIPESTATUS[0]}
 

@@ -54,6 +54,7 @@ def test_bench_gpu_ours_and_summary():
         "attention": {"B": B, "T": T, "NH": 4, "hs": 32, "ours_fwd": timing,
                       "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing}})
     assert "attention_backward" in report and "(outside the ops)" in report
+    assert "queued by the host" in report
 
 
 def test_bench_sample_runs():

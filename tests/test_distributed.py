@@ -25,6 +25,7 @@ from llmpy.model import param_shapes
 from llmpy.train import grad_accum_steps
 from test_gpt2 import random_weights, rel_err, write_llmc_model, write_llmc_tokens
 
+torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed")
 
 # An odd parameter count: ZeRO-1's last rank also owns the remainder of the split.
@@ -174,6 +175,21 @@ def test_a_dead_or_hung_rank_ends_the_job(files, sig):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmpy: error: rank 0: "), err
     assert "across 2 ranks failed" in lines[0] and f"--dist-timeout {TIMEOUT} s" in lines[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+@pytest.mark.parametrize("zero", [0, 1])
+def test_nccl_on_one_gpu_matches_one_process(files, zero):
+    """The NCCL path on the gpu backend (the README's torchrun command, with one GPU): the process
+    group, the per-layer all-reduces or ZeRO-1's reduce-scatter and all-gather on CUDA tensors
+    change nothing against the same backend without a process group."""
+    single(files, "gpu", backend="gpu")
+    out, _ = torchrun([["--standalone", "--nproc-per-node", "1"]],
+                      train_args(files, f"nccl{zero}", backend="gpu", dist=True, zero=zero,
+                                 dist_check_every=1))
+    assert "backend gpu" in out
+    assert np.abs(log(files, f"nccl{zero}") - log(files, "gpu")).max() < 1e-5
+    assert rel_err(weights(files, f"nccl{zero}"), weights(files, "gpu")) < 1e-5
 
 
 def test_total_batch_size_counts_the_ranks():

@@ -1,17 +1,18 @@
 """`llmpy bench gpu`: GPT-2 training throughput on the gpu backend beside PyTorch, in one run.
 
 Both sides start from the same weights and train on the same batches of the bundled
-Shakespeare, with the same step: forward, backward, global-norm clipping to 1.0, AdamW with weight decay on the 2-D
-tensors, and the loss read back to the host every step.
+Shakespeare, with the same step: forward, backward, global-norm clipping to 1.0, AdamW with
+weight decay on the 2-D tensors, and the loss read back to the host every step.
 - ours: llmpy's GPT2 on this backend (bf16, fp32 master weights), the step of train.py.
 - baseline: nanoGPT's recipe: torchref's model with F.scaled_dot_product_attention, bf16
   autocast, torch.compile, fused torch.optim.AdamW; its vocabulary padded to Vp as nanoGPT pads
   it, so both sides multiply the same classifier shapes.
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
-also one more step op by op (each op synchronised: launch overhead included). MFU counts
-6 FLOPs per parameter per token (the embedding lookups excluded) plus 12*L*C*T for attention,
-nanoGPT's and PaLM's convention, against the H100's dense bf16 peak (on an H200 the same
-peak). B is the largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
+also the host's time to queue a backward pass against the GPU's time to run it, and one more
+step op by op (each op synchronised: launch overhead included). MFU counts 6 FLOPs per
+parameter per token (the embedding lookups excluded) plus 12*L*C*T for attention, nanoGPT's
+and PaLM's convention, against the H100's dense bf16 peak (on an H200 the same peak). B is the
+largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
 F.scaled_dot_product_attention at GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal
 kernel must do: half of the full T*T).
 """
@@ -73,8 +74,10 @@ def timed(step, data, warmup):
 # ----------------------------------------------------------------------------- the two sides
 
 def ours(cfg, flat, data, warmup):
-    """The timed steps, then one more op by op (OpTimer, synchronising around every op: a
-    table of where the time goes, outside the timings)."""
+    """The timed steps; then, outside the timings, how long the host takes to queue a backward
+    pass against how long the GPU takes to run it (a CUDA graph would save only the first,
+    and only where it is not hidden behind the second), and one more step op by op (OpTimer,
+    synchronising around every op: where the time goes)."""
     model = GPT2(cfg, gpu)
     load_params(model, flat)
     opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
@@ -87,6 +90,15 @@ def ours(cfg, flat, data, warmup):
         return loss
 
     seconds, losses = timed(step, data, warmup)
+    model.forward(*data[-1])
+    model.zero_grad()
+    sync()
+    t0 = time.perf_counter()
+    model.backward()
+    queued = time.perf_counter()
+    sync()
+    host = {"backward_queue_ms": 1e3 * (queued - t0),
+            "backward_ms": 1e3 * (time.perf_counter() - t0)}
     model.backend = OpTimer(gpu, sync=sync)
     sync()
     t0 = time.perf_counter()
@@ -94,7 +106,7 @@ def ours(cfg, flat, data, warmup):
     sync()
     ops = {"(step)": (1, time.perf_counter() - t0)}
     ops.update({k: (model.backend.calls[k], s) for k, s in model.backend.seconds.items()})
-    return seconds, losses, {"ops": ops}
+    return seconds, losses, {"ops": ops, **host}
 
 
 def baseline(cfg, flat, data, warmup):
@@ -220,6 +232,8 @@ def summary(r):
                  f"fwd ours {a['ours_fwd']['tflops']:.0f} vs SDPA {a['sdpa_fwd']['tflops']:.0f}"
                  f" | fwd+bwd ours {a['ours_fwd_bwd']['tflops']:.0f} vs SDPA "
                  f"{a['sdpa_fwd_bwd']['tflops']:.0f}")
+    lines.append(f"ours, backward pass: queued by the host in {t['ours']['backward_queue_ms']:.1f}"
+                 f" ms, run by the GPU in {t['ours']['backward_ms']:.1f} ms")
     lines.append(op_table(t["ours"]["ops"], "ours"))
     return "\n".join(lines)
 
@@ -240,8 +254,8 @@ def bench_gpu(model="gpt2", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, wa
         raise LlmpyError("bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     cfg = preset(model, max_seq_len=seq_len)
     r = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-         "commit": (git_commit() or "unknown")[:7], "torch": torch.__version__, "triton": triton.__version__,
-         "model": model}
+         "commit": (git_commit() or "unknown")[:7], "torch": torch.__version__,
+         "triton": triton.__version__, "model": model}
     r["training"] = training(cfg, batch_sizes, seq_len, steps, warmup)
     r["attention"] = attention(r["training"]["B"], seq_len, cfg.num_heads,
                                cfg.channels // cfg.num_heads)
