@@ -52,7 +52,8 @@ def _f(default, help):
 @dataclass
 class TrainConfig:
     """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
-    model: str = _f("", "an llm.c model .bin, or a from-scratch preset: " + ", ".join(PRESETS)
+    model: str = _f("", "an llm.c model .bin, a run directory (the weights of its newest "
+                    "checkpoint), or a from-scratch preset: " + ", ".join(PRESETS)
                     + " (default: the embedded default, see README)")
     train_data: str = _f("", "token .bin file, or a quoted glob of shards")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards")

@@ -92,6 +92,15 @@ def checkpoints(run_dir):
     return out
 
 
+def newest_model(run_dir):
+    """The model file of run_dir's newest complete checkpoint."""
+    done = checkpoints(run_dir)
+    if not done:
+        raise LlmpyError(f"{run_dir}: a directory with no complete checkpoint (ckpt_*/ with "
+                         "a manifest.json) to load a model from")
+    return os.path.join(done[max(done)], "model.bin")
+
+
 def _remove(path):
     """Delete a checkpoint directory; it stops counting as complete with its manifest."""
     manifest = os.path.join(path, "manifest.json")

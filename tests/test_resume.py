@@ -185,6 +185,19 @@ def test_resume_takes_the_flags_it_is_not_given(run4, capsys, tmp_path):
     assert records(tmp_path / "again") == records(run_dir)
 
 
+def test_sample_from_a_run_directory(run4, capsys, tmp_path):
+    """--model RUN_DIR: the newest complete checkpoint's weights."""
+    run_dir, _ = run4
+    args = ["sample", "--tokens", "6", "--seed", "3", "--backend", "numpy", "--model"]
+    assert cli.main(args + [str(run_dir / "ckpt_00000004" / "model.bin")]) == 0
+    want = capsys.readouterr().out
+    assert cli.main(args + [str(run_dir)]) == 0
+    assert capsys.readouterr().out == want
+    (tmp_path / "empty").mkdir()
+    msg = cli_error(capsys, args + [str(tmp_path / "empty")])
+    assert str(tmp_path / "empty") in msg and "no complete checkpoint" in msg
+
+
 def test_unreadable_run_config(run4, capsys):
     run_dir, args = run4
     (run_dir / "config.json").write_text("{")
