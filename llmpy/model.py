@@ -25,10 +25,12 @@ def param_shapes(cfg):
     ]
 
 
-def activation_shapes(cfg, B, T, fused=False):
+def activation_shapes(cfg, B, T, fused=False, recompute_gelu=False):
     """Everything the forward pass writes and the backward pass reads, as llm.c lays it out.
     fused: the backend has flash attention and a fused classifier (llm.c's CUDA layout): they
-    save one logsumexp per row instead of the (T,T) attention matrices and the probabilities."""
+    save one logsumexp per row instead of the (T,T) attention matrices and the probabilities.
+    recompute_gelu: one layer's GELU output, which every layer overwrites in the forward pass
+    and the backward pass recomputes from fch (llm.c's -r 1)."""
     C, NH, L, Vp = cfg.channels, cfg.num_heads, cfg.num_layers, cfg.padded_vocab_size
     att = ([("att_lse", (L, B, NH, T))] if fused else
            [("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T))])
@@ -38,7 +40,7 @@ def activation_shapes(cfg, B, T, fused=False):
         ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)), *att,
         ("attproj", (L, B, T, C)), ("residual2", (L, B, T, C)),
         ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
-        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
+        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (1 if recompute_gelu else L, B, T, 4 * C)),
         ("fcproj", (L, B, T, C)), ("residual3", (L, B, T, C)),
         ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
         ("logits", (B, T, Vp)), ("logits_lse", (B, T)) if fused else ("probs", (B, T, Vp)),
@@ -100,10 +102,13 @@ class FlatTensors:
 
 
 class GPT2:
-    def __init__(self, config, backend):
+    def __init__(self, config, backend, recompute_gelu=False):
         self.config = config
         self.backend = backend
         self.fused = getattr(backend, "fused", False)          # see activation_shapes
+        # keep one layer's GELU output instead of L, at the cost of a GELU per layer in the
+        # backward pass: 4*C of the 18*C values a layer saves per position
+        self.recompute_gelu = recompute_gelu
         self.params = FlatTensors(param_shapes(config), backend.zeros)
         self.grads = FlatTensors(param_shapes(config), backend.zeros)
         self.B = self.T = 0
@@ -116,7 +121,7 @@ class GPT2:
 
     def _ensure_activations(self, B, T):
         if (B, T) != (self.B, self.T):
-            shapes = activation_shapes(self.config, B, T, self.fused)
+            shapes = activation_shapes(self.config, B, T, self.fused, self.recompute_gelu)
             self.acts = FlatTensors(shapes, self.backend.zeros, STATS)
             self.grad_acts = self.grad_layer = None             # made on the first backward
             self.B, self.T = B, T
@@ -163,8 +168,9 @@ class GPT2:
                                           a.ln2_rstd[l], residual, a.attproj[l], p.ln2w[l],
                                           p.ln2b[l])
             be.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
-            be.gelu_forward(a.fch_gelu[l], a.fch[l])
-            be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
+            fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
+            be.gelu_forward(fch_gelu, a.fch[l])
+            be.matmul_forward(a.fcproj[l], fch_gelu, p.fcprojw[l], p.fcprojb[l])
             # residual3 = residual2 + fcproj, and the next layer's ln1 of it (lnf after the last)
             ln_out, ln_mean, ln_rstd, ln_w, ln_b = self._layernorm_after(l + 1)
             be.residual_layernorm_forward(a.residual3[l], ln_out, ln_mean, ln_rstd,
@@ -220,8 +226,11 @@ class GPT2:
             residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
             dl.buf[:] = 0
             # d.residual holds d(residual3[l]) = d(fcproj[l])
+            fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
+            if self.recompute_gelu:                                   # the forward's, again
+                be.gelu_forward(fch_gelu, a.fch[l])
             be.matmul_backward(dl.fch_gelu, g.fcprojw[l], g.fcprojb[l], d.residual,
-                               a.fch_gelu[l], p.fcprojw[l])
+                               fch_gelu, p.fcprojw[l])
             be.gelu_backward(dl.fch, a.fch[l], dl.fch_gelu)
             be.matmul_backward(dl.ln2, g.fcw[l], g.fcb[l], dl.fch, a.ln2[l], p.fcw[l])
             be.layernorm_backward(d.residual, g.ln2w[l], g.ln2b[l], dl.ln2, a.residual2[l],

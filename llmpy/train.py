@@ -30,17 +30,17 @@ from .tokenizer import Tokenizer
 MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
 
 
-def build_model(spec, backend, seed=0, max_seq_len=1024):
+def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
     """A model from an llm.c .bin path, a run directory (its newest checkpoint), or from scratch
     from a preset name."""
     if os.path.isdir(spec):
         spec = resume.newest_model(spec)
     if spec in PRESETS:
-        model = GPT2(preset(spec, max_seq_len=max_seq_len), backend)
+        model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
         init_weights(model, seed)
         return model
     cfg, params = read_model(spec)
-    model = GPT2(cfg, backend)
+    model = GPT2(cfg, backend, recompute_gelu)
     load_params(model, params)
     return model
 
@@ -219,14 +219,16 @@ def train(cfg, explicit=()):
     check_flags(cfg)
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
-    model = build_model(cfg.model or "tiny", backend, seed=cfg.seed)
+    recompute = backend.name == "gpu" if cfg.recompute_gelu is None else cfg.recompute_gelu
+    model = build_model(cfg.model or "tiny", backend, seed=cfg.seed, recompute_gelu=recompute)
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len
     if T > mc.max_seq_len:
         raise LlmpyError(f"--seq-len {T} exceeds the model's max_seq_len {mc.max_seq_len}")
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
-          f"parameters | backend {backend.name} | B={B} T={T} grad accum {accum}"
+          f"parameters | backend {backend.name}{' (GELU recomputed)' if recompute else ''} | "
+          f"B={B} T={T} grad accum {accum}"
           + (f" | {dist.world} ranks" + (", ZeRO-1" if dist.zero else "") if dist.world > 1
              else ""))
     train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed,

@@ -81,6 +81,26 @@ def test_forward_backward_matches_torch(backend):
     assert not np.asarray(host(model.grads.wte))[V:].any(), "padded rows get no gradient"
 
 
+def test_recompute_gelu_changes_nothing_but_memory(backend):
+    """llm.c's -r 1: one layer's GELU output, recomputed in the backward pass, gives the same
+    loss and gradients, bit for bit, with (L-1)*B*T*4C fewer activations."""
+    flat = random_weights(CFG)
+    B, T = 3, 11
+    x, y = batch(CFG, B, T)
+    models = GPT2(CFG, backend), GPT2(CFG, backend, recompute_gelu=True)
+    losses = []
+    for model in models:
+        load_params(model, flat)
+        losses.append(model.forward(x, y))
+        model.zero_grad()
+        model.backward()
+    assert losses[0] == losses[1]
+    plain, again = (np.asarray(backend.to_host(m.grads.buf)) for m in models)
+    assert np.array_equal(plain, again)
+    L, C = CFG.num_layers, CFG.channels
+    assert len(models[0].acts) - len(models[1].acts) == (L - 1) * B * T * 4 * C
+
+
 def test_adamw_steps_match_torch(backend):
     flat = random_weights(CFG, seed=2)
     x, y = batch(CFG, 4, 16, seed=3)

@@ -78,7 +78,7 @@ def ours(cfg, flat, data, warmup):
     pass against how long the GPU takes to run it (a CUDA graph would save only the first,
     and only where it is not hidden behind the second), and one more step op by op (OpTimer,
     synchronising around every op: where the time goes)."""
-    model = GPT2(cfg, gpu)
+    model = GPT2(cfg, gpu, recompute_gelu=True)           # train.py's default on a GPU
     load_params(model, flat)
     opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
 
