@@ -33,13 +33,11 @@ MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a r
 def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
     """A model from an llm.c .bin path, a run directory (its newest checkpoint), or from scratch
     from a preset name."""
-    if os.path.isdir(spec):
-        spec = resume.newest_model(spec)
     if spec in PRESETS:
         model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
         init_weights(model, seed)
         return model
-    cfg, params = read_model(spec)
+    cfg, params = read_model(resume.newest_model(spec) if os.path.isdir(spec) else spec)
     model = GPT2(cfg, backend, recompute_gelu)
     load_params(model, params)
     return model
