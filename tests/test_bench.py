@@ -31,7 +31,7 @@ def test_bench_cpu_runs_all_three_on_the_same_weights():
 
 
 def test_bench_gpu_ours_and_summary():
-    """`bench gpu`'s own side, op table included, and its report, on the tiny preset (in
+    """`bench gpu`'s own side, op table included, and its report, on a small model (in
     Triton's interpreter where there is no GPU); the baseline needs a GPU."""
     bench = pytest.importorskip("llmpy.backends.gpu.bench", reason="needs torch and triton")
     # GPT-2's vocabulary (the data's token ids), everything else small: the interpreter is slow
@@ -47,14 +47,20 @@ def test_bench_gpu_ours_and_summary():
     side = {"ms_per_step": 1e3 * seconds, "tokens_per_s": B * T / seconds, "mfu": 0.0,
             "peak_memory_gib": 0.0, "first_loss": losses[0], "last_loss": losses[-1]}
     timing = {"ms": 1.0, "tflops": 1.0}
-    report = bench.summary({
+    r = {
         "device": "cpu", "date": "today", "commit": "abc", "torch": "t", "triton": "t",
         "model": "tiny", "training": {"B": B, "T": T, "ours": {**side, **extra},
                                       "baseline": side, "speedup": 1.0},
         "attention": {"B": B, "T": T, "NH": 4, "hs": 32, "ours_fwd": timing,
-                      "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing}})
+                      "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing}}
+    report = bench.summary(r)
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report
+    # a side that failed on the GPU is reported, and the rest of the report still printed
+    assert bench.survive(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+    failed = bench.summary({**r, "training": {**r["training"], "baseline": {"error": "E: x"}},
+                            "attention": {**r["attention"], "sdpa_fwd": {"error": "E: y"}}})
+    assert "baseline   failed: E: x" in failed and "vs SDPA failed" in failed
 
 
 def test_bench_sample_runs():

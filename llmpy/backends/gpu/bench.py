@@ -20,6 +20,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from .. import numpy as numpy_backend
 from ...config import GPT2Config, preset
 from ...data import DataLoader, bundled_data
 from ...bench import OpTimer, op_table
-from ...errors import LlmpyError
+from ...errors import LlmpyError, first_line
 from ...model import GPT2, init_weights, load_params
 from ...optim import DECAYED, AdamW, AdamWConfig, clip_scale, global_norm
 from ...resume import git_commit
@@ -157,6 +158,19 @@ def measure(side, cfg, flat, data, warmup):
             "first_loss": losses[0], "last_loss": losses[-1], **extra}
 
 
+def survive(fn, *args):
+    """fn(*args), or {"error": ...} (with the traceback on stderr) when it fails other than by
+    running out of memory: one side, or the baseline's toolchain, breaking on a GPU must not lose
+    the other side's numbers from a device session that may not come again."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:                                      # noqa: BLE001 (reported)
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {first_line(e)}"}
+
+
 def training(cfg, batch_sizes, T, steps, warmup):
     """Both sides from the same initial weights at the largest B that both fit."""
     host = GPT2(cfg, numpy_backend)
@@ -164,13 +178,16 @@ def training(cfg, batch_sizes, T, steps, warmup):
     for B in sorted(batch_sizes, reverse=True):
         data = batches(cfg, B, T, warmup + steps)
         try:
-            result = {"B": B, "T": T, "ours": measure(ours, cfg, host.params.buf, data, warmup),
-                      "baseline": measure(baseline, cfg, host.params.buf, data, warmup)}
+            result = {"B": B, "T": T}
+            for name, side in (("ours", ours), ("baseline", baseline)):
+                result[name] = survive(measure, side, cfg, host.params.buf, data, warmup)
         except torch.cuda.OutOfMemoryError:
             print(f"bench gpu: B={B}: out of memory, trying a smaller batch", file=sys.stderr,
                   flush=True)
             continue
-        result["speedup"] = result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
+        if "error" not in result["ours"] and "error" not in result["baseline"]:
+            result["speedup"] = (result["ours"]["tokens_per_s"]
+                                 / result["baseline"]["tokens_per_s"])
         return result
     raise LlmpyError(f"bench gpu: no batch size in {batch_sizes} fits in GPU memory")
 
@@ -209,9 +226,13 @@ def attention(B, T, NH, hs):
     for name, fn, flops in (("ours_fwd", ours_fwd, fwd_flops), ("sdpa_fwd", sdpa_fwd, fwd_flops),
                             ("ours_fwd_bwd", ours_fwd_bwd, 3.5 * fwd_flops),
                             ("sdpa_fwd_bwd", sdpa_fwd_bwd, 3.5 * fwd_flops)):
-        ms = do_bench(fn, return_mode="median")
-        result[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        result[name] = survive(timing, fn, flops)
     return result
+
+
+def timing(fn, flops):
+    ms = do_bench(fn, return_mode="median")
+    return {"ms": ms, "tflops": flops / ms / 1e9}
 
 
 # ----------------------------------------------------------------------------- report
@@ -224,17 +245,22 @@ def summary(r):
              f"{'loss first->last':>18s}"]
     for side in ("ours", "baseline"):
         s = t[side]
-        lines.append(f"{side:10s} {s['ms_per_step']:9.1f} {s['tokens_per_s']:10.0f} "
+        lines.append(f"{side:10s} failed: {s['error']}" if "error" in s else
+                     f"{side:10s} {s['ms_per_step']:9.1f} {s['tokens_per_s']:10.0f} "
                      f"{s['mfu']:6.1%} {s['peak_memory_gib']:9.2f} "
                      f"{s['first_loss']:8.4f}->{s['last_loss']:.4f}")
-    lines.append(f"speedup (tokens/s, ours / torch.compile baseline): {t['speedup']:.3f}x")
+    if "speedup" in t:
+        lines.append(f"speedup (tokens/s, ours / torch.compile baseline): {t['speedup']:.3f}x")
+    tflops = {k: (f"{a[k]['tflops']:.0f}" if "tflops" in a[k] else "failed")
+              for k in ("ours_fwd", "sdpa_fwd", "ours_fwd_bwd", "sdpa_fwd_bwd")}
     lines.append(f"attention B={a['B']} T={a['T']} NH={a['NH']} hs={a['hs']}, causal TFLOP/s: "
-                 f"fwd ours {a['ours_fwd']['tflops']:.0f} vs SDPA {a['sdpa_fwd']['tflops']:.0f}"
-                 f" | fwd+bwd ours {a['ours_fwd_bwd']['tflops']:.0f} vs SDPA "
-                 f"{a['sdpa_fwd_bwd']['tflops']:.0f}")
-    lines.append(f"ours, backward pass: queued by the host in {t['ours']['backward_queue_ms']:.1f}"
-                 f" ms, run by the GPU in {t['ours']['backward_ms']:.1f} ms")
-    lines.append(op_table(t["ours"]["ops"], "ours"))
+                 f"fwd ours {tflops['ours_fwd']} vs SDPA {tflops['sdpa_fwd']} | fwd+bwd ours "
+                 f"{tflops['ours_fwd_bwd']} vs SDPA {tflops['sdpa_fwd_bwd']}")
+    if "error" not in t["ours"]:
+        lines.append(f"ours, backward pass: queued by the host in "
+                     f"{t['ours']['backward_queue_ms']:.1f} ms, run by the GPU in "
+                     f"{t['ours']['backward_ms']:.1f} ms")
+        lines.append(op_table(t["ours"]["ops"], "ours"))
     return "\n".join(lines)
 
 
