@@ -34,10 +34,14 @@ def _tune_long_only(configs, named_args, **kwargs):
     return configs if named_args["T"] >= 512 else configs[-1:]
 
 
+# Candidates around FlashAttention-2's Triton settings for head size 64 (deeper pipelines suit
+# Hopper); the first use at each (T, head size) times them all (a few seconds of compiling).
 _FWD = _configs([(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=64), 4, 3),
-                 (dict(BLOCK_M=128, BLOCK_N=128), 8, 3), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
+                 (dict(BLOCK_M=128, BLOCK_N=64), 4, 4), (dict(BLOCK_M=128, BLOCK_N=128), 8, 3),
+                 (dict(BLOCK_M=64, BLOCK_N=64), 4, 4), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
                 dict(BLOCK_M=16, BLOCK_N=16))
-_BWD = _configs([(dict(BLOCK=128, STEP=32), 4, 3), (dict(BLOCK=64, STEP=32), 4, 3),
+_BWD = _configs([(dict(BLOCK=128, STEP=32), 4, 3), (dict(BLOCK=128, STEP=32), 4, 5),
+                 (dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
                  (dict(BLOCK=128, STEP=64), 8, 2), (dict(BLOCK=64, STEP=64), 4, 2)],
                 dict(BLOCK=16, STEP=16))
 _TUNE = dict(key=["T", "HS_PAD"], prune_configs_by={"early_config_prune": _tune_long_only})
