@@ -93,9 +93,10 @@ class TrainConfig:
     backend: str = _f("auto", "compute backend: numpy, cpu, gpu, or auto (cpu when numba and "
                       "scipy are installed, else numpy)")
     recompute_gelu: bool = _f(None, "keep one layer's GELU output instead of every layer's, and "
-                              "recompute it in the backward pass (llm.c's -r 1): 2/9 less "
-                              "activation memory for one more GELU per layer (default: on with "
-                              "--backend gpu, as llm.c's CUDA trainer; off on the CPU)")
+                              "recompute it in the backward pass (llm.c's -r 1): 4C fewer of "
+                              "the 18C values a layer keeps per position, for one more GELU "
+                              "per layer (default: on with --backend gpu, as llm.c's CUDA "
+                              "trainer; off on the CPU)")
     log_jsonl: str = _f("", "write one JSON object per step to this file")
     save: str = _f("", "write the final model to this llm.c .bin")
     run_dir: str = _f("", "run directory: log.jsonl, config.json and checkpoints")

@@ -227,7 +227,7 @@ class GPT2:
             dl.buf[:] = 0
             # d.residual holds d(residual3[l]) = d(fcproj[l])
             fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
-            if self.recompute_gelu:                                   # the forward's, again
+            if self.recompute_gelu and l < L - 1:    # the last layer's is still there
                 be.gelu_forward(fch_gelu, a.fch[l])
             be.matmul_backward(dl.fch_gelu, g.fcprojw[l], g.fcprojb[l], d.residual,
                                fch_gelu, p.fcprojw[l])

@@ -92,13 +92,27 @@ def checkpoints(run_dir):
     return out
 
 
-def newest_model(run_dir):
-    """The model file of run_dir's newest complete checkpoint."""
+def newest_checkpoint(run_dir):
+    """The path of run_dir's newest complete checkpoint, or None."""
     done = checkpoints(run_dir)
-    if not done:
+    return done[max(done)] if done else None
+
+
+def newest_weights(run_dir):
+    """(GPT2Config, (num_params,) float32) of run_dir's newest complete checkpoint: its float32
+    master weights where a bf16 run saved them (its model.bin holds them rounded to bf16)."""
+    path = newest_checkpoint(run_dir)
+    if path is None:
         raise LlmpyError(f"{run_dir}: a directory with no complete checkpoint (ckpt_*/ with "
                          "a manifest.json) to load a model from")
-    return os.path.join(done[max(done)], "model.bin")
+    cfg, params = read_model(os.path.join(path, "model.bin"))
+    master = os.path.join(path, "adamw_master.bin")
+    if os.path.exists(master):
+        if file_size(master) != 4 * params.size:
+            raise LlmpyError(f"{master}: {file_size(master)} bytes, expected {4 * params.size} "
+                             "(float32 master weights of the model beside it)")
+        params = np.fromfile(master, "<f4")
+    return cfg, params
 
 
 def _remove(path):
@@ -147,10 +161,9 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
 def load_latest(run_dir, model, opt):
     """Load the newest complete checkpoint into model and opt. Returns its manifest (with the
     step, the DataLoader position and the RNG state), or None when there is none yet."""
-    done = checkpoints(run_dir)
-    if not done:
+    path = newest_checkpoint(run_dir)
+    if path is None:
         return None
-    path = done[max(done)]
     try:
         with open(os.path.join(path, "manifest.json")) as f:
             manifest = json.load(f)

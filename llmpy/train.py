@@ -37,7 +37,7 @@ def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
         model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
         init_weights(model, seed)
         return model
-    cfg, params = read_model(resume.newest_model(spec) if os.path.isdir(spec) else spec)
+    cfg, params = resume.newest_weights(spec) if os.path.isdir(spec) else read_model(spec)
     model = GPT2(cfg, backend, recompute_gelu)
     load_params(model, params)
     return model
@@ -58,14 +58,28 @@ def restore_flags(cfg, explicit):
     with (RUN_DIR/config.json), so `llmpy train --run-dir D --resume` continues the same run.
     Returns the flags restored, as they would be typed."""
     saved = resume.saved_flags(cfg.run_dir)
-    names = {f.name for f in dataclasses.fields(cfg)} - set(explicit) - {"resume"}
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
     restored = []
-    for k in sorted(k for k in names & set(saved) if saved[k] != getattr(cfg, k)):
+    for k in sorted(set(types) & set(saved) - set(explicit) - {"resume"}):
+        if saved[k] == getattr(cfg, k):
+            continue
+        if not valid_value(saved[k], types[k]):
+            raise LlmpyError(f"{cfg.run_dir}/config.json: {k}: expected "
+                             f"{types[k].__name__}, got {saved[k]!r}")
         setattr(cfg, k, saved[k])
         flag = "--" + k.replace("_", "-")
         restored.append(flag if saved[k] is True else f"--no-{flag[2:]}" if saved[k] is False
                         else f"{flag} {saved[k]}")
     return restored
+
+
+def valid_value(value, typ):
+    """Whether a value read from JSON can stand for a TrainConfig field of type typ."""
+    if value is None:
+        return typ is bool                  # recompute_gelu's "the backend decides"
+    if typ is float:
+        return type(value) in (int, float)
+    return type(value) is typ
 
 
 def check_flags(cfg):
@@ -201,7 +215,12 @@ def guard(step, loss, norm, model, run, cfg):
     return reason
 
 
-def train(cfg, explicit=()):
+def train(cfg, explicit=None):
+    """explicit: the fields given on the command line (cli.py); for a config built in Python,
+    the fields that differ from TrainConfig's defaults. The embedded default and --resume fill
+    in the others."""
+    if explicit is None:
+        explicit = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
     restored = restore_flags(cfg, explicit) if cfg.resume and cfg.run_dir else []
     dist = distributed.init(cfg)          # one process, or a rank of a torchrun job
     main = dist.rank == 0                 # rank 0 alone prints, logs, evaluates and saves
@@ -217,7 +236,9 @@ def train(cfg, explicit=()):
     check_flags(cfg)
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
-    recompute = backend.name == "gpu" if cfg.recompute_gelu is None else cfg.recompute_gelu
+    if cfg.recompute_gelu is None:        # config.json then records what ran
+        cfg.recompute_gelu = backend.name == "gpu"
+    recompute = cfg.recompute_gelu
     model = build_model(cfg.model or "tiny", backend, seed=cfg.seed, recompute_gelu=recompute)
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len

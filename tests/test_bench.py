@@ -57,10 +57,16 @@ def test_bench_gpu_ours_and_summary():
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report
     # a side that failed on the GPU is reported, and the rest of the report still printed
-    assert bench.survive(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero"}
+    assert bench.survive(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero",
+                                            "oom": False}
+    assert bench.survive(torch_oom)["oom"]
     failed = bench.summary({**r, "training": {**r["training"], "baseline": {"error": "E: x"}},
                             "attention": {**r["attention"], "sdpa_fwd": {"error": "E: y"}}})
     assert "baseline   failed: E: x" in failed and "vs SDPA failed" in failed
+
+
+def torch_oom():
+    raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
 
 
 def test_bench_sample_runs():

@@ -48,6 +48,7 @@ def train_args(d, name, b=B, steps=STEPS, **flags):
     args = ["--model", str(d / "model.bin"), "--train-data", str(d / "train.bin"),
             "--backend", "numpy", "-b", str(b), "-t", str(T), "--steps", str(steps),
             "--total-batch-size", str(4 * B * T), "--lr", "1e-3", "--weight-decay", "0.1",
+            "--grad-clip", "0.5",               # below the norms (0.75-0.94): every step clips
             "--val-every", "0", "--sample-every", "0",
             "--log-jsonl", str(d / f"{name}.jsonl"), "--save", str(d / f"{name}.bin")]
     for k, v in flags.items():
@@ -114,6 +115,7 @@ def test_two_ranks_match_one_process(files, dp):
         assert np.abs(log(files, "dp", "grad_norm") - log(files, ref, "grad_norm")).max() < 1e-5
         assert rel_err(weights(files, "dp"), weights(files, ref)) < 1e-5, ref
     assert len(log(files, "dp")) == STEPS
+    assert (log(files, "dp", "grad_norm") > 0.5).all(), "every step must clip (--grad-clip 0.5)"
     # rank 0 alone prints: one line per step, not one per rank
     assert sum(line.startswith("step ") for line in dp.splitlines()) == STEPS, dp
     assert "2 ranks" in dp

@@ -126,6 +126,7 @@ def test_residual_layernorm(case):
     ref.residual_layernorm_forward(res64, want, mean64, rstd64, x64, y64, w64, b64)
     case.check(res, res64, "residual+layernorm residual")
     case.check(out, want, "residual+layernorm out")
+    case.check(mean, mean64, "residual+layernorm mean")
     case.check(rstd, rstd64, "residual+layernorm rstd")
 
 

@@ -17,10 +17,13 @@ import pytest
 import llmpy.train
 from conftest import BACKENDS
 from llmpy import cli
-from llmpy.checkpoint import num_params, write_model
+from llmpy.backends import get_backend
+from llmpy.checkpoint import num_params, read_model, write_model
 from llmpy.config import GPT2Config, TrainConfig
 from llmpy.data import write_tokens
+from llmpy.optim import get_lr
 from llmpy.resume import SLEEP_ENV
+from llmpy.train import build_model
 
 # the GPT-2 vocab, so that samples can start at <|endoftext|>
 CFG = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=8)
@@ -198,11 +201,44 @@ def test_sample_from_a_run_directory(run4, capsys, tmp_path):
     assert str(tmp_path / "empty") in msg and "no complete checkpoint" in msg
 
 
+def test_model_from_a_run_directory_takes_the_master_weights(run4, capsys):
+    """A bf16 run's checkpoint holds its float32 master weights beside the rounded model.bin:
+    --model RUN_DIR starts from those, as --resume does."""
+    run_dir, _ = run4
+    ckpt = run_dir / "ckpt_00000004"
+    _, params = read_model(str(ckpt / "model.bin"))
+    exact = params + np.float32(1e-3)
+    exact.astype("<f4").tofile(ckpt / "adamw_master.bin")
+    model = build_model(str(run_dir), get_backend("numpy"))
+    assert np.array_equal(model.params.buf, exact)
+    (ckpt / "adamw_master.bin").write_bytes(bytes(8))
+    msg = cli_error(capsys, ["sample", "--model", str(run_dir)])
+    assert str(ckpt / "adamw_master.bin") in msg and "8 bytes" in msg
+
+
 def test_unreadable_run_config(run4, capsys):
     run_dir, args = run4
-    (run_dir / "config.json").write_text("{")
+    config = run_dir / "config.json"
+    saved = json.loads(config.read_text())
+    config.write_text("{")
     msg = cli_error(capsys, ["train", "--run-dir", str(run_dir), "--resume"])
-    assert str(run_dir / "config.json") in msg and "unreadable" in msg
+    assert str(config) in msg and "unreadable" in msg
+    saved["train"]["steps"] = "10"                  # a hand edit: a string for an int
+    config.write_text(json.dumps(saved))
+    msg = cli_error(capsys, ["train", "--run-dir", str(run_dir), "--resume"])
+    assert str(config) in msg and "steps: expected int, got '10'" in msg
+
+
+def test_resume_from_python_keeps_what_the_config_sets(run4, capsys):
+    """train(TrainConfig(...)) without `explicit`: the fields set (those that differ from the
+    defaults) count as given, so --resume does not overwrite them."""
+    run_dir, _ = run4
+    cfg = TrainConfig(run_dir=str(run_dir), resume=True, steps=5, lr=1e-3)
+    llmpy.train.train(cfg)
+    assert cfg.steps == 5 and cfg.lr == 1e-3 and cfg.batch_size == 2    # -b 2: from the run
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4, 5]
+    # lr as given, the schedule as the run had it (wsd, 10 warm-up steps)
+    assert records(run_dir)[-1]["lr"] == pytest.approx(get_lr(4, 1e-3, "wsd", 10, 5, 0.0))
 
 
 def test_truncated_checkpoint(run4, capsys):

@@ -159,16 +159,18 @@ def measure(side, cfg, flat, data, warmup):
 
 
 def survive(fn, *args):
-    """fn(*args), or {"error": ...} (with the traceback on stderr) when it fails other than by
-    running out of memory: one side, or the baseline's toolchain, breaking on a GPU must not lose
-    the other side's numbers from a device session that may not come again."""
+    """fn(*args), or {"error": ..., "oom": whether it ran out of memory} when it fails: one side,
+    or the baseline's toolchain, breaking on a GPU must not lose the other side's numbers from a
+    device session that may not come again. Other failures print their traceback on stderr."""
     try:
         return fn(*args)
-    except torch.cuda.OutOfMemoryError:
-        raise
     except Exception as e:                                      # noqa: BLE001 (reported)
-        traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {first_line(e)}"}
+        # cuBLAS reports a failed allocation in its own words, not as torch's OutOfMemoryError
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or any(
+            s in str(e) for s in ("out of memory", "ALLOC_FAILED"))
+        if not oom:
+            traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {first_line(e)}", "oom": oom}
 
 
 def training(cfg, batch_sizes, T, steps, warmup):
@@ -177,13 +179,15 @@ def training(cfg, batch_sizes, T, steps, warmup):
     init_weights(host, 0)
     for B in sorted(batch_sizes, reverse=True):
         data = batches(cfg, B, T, warmup + steps)
-        try:
-            result = {"B": B, "T": T}
-            for name, side in (("ours", ours), ("baseline", baseline)):
-                result[name] = survive(measure, side, cfg, host.params.buf, data, warmup)
-        except torch.cuda.OutOfMemoryError:
-            print(f"bench gpu: B={B}: out of memory, trying a smaller batch", file=sys.stderr,
-                  flush=True)
+        result, oom = {"B": B, "T": T}, False
+        for name, side in (("ours", ours), ("baseline", baseline)):
+            result[name] = survive(measure, side, cfg, host.params.buf, data, warmup)
+            oom = result[name].get("oom", False)
+            if oom:                             # both sides run at the same B
+                break
+        if oom:
+            print(f"bench gpu: B={B}: {name} ran out of memory, trying a smaller batch",
+                  file=sys.stderr, flush=True)
             continue
         if "error" not in result["ours"] and "error" not in result["baseline"]:
             result["speedup"] = (result["ours"]["tokens_per_s"]
