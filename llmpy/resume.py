@@ -105,13 +105,10 @@ def newest_weights(run_dir):
     if path is None:
         raise LlmpyError(f"{run_dir}: a directory with no complete checkpoint (ckpt_*/ with "
                          "a manifest.json) to load a model from")
+    manifest = _manifest(path)
     cfg, params = read_model(os.path.join(path, "model.bin"))
-    master = os.path.join(path, "adamw_master.bin")
-    if os.path.exists(master):
-        if file_size(master) != 4 * params.size:
-            raise LlmpyError(f"{master}: {file_size(master)} bytes, expected {4 * params.size} "
-                             "(float32 master weights of the model beside it)")
-        params = np.fromfile(master, "<f4")
+    if "adamw_master.bin" in manifest["files"]:
+        params = np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4")
     return cfg, params
 
 
@@ -158,12 +155,8 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
             _remove(os.path.join(run_dir, f"ckpt_{s:08d}"))
 
 
-def load_latest(run_dir, model, opt):
-    """Load the newest complete checkpoint into model and opt. Returns its manifest (with the
-    step, the DataLoader position and the RNG state), or None when there is none yet."""
-    path = newest_checkpoint(run_dir)
-    if path is None:
-        return None
+def _manifest(path):
+    """Checkpoint `path`'s manifest, once every file it lists has the size it records."""
     try:
         with open(os.path.join(path, "manifest.json")) as f:
             manifest = json.load(f)
@@ -177,6 +170,16 @@ def load_latest(run_dir, model, opt):
             raise LlmpyError(f"{path}/{fname}: {'truncated' if have < size else 'grown'}: "
                              f"{have} bytes, the manifest says {size}; delete {path} to resume "
                              "from the checkpoint before it")
+    return manifest
+
+
+def load_latest(run_dir, model, opt):
+    """Load the newest complete checkpoint into model and opt. Returns its manifest (with the
+    step, the DataLoader position and the RNG state), or None when there is none yet."""
+    path = newest_checkpoint(run_dir)
+    if path is None:
+        return None
+    manifest = _manifest(path)
     cfg, params = read_model(os.path.join(path, "model.bin"))
     mc = model.config
     if cfg != mc:
