@@ -106,6 +106,11 @@ class OpTimer:
             self.calls[name] = self.calls.get(name, 0) + 1
         return call
 
+    def table(self, step_seconds):
+        """{"(step)": (1, step_seconds), op: (calls, seconds)}, op_table's input."""
+        return {"(step)": (1, step_seconds),
+                **{k: (self.calls[k], s) for k, s in self.seconds.items()}}
+
 
 def train_llmpy(spec, backend_name, B, T, warmup, steps):
     from .backends import get_backend
@@ -122,9 +127,7 @@ def train_llmpy(spec, backend_name, B, T, warmup, steps):
 
     records = [step() for _ in range(warmup + steps)]
     model.backend = OpTimer(backend)            # one more step, op by op, outside the timings
-    ops = {"(step)": (1, sum(step()[1]))}
-    ops.update({k: (model.backend.calls[k], s) for k, s in model.backend.seconds.items()})
-    return records, ops
+    return records, model.backend.table(sum(step()[1]))
 
 
 def train_torch(spec, B, T, warmup, steps, threads):

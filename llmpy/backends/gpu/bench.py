@@ -105,8 +105,7 @@ def ours(cfg, flat, data, warmup):
     t0 = time.perf_counter()
     step(*data[-1])
     sync()
-    ops = {"(step)": (1, time.perf_counter() - t0)}
-    ops.update({k: (model.backend.calls[k], s) for k, s in model.backend.seconds.items()})
+    ops = model.backend.table(time.perf_counter() - t0)
     return seconds, losses, {"ops": ops, **host}
 
 
