@@ -238,15 +238,16 @@ def train(cfg, explicit=None):
     backend = get_backend(cfg.backend)
     if cfg.recompute_gelu is None:        # config.json then records what ran
         cfg.recompute_gelu = backend.name == "gpu"
-    recompute = cfg.recompute_gelu
-    model = build_model(cfg.model or "tiny", backend, seed=cfg.seed, recompute_gelu=recompute)
+    model = build_model(cfg.model or "tiny", backend, seed=cfg.seed,
+                        recompute_gelu=cfg.recompute_gelu)
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len
     if T > mc.max_seq_len:
         raise LlmpyError(f"--seq-len {T} exceeds the model's max_seq_len {mc.max_seq_len}")
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
-          f"parameters | backend {backend.name}{' (GELU recomputed)' if recompute else ''} | "
+          f"parameters | backend {backend.name}"
+          f"{' (GELU recomputed)' if cfg.recompute_gelu else ''} | "
           f"B={B} T={T} grad accum {accum}"
           + (f" | {dist.world} ranks" + (", ZeRO-1" if dist.zero else "") if dist.world > 1
              else ""))
