@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from .config import PRESETS, TrainConfig, add_arguments, from_arguments
+from .config import PRESETS, EvalConfig, TrainConfig, add_arguments, from_arguments
 from .bench import add_parsers as add_bench_parsers
 from .errors import LlmpyError
 from .prepro import add_parser as add_prepro_parser
@@ -12,6 +12,11 @@ def cmd_train(args):
     from .train import train
     cfg, explicit = from_arguments(TrainConfig, args)
     train(cfg, explicit)
+
+
+def cmd_eval(args):
+    from .evals import evaluate
+    evaluate(*from_arguments(EvalConfig, args))
 
 
 def cmd_sample(args):
@@ -75,6 +80,12 @@ def make_parser():
                                      "Shakespeare)", description="Train a GPT-2 with AdamW.")
     add_arguments(t, TrainConfig, short={"batch_size": "-b", "seq_len": "-t"})
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="a model's loss on token files and its HellaSwag accuracy",
+                       description="Evaluate a model without training it: the mean loss (and "
+                       "perplexity) over token files, HellaSwag accuracy, or both.")
+    add_arguments(e, EvalConfig, short={"batch_size": "-b", "seq_len": "-t"})
+    e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a model .bin",
                        description="Generate text from an llm.c model file.")

@@ -45,6 +45,10 @@ def preset(name, max_seq_len=1024, vocab_size=50257):
                       num_layers=L, num_heads=NH, channels=C)
 
 
+BACKEND_HELP = ("compute backend: numpy, cpu, gpu, or auto (cpu when numba and scipy are "
+                "installed, else numpy)")
+
+
 def _f(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -90,8 +94,7 @@ class TrainConfig:
     hellaswag_every: int = _f(0, "HellaSwag accuracy every N steps (0: never)")
     hellaswag_data: str = _f("hellaswag/hellaswag_val.bin", "HellaSwag eval file, as written by "
                              "`llmpy prepro hellaswag`")
-    backend: str = _f("auto", "compute backend: numpy, cpu, gpu, or auto (cpu when numba and "
-                      "scipy are installed, else numpy)")
+    backend: str = _f("auto", BACKEND_HELP)
     recompute_gelu: bool = _f(None, "keep one layer's GELU output instead of every layer's, and "
                               "recompute it in the backward pass (llm.c's -r 1): 4C fewer of "
                               "the 18C values a layer keeps per position, for one more GELU "
@@ -113,6 +116,24 @@ class TrainConfig:
                              "and checkpoints")
     dist_check_every: int = _f(0, "debug: check every N steps that the parameters are "
                                "identical on every rank (0: never)")
+
+
+@dataclass
+class EvalConfig:
+    """`llmpy eval`: a model's loss on token files and its HellaSwag accuracy. B and T default
+    to training's, so a run's val loss comes out as its log has it; pass -t 1024 to score GPT-2
+    over its whole context."""
+    model: str = _f("", "an llm.c model .bin, or a run directory: its newest checkpoint, and "
+                    "the run's --val-data, -b and -t unless given (required)")
+    val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "
+                       "Shakespeare val, unless only --hellaswag-data is given)")
+    val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)")
+    hellaswag_data: str = _f("", "HellaSwag eval file, as written by `llmpy prepro hellaswag` "
+                             "(default: none)")
+    batch_size: int = _f(4, "batch size B")
+    seq_len: int = _f(64, "sequence length T")
+    backend: str = _f("auto", BACKEND_HELP)
+    json: bool = _f(False, "print the results as one JSON object")
 
 
 # What the embedded default changes, for every field the user did not set on the command line:

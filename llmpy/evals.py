@@ -1,4 +1,5 @@
-"""HellaSwag accuracy on llm.c's eval file, as llm.c's EvalLoader computes it.
+"""Evaluation: the mean loss over token files, and HellaSwag accuracy on llm.c's eval file, as
+llm.c's EvalLoader computes it; `llmpy eval` runs both on a model, `llmpy train` every so often.
 
 The file (written by `llmpy prepro hellaswag`, or llm.c's dev/data/hellaswag.py): a 256 x int32
 header (magic 20240522, version 1, number of examples, longest example in bytes), then per
@@ -6,6 +7,10 @@ example a stream of uint16: 65535 (<START_EXAMPLE>), the example's size in bytes
 the label, the number of completions (4), the context length and tokens, then each completion's
 length and tokens. Each completion is scored by the model's mean loss over its tokens after
 the shared context; the lowest wins (llm.c's acc_norm)."""
+import json
+import math
+import os
+
 import numpy as np
 
 from .errors import LlmpyError
@@ -118,3 +123,62 @@ def hellaswag(model, examples, B, T):
         pred = mean.reshape(per_batch, NUM_COMPLETIONS)[:len(batch)].argmin(axis=1)
         correct += int((pred == [label for label, _, _ in batch]).sum())
     return correct, len(examples)
+
+
+def val_loss(model, loader, num_batches):
+    """The mean loss over the loader's first num_batches batches: each holds B*T tokens, so this
+    is also the mean over their tokens."""
+    loader.reset()
+    return float(np.mean([model.forward(*loader.next_batch())
+                          for _ in progress(range(num_batches), desc="val")]))
+
+
+def evaluate(cfg, explicit):
+    """`llmpy eval`: cfg an EvalConfig, explicit the fields given on the command line.
+    Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
+    from .backends import get_backend
+    from .data import DataLoader, bundled_data
+    from .train import build_model, restore_flags
+    if not cfg.model:
+        raise LlmpyError("eval: --model is required")
+    if os.path.isdir(cfg.model):
+        restored = restore_flags(cfg, explicit, cfg.model, ("val_data", "batch_size", "seq_len"))
+        if restored and not cfg.json:
+            print(f"from {cfg.model}/config.json: {' '.join(restored)}")
+    if not cfg.val_data and not cfg.hellaswag_data:
+        cfg.val_data = bundled_data("shakespeare_val.bin")
+    for flag in ("batch_size", "seq_len"):
+        if getattr(cfg, flag) < 1:
+            raise LlmpyError(f"--{flag.replace('_', '-')} must be at least 1")
+    if cfg.val_batches < 0:
+        raise LlmpyError("--val-batches must be >= 0")
+    model = build_model(cfg.model, get_backend(cfg.backend))
+    B, T, mc = cfg.batch_size, cfg.seq_len, model.config
+    if T > mc.max_seq_len:
+        raise LlmpyError(f"--seq-len {T} exceeds the model's max_seq_len {mc.max_seq_len}")
+    r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
+    # read every file before the first forward pass, so bad input fails at once
+    loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None
+    examples = read_evalfile(cfg.hellaswag_data) if cfg.hellaswag_data else None
+    if loader:
+        batches = cfg.val_batches or sum(loader.windows)
+        if batches > sum(loader.windows):
+            raise LlmpyError(f"{cfg.val_data}: --val-batches {batches}, but the data holds "
+                             f"{sum(loader.windows)} batches of B*T = {B}*{T} tokens")
+        r.update(val_data=cfg.val_data, val_loss=val_loss(model, loader, batches),
+                 val_tokens=batches * B * T)
+    if examples:
+        correct, total = hellaswag(model, examples, B, T)
+        r.update(hellaswag_data=cfg.hellaswag_data, hellaswag_correct=correct,
+                 hellaswag_total=total, hellaswag_acc=correct / total)
+    if cfg.json:
+        print(json.dumps(r, indent=1))
+        return r
+    print(f"model {cfg.model}: L={mc.num_layers} C={mc.channels} | backend {r['backend']} | "
+          f"B={B} T={T}")
+    if loader:
+        print(f"val loss {r['val_loss']:.6f} | perplexity {math.exp(r['val_loss']):.2f} | "
+              f"{r['val_tokens']:,} tokens of {cfg.val_data}")
+    if examples:
+        print(f"HellaSwag: {correct}/{total} = {r['hellaswag_acc']:.4f} (acc_norm)")
+    return r

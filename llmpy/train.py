@@ -20,7 +20,7 @@ from .config import EMBEDDED_DEFAULT, PRESETS, preset
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import ensure_dir
-from .evals import hellaswag, read_evalfile
+from .evals import hellaswag, read_evalfile, val_loss
 from .model import GPT2, init_weights, load_params
 from .optim import (DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_scale,
                     get_lr)
@@ -53,18 +53,19 @@ def apply_embedded_default(cfg, explicit):
         cfg.val_data = bundled_data("shakespeare_val.bin")
 
 
-def restore_flags(cfg, explicit):
-    """--resume: every flag not given on the command line takes the value the run was started
-    with (RUN_DIR/config.json), so `llmpy train --run-dir D --resume` continues the same run.
-    Returns the flags restored, as they would be typed."""
-    saved = resume.saved_flags(cfg.run_dir)
+def restore_flags(cfg, explicit, run_dir, names):
+    """Each of the fields `names` not given on the command line takes the value the run in
+    run_dir was started with (its config.json): so `llmpy train --run-dir D --resume` continues
+    the same run, and `llmpy eval --model D` scores it on the same data. Returns the flags
+    restored, as they would be typed."""
+    saved = resume.saved_flags(run_dir)
     types = {f.name: f.type for f in dataclasses.fields(cfg)}
     restored = []
-    for k in sorted(set(types) & set(saved) - set(explicit) - {"resume"}):
+    for k in sorted(set(names) & set(saved) - set(explicit)):
         if saved[k] == getattr(cfg, k):
             continue
         if not valid_value(saved[k], types[k]):
-            raise LlmpyError(f"{cfg.run_dir}/config.json: {k}: expected "
+            raise LlmpyError(f"{run_dir}/config.json: {k}: expected "
                              f"{types[k].__name__}, got {saved[k]!r}")
         setattr(cfg, k, saved[k])
         flag = "--" + k.replace("_", "-")
@@ -108,11 +109,6 @@ def grad_accum_steps(cfg, world=1):
                          + (f"*ranks = {cfg.batch_size}*{cfg.seq_len}*{world}" if world > 1
                             else "") + f" = {tokens}")
     return total // tokens
-
-
-def evaluate(model, loader, num_batches):
-    loader.reset()
-    return float(np.mean([model.forward(*loader.next_batch()) for _ in range(num_batches)]))
 
 
 def sample_text(model, tokenizer, cfg, rng):
@@ -221,7 +217,9 @@ def train(cfg, explicit=None):
     in the others."""
     if explicit is None:
         explicit = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
-    restored = restore_flags(cfg, explicit) if cfg.resume and cfg.run_dir else []
+    restored = (restore_flags(cfg, explicit, cfg.run_dir,
+                              {f.name for f in dataclasses.fields(cfg)} - {"resume"})
+                if cfg.resume and cfg.run_dir else [])
     dist = distributed.init(cfg)          # one process, or a rank of a torchrun job
     main = dist.rank == 0                 # rank 0 alone prints, logs, evaluates and saves
     if not main:
@@ -275,7 +273,7 @@ def train(cfg, explicit=None):
     do_val = val_loader is not None and cfg.val_every > 0
     try:
         if do_val and start == 0:
-            print(f"step 0: val loss {evaluate(model, val_loader, cfg.val_batches):.6f}")
+            print(f"step 0: val loss {val_loss(model, val_loader, cfg.val_batches):.6f}")
         for step in range(start + 1, cfg.steps + 1):
             last = step == cfg.steps
             t0 = time.perf_counter()
@@ -300,7 +298,7 @@ def train(cfg, explicit=None):
                 rec["skipped"] = reason
                 print(f"warning: step {step}: update skipped: {reason}", flush=True)
             if do_val and (step % cfg.val_every == 0 or last):
-                rec["val_loss"] = evaluate(model, val_loader, cfg.val_batches)
+                rec["val_loss"] = val_loss(model, val_loader, cfg.val_batches)
                 print(f"val loss {rec['val_loss']:.6f}")
             if hella and (step % cfg.hellaswag_every == 0 or last):
                 correct, total = hellaswag(model, hella, B, T)

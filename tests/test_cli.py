@@ -40,7 +40,7 @@ def train(files, *extra, model="m.bin", data="d.bin"):
                  "--val-every", "0", "--sample-every", "0", "--steps", "1", "-b", 2, "-t", 8, *extra)
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["sample"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["sample"]])
 def test_help(cmd):
     r = llmpy(*cmd, "--help")
     assert r.returncode == 0 and "usage: llmpy" in r.stdout
