@@ -5,6 +5,7 @@ import os
 import random
 import re
 import struct
+import sys
 import tarfile
 from pathlib import Path
 
@@ -288,3 +289,161 @@ def test_unwritable_output_dir(tmp_path, capsys):
     code, _, err = run(capsys, "prepro", "tinyshakespeare", "--input", SHAKESPEARE, "--out", out)
     assert code == 1 and err == [f"llmpy: error: {out}: output directory is not writable"]
     assert os.listdir(out) == []
+
+
+# ----------------------------------------------------------------------------- fineweb
+
+def fineweb_documents(n=70, seed=0):
+    """FineWeb-like rows: whitespace soup of many lengths, non-ASCII, empty text, CRLF, and a
+    literal "<|endoftext|>", which llm.c's encode_ordinary keeps as text."""
+    rng = random.Random(seed)
+    docs = [whitespace_soup(rng.randrange(0, 150), 1000 + i) for i in range(n)]
+    docs[3:3] = ["", "Straße, naïve café; 日本語のテキスト 🙂", "a literal <|endoftext|> is text",
+                 "windows\r\nline endings\r\n", ""]
+    return docs
+
+
+def write_parquet(path, texts, **columns):
+    """A parquet file as HF stores FineWeb: a "text" column among others, several row groups."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    columns = columns or {"id": [f"<urn:uuid:{i}>" for i in range(len(texts))]}
+    pq.write_table(pa.table({**columns, "text": texts}), path, row_group_size=6)
+    return path
+
+
+def llmc_fineweb(enc, documents, shard_size, out, name="fineweb"):
+    """llm.c's dev/data/fineweb.py main loop: each document, [EOT] + encode_ordinary(text), is
+    appended to the current shard while it fits below shard_size; the one that reaches it fills
+    the shard up, the shard is written, and its remainder starts the next shard; the last partial
+    shard is written too. Shard 0 is val. Returns the file names."""
+    names, current = [], []
+
+    def write(toks):
+        names.append(f"{name}_{'val' if not names else 'train'}_{len(names):06d}.bin")
+        llmc_write_datafile(Path(out) / names[-1], toks)
+
+    for doc in documents:
+        toks = [EOT] + enc.encode_ordinary(doc)
+        assert len(toks) < shard_size   # llm.c's buffer holds a document's remainder
+        if len(current) + len(toks) < shard_size:
+            current += toks
+        else:
+            remainder = shard_size - len(current)
+            write(current + toks[:remainder])
+            current = toks[remainder:]
+    if current:
+        write(current)
+    return names
+
+
+def assert_same_files(out, expected_dir, names):
+    assert sorted(os.listdir(out)) == sorted(names)
+    for name in names:
+        assert (Path(out) / name).read_bytes() == (Path(expected_dir) / name).read_bytes(), name
+
+
+def test_fineweb_like_llmc(tmp_path, capsys, monkeypatch, gpt2_reference):
+    pytest.importorskip("pyarrow")
+    from llmpy.data import DataLoader, read_tokens
+    monkeypatch.setattr(common, "MIN_WORK_CHARS", 300)   # many work items; documents cut across them
+    docs = fineweb_documents()
+    sample = tmp_path / "sample" / "10BT"
+    files = [write_parquet(sample / f"{k:03d}_00000.parquet", part)
+             for k, part in enumerate([docs[:20], docs[20:48], docs[48:]])]
+    # 500 splits documents across shards; `boundary` ends the first shard exactly at a document's
+    # end (llm.c's "else" branch with no remainder)
+    lengths = [1 + len(gpt2_reference.encode_ordinary(d)) for d in docs]
+    ends = [sum(lengths[:i + 1]) for i in range(len(lengths))]
+    boundary = next(e for e in ends if e > max(lengths))
+    for shard_tokens in (500, boundary):
+        ref = tmp_path / f"ref{shard_tokens}"
+        ref.mkdir()
+        names = llmc_fineweb(gpt2_reference, docs, shard_tokens, ref)
+        assert len(names) > 3
+        for workers, inputs in ((1, [sample]), (2, files)):   # a directory is read in name order
+            out = tmp_path / f"out{shard_tokens}-{workers}"
+            code, _, err = run(capsys, "prepro", "fineweb", "--input", *inputs, "--out", out,
+                               "--shard-tokens", shard_tokens, "--workers", workers)
+            assert code == 0 and err == []
+            assert_same_files(out, ref, names)
+
+    # a document longer than a shard (which llm.c's buffer cannot take) runs on across shards
+    stream = llmc_documents(gpt2_reference, docs)
+    out = tmp_path / "out-long"
+    assert max(map(len, (gpt2_reference.encode_ordinary(d) for d in docs))) > 150
+    code, _, _ = run(capsys, "prepro", "fineweb", "--input", sample, "--out", out,
+                     "--shard-tokens", 150)
+    assert code == 0 and len(os.listdir(out)) == -(-len(stream) // 150)
+    assert [t for i in range(len(os.listdir(out)))
+            for t in read_tokens(out / f"fineweb_{'val' if i == 0 else 'train'}_{i:06d}.bin")] == stream
+
+    loader = DataLoader(str(tmp_path / "out500-1" / "fineweb_train_*.bin"), B=2, T=16,
+                        vocab_size=50257)
+    x, y = loader.next_batch()
+    first = read_tokens(tmp_path / "out500-1" / "fineweb_train_000001.bin")
+    assert x.ravel().tolist() == first[:32].tolist() and y.ravel().tolist() == first[1:33].tolist()
+
+
+def test_fineweb_download(tmp_path, capsys, monkeypatch, gpt2_reference):
+    """The download path, with the hub's snapshot_download replaced (no network here)."""
+    pytest.importorskip("pyarrow")
+    hub = pytest.importorskip("huggingface_hub")
+    docs = fineweb_documents(20)
+    calls = []
+
+    def snapshot_download(repo_id, repo_type, allow_patterns):
+        calls.append((repo_id, repo_type, allow_patterns))
+        write_parquet(tmp_path / "hub" / "sample" / "100BT" / "000_00000.parquet", docs)
+        return str(tmp_path / "hub")
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "prepro", "fineweb", "--type", "edu", "--version", "100B",
+                       "--shard-tokens", 400)
+    assert code == 0 and err == []
+    assert calls == [("HuggingFaceFW/fineweb-edu", "dataset", "sample/100BT/*")]
+    names = llmc_fineweb(gpt2_reference, docs, 400, tmp_path, "edu_fineweb")
+    assert_same_files(tmp_path / "edu_fineweb100B", tmp_path, names)
+
+    def offline(repo_id, repo_type, allow_patterns):
+        raise OSError("Got: ConnectError: [Errno -2] Name or service not known\nmore text")
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    code, _, err = run(capsys, "prepro", "fineweb")
+    assert code == 1 and err == ["llmpy: error: HuggingFaceFW/fineweb: download of sample/10BT/* "
+                                 "failed: OSError: Got: ConnectError: [Errno -2] Name or service "
+                                 "not known"]
+    assert not (tmp_path / "fineweb10B").exists()
+
+
+def test_fineweb_bad_input(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pyarrow")
+    good = write_parquet(tmp_path / "good.parquet", fineweb_documents(30))
+    (tmp_path / "notes.txt").write_text("not parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"id": [1], "content": ["x"]}), tmp_path / "nocol.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    (tmp_path / "empty_dir").mkdir()
+    # a null late in the stream: the shards already written are removed again
+    write_parquet(tmp_path / "null.parquet", ["ok"] * 20 + [None, "ok"])
+    out = tmp_path / "out"
+    cases = [
+        ([tmp_path / "missing.parquet"], [], "missing.parquet: no such file"),
+        ([tmp_path / "notes.txt"], [], "notes.txt: not a parquet file: "),
+        ([good, tmp_path / "nocol.parquet"], [], 'nocol.parquet: no "text" column (columns: id, content)'),
+        ([tmp_path / "ints.parquet"], [], 'ints.parquet: the "text" column holds int64, not strings'),
+        ([tmp_path / "empty_dir"], [], "empty_dir: no .parquet files in the directory"),
+        ([good, tmp_path / "null.parquet"], ["--shard-tokens", 20], 'null.parquet: row 20: "text" is null'),
+        ([good], ["--shard-tokens", 0], "--shard-tokens 0: must be from 1 to 2**31 - 1"),
+    ]
+    for inputs, flags, message in cases:
+        code, _, err = run(capsys, "prepro", "fineweb", "--input", *inputs, "--out", out, *flags)
+        assert code == 1 and len(err) == 1 and err[0].startswith("llmpy: error: "), err
+        assert message in err[0], err
+        assert not out.exists() or os.listdir(out) == []
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)   # pyarrow not installed
+    code, _, err = run(capsys, "prepro", "fineweb", "--input", good, "--out", out)
+    assert code == 1 and err == ["llmpy: error: prepro fineweb reads parquet with pyarrow: "
+                                 "pip install 'llmpy[fineweb]'"]

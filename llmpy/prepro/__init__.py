@@ -1,4 +1,5 @@
-"""`llmpy prepro ...`: raw text -> llm.c token files (tinyshakespeare, tinystories, your own text).
+"""`llmpy prepro ...`: raw text -> llm.c token files (tinyshakespeare, tinystories, fineweb, your
+own text).
 The commands' modules are imported when run, so `llmpy train` does not load tiktoken or tqdm."""
 
 
@@ -15,6 +16,11 @@ def cmd_tinystories(args):
 def cmd_text(args):
     from .text import prepro
     prepro(args.files, args.out, args.val_fraction, args.shard_tokens, args.name, args.workers)
+
+
+def cmd_fineweb(args):
+    from .fineweb import prepro
+    prepro(args.input, args.out, args.type, args.version, args.shard_tokens, args.workers)
 
 
 def cmd_hellaswag(args):
@@ -63,6 +69,23 @@ def add_parser(sub):
     s.add_argument("--shard-tokens", type=int, default=10 ** 8,
                    help="tokens per shard (default: %(default)s)")
     s.add_argument("--name", help="shard name prefix (default: the first file's name)")
+
+    s = _dataset(datasets, "fineweb", cmd_fineweb, "FineWeb / FineWeb-Edu, as llm.c shards them",
+                 "Write NAME_val_000000.bin (the first shard), NAME_train_000001.bin, ... from the "
+                 "dataset's parquet files: the same bytes as llm.c's dev/data/fineweb.py. "
+                 "Without --input, downloads the sample first (pip install 'llmpy[fineweb]').")
+    s.add_argument("--type", default="classic", choices=("classic", "edu"),
+                   help="HuggingFaceFW/fineweb (NAME fineweb) or fineweb-edu (NAME edu_fineweb) "
+                        "(default: %(default)s)")
+    s.add_argument("--version", default="10B", choices=("10B", "100B"),
+                   help="the sample-10BT or sample-100BT sample (default: %(default)s)")
+    s.add_argument("--shard-tokens", type=int, default=10 ** 8,
+                   help="tokens per shard (default: %(default)s, llm.c's)")
+    s.add_argument("--input", nargs="+",
+                   help="local parquet files with a \"text\" column, or directories of them "
+                        "(read in name order), instead of downloading")
+    s.add_argument("--out", help="output directory (default: llm.c's, e.g. fineweb10B, "
+                                 "edu_fineweb10B)")
 
     s = datasets.add_parser("hellaswag", help="HellaSwag, llm.c's eval file",
                             description="Write hellaswag_SPLIT.bin in llm.c's eval format (magic "

@@ -1,6 +1,6 @@
 """What the prepro commands share: reading and downloading text, encoding documents in parallel
 processes with a progress bar, and writing token files all or nothing."""
-import contextlib
+import collections
 import functools
 import multiprocessing
 import os
@@ -130,24 +130,50 @@ def cut_text(text, size):
     return pieces
 
 
+def ordered_map(fn, items, workers):
+    """fn(item) for each item of an iterable, in order, in `workers` processes (1: in this
+    process). Only a few items are read ahead of the results, so a stream of any length runs in
+    bounded memory (Pool.imap would read all of its input at once)."""
+    tokenizer()
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        pending = collections.deque()   # results in item order, at most 2 per process
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) == 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
 def parallel_map(fn, items, workers, desc, sizes=None, unit="it"):
     """[fn(item) for item in items] in order, in `workers` processes (1: in this process), with a
     progress bar that advances by each item's size."""
     sizes = sizes or [1] * len(items)
     workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
-    tokenizer()
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(progress(total=sum(sizes), desc=desc, unit=unit,
-                                           unit_scale=True))
-        if workers > 1:
-            results = stack.enter_context(multiprocessing.Pool(workers)).imap(fn, items)
-        else:
-            results = map(fn, items)
-        out = []
-        for r, size in zip(results, sizes):
+    out = []
+    with progress(total=sum(sizes), desc=desc, unit=unit, unit_scale=True) as bar:
+        for r, size in zip(ordered_map(fn, items, workers), sizes):
             out.append(r)
             bar.update(size)
     return out
+
+
+def group_pieces(documents, size):
+    """Documents -> lists of (eot_first, text) of about `size` characters each, the work items of
+    encode_pieces; a longer document is cut (cut_text) across items. Yields (item, characters)."""
+    item, n = [], 0
+    for doc in documents:
+        for i, piece in enumerate(cut_text(doc, size)):
+            item.append((i == 0, piece))
+            n += len(piece)
+            if n >= size:
+                yield item, n
+                item, n = [], 0
+    if item:
+        yield item, n
 
 
 def encode_documents(documents, workers, desc="tokenizing"):
@@ -157,25 +183,23 @@ def encode_documents(documents, workers, desc="tokenizing"):
     total = sum(map(len, documents))
     workers = max(1, min(workers or os.cpu_count() or 1, total // MIN_WORK_CHARS))
     size = total // (4 * workers) + 1       # 4 items per process even out their loads
-    items, sizes, item, n = [], [], [], 0   # items: lists of (eot_first, text) of ~size chars
-    for doc in documents:
-        for i, piece in enumerate(cut_text(doc, size)):
-            item.append((i == 0, piece))
-            n += len(piece)
-            if n >= size:
-                items.append(item)
-                sizes.append(n)
-                item, n = [], 0
-    if item:
-        items.append(item)
-        sizes.append(n)
-    arrays = parallel_map(encode_pieces, items, workers, desc, sizes, unit="char")
+    items = list(group_pieces(documents, size))
+    arrays = parallel_map(encode_pieces, [item for item, _ in items], workers, desc,
+                          [n for _, n in items], unit="char")
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
 
 
+def encode_stream(documents, workers):
+    """The tokens of a stream of documents (any iterable), as encode_documents makes them, as a
+    stream of (n,) uint16 arrays of about MIN_WORK_CHARS characters' tokens each."""
+    items = (item for item, _ in group_pieces(documents, MIN_WORK_CHARS))
+    return ordered_map(encode_pieces, items, max(1, workers or os.cpu_count() or 1))
+
+
 def write_token_files(files):
-    """files: [(path, (n,) tokens)]. Each is written atomically; if one fails, those already
-    written are removed, so a failed run leaves no partial output."""
+    """files: (path, (n,) tokens) pairs, a list or a stream. Each is written atomically; if one
+    fails (or the stream does), those already written are removed, so a failed run leaves no
+    partial output. Returns the paths written."""
     done = []
     try:
         for path, tokens in files:
@@ -186,3 +210,4 @@ def write_token_files(files):
         for path in done:
             os.remove(path)
         raise
+    return done

@@ -31,12 +31,17 @@ def read_documents(path):
     return docs
 
 
+def shard_path(out, name, split, index):
+    """llm.c's fineweb.py shard names: one index across both splits."""
+    return os.path.join(out, f"{name}_{split}_{index:06d}.bin")
+
+
 def shard(tokens, n_val, shard_tokens, out, name):
     """[(path, tokens)]: val shards, then train shards, numbered in one sequence."""
     files = []
     for split, part in (("val", tokens[:n_val]), ("train", tokens[n_val:])):
         for start in range(0, part.size, shard_tokens):
-            files.append((os.path.join(out, f"{name}_{split}_{len(files):06d}.bin"),
+            files.append((shard_path(out, name, split, len(files)),
                           part[start:start + shard_tokens]))
     return files
 
