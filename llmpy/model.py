@@ -56,8 +56,9 @@ def grad_activation_shapes(cfg, B, T, fused=False):
     so each layer reuses one layer's worth."""
     C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
     att = [] if fused else [("preatt", (B, NH, T, T)), ("att", (B, NH, T, T))]
-    model = [("logits", (B, T, Vp)), ("losses", (B, T)), ("lnf", (B, T, C)),
-             ("residual", (B, T, C))]
+    # the fused classifier writes dlogits over the logits (see GPT2.backward)
+    dlogits = [] if fused else [("logits", (B, T, Vp))]
+    model = [*dlogits, ("losses", (B, T)), ("lnf", (B, T, C)), ("residual", (B, T, C))]
     layer = [("ln1", (B, T, C)), ("qkv", (B, T, 3 * C)), ("atty", (B, T, C)), *att,
              ("ln2", (B, T, C)), ("fch", (B, T, 4 * C)), ("fch_gelu", (B, T, 4 * C))]
     return model, layer
@@ -215,10 +216,16 @@ class GPT2:
         d.losses[...] = 1.0 / (B * T)                           # d(mean)/d(each loss)
 
         if self.fused:
-            be.crossentropy_backward(d.logits, d.losses, a.logits, a.logits_lse, self.targets, V)
+            # As llm.c's CUDA trainer: the logits have no other reader and dlogits no other
+            # writer, so the fused classifier overwrites the logits with dlogits. That saves a
+            # (B,T,Vp) buffer (1.6 GB at GPT-2's B=16, T=1024 in bf16) and two passes over it
+            # (zeroing, and reading back to add). acts.logits holds dlogits after this.
+            dlogits = a.logits
+            be.crossentropy_backward(dlogits, d.losses, a.logits, a.logits_lse, self.targets, V)
         else:
-            be.crossentropy_backward(d.logits, d.losses, a.probs, self.targets, V)
-        be.matmul_backward(d.lnf, g.wte, None, d.logits, a.lnf, p.wte)
+            dlogits = d.logits
+            be.crossentropy_backward(dlogits, d.losses, a.probs, self.targets, V)
+        be.matmul_backward(d.lnf, g.wte, None, dlogits, a.lnf, p.wte)
         last = a.residual3[L - 1] if L else a.encoded
         be.layernorm_backward(d.residual, g.lnfw, g.lnfb, d.lnf, last, p.lnfw, a.lnf_mean,
                               a.lnf_rstd)

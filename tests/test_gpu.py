@@ -198,10 +198,13 @@ def test_fused_classifier(case):
     ref.crossentropy_forward(want, probs, logits64, targets, V)
     case.check(losses, want, "classifier losses")
     dlosses, dlosses64 = case.randn(B, T, dtype=torch.float32)
-    dlogits, dlogits64 = case.randn(B, T, Vp)
-    gpu.crossentropy_backward(dlogits, dlosses, logits, lse, tgt, V)
+    dlogits64 = np.zeros((B, T, Vp))
     ref.crossentropy_backward(dlogits64, dlosses64, probs, targets, V)
+    dlogits, _ = case.randn(B, T, Vp)           # written over, not added to
+    gpu.crossentropy_backward(dlogits, dlosses, logits, lse, tgt, V)
     case.check(dlogits, dlogits64, "classifier dlogits")
+    gpu.crossentropy_backward(logits, dlosses, logits, lse, tgt, V)    # in place, as the model
+    case.check(logits, dlogits64, "classifier dlogits in place of the logits")
 
 
 def test_sum_squares(case):

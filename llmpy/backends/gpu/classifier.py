@@ -4,7 +4,11 @@ The forward streams each row of logits once with an online softmax (running max 
 float32) and saves only its logsumexp: loss = lse - logit[target]. The backward streams the row
 again and writes dlogits = (softmax - onehot(target)) * dloss, the softmax recomputed as
 exp(logit - lse). For GPT-2 at B*T = 16K rows, float32 probabilities would take 3.3 GB; the
-logsumexps take 64 KB. Only the first V (real) logits take part; the padded ones are skipped.
+logsumexps take 64 KB. Only the first V (real) logits take part; the padded ones get gradient 0.
+
+Unlike the other backward ops, the backward *writes* dlogits instead of adding into it: the
+model passes the logits buffer itself as dlogits (llm.c's fused classifier does the same), and
+each block of a row is read before it is overwritten.
 """
 import triton
 import triton.language as tl
@@ -48,14 +52,15 @@ def _classifier_backward_kernel(dlogits, dlosses, logits, lse, targets, N, V, Vp
     dloss = tl.load(dlosses + rows).to(tl.float32)[:, None]
     row_lse = tl.load(lse + rows)[:, None]
     target = tl.load(targets + rows)[:, None]
-    for start in range(0, V, BLOCK):
+    for start in range(0, Vp, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = ok[:, None] & (cols[None, :] < V)
+        real = cols[None, :] < V
         o = rows[:, None] * Vp + cols[None, :]
-        p = tl.exp(tl.load(logits + o, mask=mask, other=0.0).to(tl.float32) - row_lse)
-        d = (p - tl.where(cols[None, :] == target, 1.0, 0.0)) * dloss
-        d += tl.load(dlogits + o, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dlogits + o, d.to(dlogits.dtype.element_ty), mask=mask)
+        p = tl.exp(tl.load(logits + o, mask=ok[:, None] & real, other=0.0).to(tl.float32)
+                   - row_lse)
+        d = tl.where(real, (p - tl.where(cols[None, :] == target, 1.0, 0.0)) * dloss, 0.0)
+        tl.store(dlogits + o, d.to(dlogits.dtype.element_ty),
+                 mask=ok[:, None] & (cols[None, :] < Vp))
 
 
 def _meta(V):
@@ -70,7 +75,8 @@ def crossentropy_forward(losses, lse, logits, targets, V):
 
 
 def crossentropy_backward(dlogits, dlosses, logits, lse, targets, V):
-    # dlogits: (B,T,Vp), dlosses: (B,T), logits: (B,T,Vp), lse: (B,T) float32, targets: (B,T) int
+    # dlogits: (B,T,Vp), written (it may be logits itself), dlosses: (B,T), logits: (B,T,Vp),
+    # lse: (B,T) float32, targets: (B,T) int
     N, Vp = dlosses.numel(), logits.shape[-1]
     _classifier_backward_kernel[(triton.cdiv(N, ROWS),)](dlogits, dlosses, logits, lse, targets,
                                                          N, V, Vp, **_meta(V))
