@@ -97,7 +97,7 @@ class TrainConfig:
     backend: str = _f("auto", BACKEND_HELP)
     recompute_gelu: bool = _f(None, "keep one layer's GELU output instead of every layer's, and "
                               "recompute it in the backward pass (llm.c's -r 1): 4C fewer of "
-                              "the 18C values a layer keeps per position, for one more GELU "
+                              "the 16C values a layer keeps per position, for one more GELU "
                               "per layer (default: on with --backend gpu, as llm.c's CUDA "
                               "trainer; off on the CPU)")
     log_jsonl: str = _f("", "write one JSON object per step to this file")

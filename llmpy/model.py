@@ -30,7 +30,10 @@ def activation_shapes(cfg, B, T, fused=False, recompute_gelu=False):
     fused: the backend has flash attention and a fused classifier (llm.c's CUDA layout): they
     save one logsumexp per row instead of the (T,T) attention matrices and the probabilities.
     recompute_gelu: one layer's GELU output, which every layer overwrites in the forward pass
-    and the backward pass recomputes from fch (llm.c's -r 1)."""
+    and the backward pass recomputes from fch (llm.c's -r 1).
+    attproj and fcproj, the projections' outputs, are one layer's worth on every backend: the
+    residual add right after each is their only reader (a matmul's backward needs its input,
+    not its output), as in llm.c's CUDA trainer."""
     C, NH, L, Vp = cfg.channels, cfg.num_heads, cfg.num_layers, cfg.padded_vocab_size
     att = ([("att_lse", (L, B, NH, T))] if fused else
            [("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T))])
@@ -38,10 +41,10 @@ def activation_shapes(cfg, B, T, fused=False, recompute_gelu=False):
         ("encoded", (B, T, C)),
         ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
         ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)), *att,
-        ("attproj", (L, B, T, C)), ("residual2", (L, B, T, C)),
+        ("attproj", (B, T, C)), ("residual2", (L, B, T, C)),
         ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
         ("fch", (L, B, T, 4 * C)), ("fch_gelu", (1 if recompute_gelu else L, B, T, 4 * C)),
-        ("fcproj", (L, B, T, C)), ("residual3", (L, B, T, C)),
+        ("fcproj", (B, T, C)), ("residual3", (L, B, T, C)),
         ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
         ("logits", (B, T, Vp)), ("logits_lse", (B, T)) if fused else ("probs", (B, T, Vp)),
         ("losses", (B, T)),
@@ -108,7 +111,7 @@ class GPT2:
         self.backend = backend
         self.fused = getattr(backend, "fused", False)          # see activation_shapes
         # keep one layer's GELU output instead of L, at the cost of a GELU per layer in the
-        # backward pass: 4*C of the 18*C values a layer saves per position
+        # backward pass: 4*C of the 16*C values a layer saves per position
         self.recompute_gelu = recompute_gelu
         self.params = FlatTensors(param_shapes(config), backend.zeros)
         self.grads = FlatTensors(param_shapes(config), backend.zeros)
@@ -163,19 +166,19 @@ class GPT2:
                 be.attention_forward(a.atty[l], a.att_lse[l], a.qkv[l])
             else:
                 be.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l])
-            be.matmul_forward(a.attproj[l], a.atty[l], p.attprojw[l], p.attprojb[l])
+            be.matmul_forward(a.attproj, a.atty[l], p.attprojw[l], p.attprojb[l])
             # residual2 = residual + attproj, and ln2 of it, in one pass
             be.residual_layernorm_forward(a.residual2[l], a.ln2[l], a.ln2_mean[l],
-                                          a.ln2_rstd[l], residual, a.attproj[l], p.ln2w[l],
+                                          a.ln2_rstd[l], residual, a.attproj, p.ln2w[l],
                                           p.ln2b[l])
             be.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
             fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
             be.gelu_forward(fch_gelu, a.fch[l])
-            be.matmul_forward(a.fcproj[l], fch_gelu, p.fcprojw[l], p.fcprojb[l])
+            be.matmul_forward(a.fcproj, fch_gelu, p.fcprojw[l], p.fcprojb[l])
             # residual3 = residual2 + fcproj, and the next layer's ln1 of it (lnf after the last)
             ln_out, ln_mean, ln_rstd, ln_w, ln_b = self._layernorm_after(l + 1)
             be.residual_layernorm_forward(a.residual3[l], ln_out, ln_mean, ln_rstd,
-                                          a.residual2[l], a.fcproj[l], ln_w, ln_b)
+                                          a.residual2[l], a.fcproj, ln_w, ln_b)
         be.matmul_forward(a.logits, a.lnf, p.wte, None)          # tied classifier weights
         if self.targets is None:
             self.mean_loss = None
