@@ -5,7 +5,8 @@ bench cpu: a training step (forward, backward, AdamW) on the cpu backend, beside
 NumPy reference backend, and the step's matmuls alone as NumPy sgemm calls, which bound the step
 from below. Each runs in its own subprocess, so each peak RSS is its own and every library sees
 the thread count before it starts its threads.
-bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute.
+bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute and
+Hugging Face transformers' generate (its own KV cache) on the same weights.
 """
 import importlib.util
 import json
@@ -157,6 +158,9 @@ def train_torch(spec, B, T, warmup, steps, threads):
 
 def worker(job):
     """Runs one measurement (in a subprocess) and returns its JSON-able result."""
+    if job["impl"] == "hf_sample":
+        return {"seconds": time_hf_generate(job["model"], job["tokens"], job["seed"],
+                                            job["threads"])}
     if job["impl"] == "sgemm":
         from .config import preset
         wall, cpu = time_gemms(preset(job["model"]), job["batch"], job["seq"])
@@ -290,6 +294,50 @@ def time_weight_reads(model, reps=5):
     return statistics.median(times), sum(W.nbytes for W in mats)
 
 
+def hf_model(model):
+    """transformers' GPT2LMHeadModel holding the model's weights, in eval mode."""
+    import torch
+    import transformers
+    from .hf import config_to_hf, params_to_hf
+    cfg = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(cfg)))
+    flat = model.backend.to_host(model.params.buf)             # (num_params,) float32
+    tensors = {k: torch.from_numpy(v) for k, v in params_to_hf(cfg, flat).items()}
+    hf.load_state_dict(tensors, strict=False)       # the one key left, lm_head.weight, is wte
+    return hf.eval()
+
+
+def hf_generate(hf, prompt, n, **sampling):
+    """n new token ids from transformers' generate, with its KV cache: never fewer (an
+    <|endoftext|> does not stop it), so that it does the same work as generate()."""
+    import torch
+    x = torch.tensor([prompt])                                  # (1,len(prompt))
+    with torch.inference_mode():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), min_new_tokens=n,
+                          max_new_tokens=n, use_cache=True,
+                          pad_token_id=hf.config.eos_token_id, **sampling)   # else it warns
+    return out[0, len(prompt):].tolist()
+
+
+def time_hf_generate(spec, n, seed, threads):
+    """Seconds for transformers to sample n tokens after <|endoftext|> (temperature 1, no top-k)
+    from the weights build_model(spec) gives every backend, after a short warm-up. A run_worker
+    job: in a process of its own, as a user runs it (in the process of our cpu backend, with
+    its Numba threads and its libgomp settings, it took 1.2x as long)."""
+    import torch
+    from .backends import get_backend
+    from .tokenizer import EOT
+    from .train import build_model
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    hf = hf_model(build_model(spec, get_backend("numpy")))
+    sampling = dict(do_sample=True, top_k=0, temperature=1.0)
+    hf_generate(hf, [EOT], 2, **sampling)                                 # warm-up
+    t0 = time.perf_counter()
+    hf_generate(hf, [EOT], n, **sampling)
+    return time.perf_counter() - t0
+
+
 def bench_sample(args):
     from .backends import get_backend
     from .sample import generate, generate_recompute
@@ -306,6 +354,14 @@ def bench_sample(args):
         ids[name] = list(gen(np.random.default_rng(args.seed)))
         times[name] = time.perf_counter() - t0
     sweep_s, nbytes = time_weight_reads(model)
+    hf_s, hf_skipped = None, None
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        hf_skipped = f"needs {' and '.join(missing)} (pip install torch==2.13.0 'llmpy[hf]')"
+    else:
+        job = dict(impl="hf_sample", model=args.model, tokens=n, seed=args.seed,
+                   threads=os.cpu_count())                      # bench cpu's default
+        hf_s = run_worker(job)["seconds"]
     r = {"config": {"model": args.model, "tokens": n, "recompute_B": B, "recompute_T": T,
                     "backend": model.backend.name, "load_average_1min": os.getloadavg()[0]},
          "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
@@ -315,7 +371,9 @@ def bench_sample(args):
          "same_tokens": ids["kv_cache"] == ids["recompute"],
          "weight_reads_s": sweep_s, "weight_gb_per_s": nbytes / sweep_s / 1e9,
          # a decode step reads every weight once, so a token costs at least sweep_s
-         "speedup_bound": times["recompute"] / n / sweep_s}
+         "speedup_bound": times["recompute"] / n / sweep_s, "hf_skipped": hf_skipped}
+    if hf_s is not None:
+        r.update(hf_s=hf_s, hf_tokens_per_s=n / hf_s, hf_over_kv_cache=hf_s / times["kv_cache"])
     if args.json:
         print(json.dumps(r, indent=1))
         return r
@@ -326,7 +384,16 @@ def bench_sample(args):
           f"{r['kv_cache_tokens_per_s']:8.1f} tokens/s")
     print(f"full recompute at B={B}, T={T}:   {r['recompute_s']:8.2f} s "
           f"{r['recompute_tokens_per_s']:8.1f} tokens/s   (llm.c's way)")
-    print(f"KV cache is {r['speedup']:.1f}x faster; same tokens: {r['same_tokens']}")
+    if hf_s is None:
+        print(f"HF transformers generate:       skipped: {hf_skipped}")
+    else:
+        print(f"HF transformers generate:       {hf_s:8.2f} s {r['hf_tokens_per_s']:8.1f} "
+              f"tokens/s   (GPT2LMHeadModel, its KV cache, {os.cpu_count()} threads)")
+    print(f"KV cache is {r['speedup']:.1f}x faster than the recompute; same tokens: "
+          f"{r['same_tokens']}")
+    if hf_s is not None:
+        print(f"HF generate takes {r['hf_over_kv_cache']:.2f}x the KV cache's time "
+              "(different random numbers, so different tokens)")
     print(f"a decode step reads every weight once: {nbytes / 1e6:.0f} MB, alone "
           f"{1e3 * sweep_s:.1f} ms ({r['weight_gb_per_s']:.1f} GB/s), so no cache can beat this "
           f"recompute by more than {r['speedup_bound']:.0f}x here "
@@ -338,9 +405,12 @@ def add_parsers(bench):
     """`bench cpu` and `bench sample`, on the `bench` subcommand's subparsers."""
     c = bench.add_parser("cpu", help="training step: cpu backend vs PyTorch eager, the NumPy "
                          "backend and the sgemm bound", description=__doc__.split("\n\n")[1])
-    s = bench.add_parser("sample", help="tokens/s: KV-cache sampling vs llm.c's full recompute",
-                         description="Generate with the KV cache and with a forward pass over "
-                         "the whole (B,T) window per token, as llm.c's train_gpt2.c samples.")
+    s = bench.add_parser("sample", help="tokens/s: KV-cache sampling vs llm.c's full recompute "
+                         "and HF transformers' generate",
+                         description="Generate with the KV cache, with a forward pass over "
+                         "the whole (B,T) window per token, as llm.c's train_gpt2.c samples, and "
+                         "with HF transformers' GPT2LMHeadModel.generate on the same weights "
+                         "(where torch and transformers are installed).")
     c.add_argument("--model", default="d12", help="a preset (default: d12, GPT-2 124M with "
                    "random weights)")
     s.add_argument("--model", default="d12", help="a preset or an llm.c .bin (default: d12)")

@@ -22,13 +22,21 @@ def cmd_eval(args):
 def cmd_sample(args):
     import numpy as np
     from .backends import get_backend
-    from .sample import generate
+    from .sample import generate, generate_rows
     from .tokenizer import Tokenizer
     from .train import build_model
+    if args.num_samples < 1:
+        raise LlmpyError("--num-samples must be at least 1")
     model = build_model(args.model, get_backend(args.backend))
     tok = Tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else []
     rng = np.random.default_rng(args.seed)
+    if args.num_samples > 1:          # all rows in the same decode steps, printed at the end
+        rows = np.array(list(generate_rows(model, prompt, args.tokens, rng, args.num_samples,
+                                           args.temperature, args.top_k)))   # (tokens,N)
+        for i, ids in enumerate(rows.T):
+            print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(ids.tolist())}")
+        return
     sys.stdout.write(args.prompt)
     out = []
     for t in generate(model, prompt, args.tokens, rng, args.temperature, args.top_k):
@@ -95,6 +103,9 @@ def make_parser():
     s.add_argument("--tokens", type=int, default=64, help="tokens to generate (default: 64)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = all)")
+    s.add_argument("--num-samples", type=int, default=1,
+                   help="continuations to sample, all in the same decode steps; more than one "
+                   "are printed when done (default: 1, streamed)")
     s.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
     s.add_argument("--backend", default="auto", help="auto, numpy, cpu or gpu (default: auto, "
                    "which is cpu when numba and scipy are installed, else numpy)")

@@ -1,8 +1,9 @@
 """Text generation: temperature and top-k sampling from the model's next-token distribution.
 
 generate() keeps a KV cache: every position stores its keys and values once, and each new token
-runs one position through the network, attending to the cache. generate_recompute() is llm.c's
-way, a forward pass over the whole window per token, kept as the benchmark's baseline.
+runs one position through the network, attending to the cache. generate_rows() samples several
+continuations in the same steps. generate_recompute() is llm.c's way, a forward pass over the
+whole window per token, kept as the benchmark's baseline.
 """
 import math
 
@@ -28,49 +29,51 @@ def sample_next(logits, rng, temperature=1.0, top_k=0):
 
 
 class Decoder:
-    """Runs one position at a time with a KV cache, on the host, with the model's backend ops
-    (the NumPy reference's where the backend's arrays are not host arrays, as on a GPU). One
-    position reads every weight once for two FLOPs each, so a step is bound by memory
-    bandwidth, not by arithmetic. The weights are views of the model's parameters on the CPU
-    backends (a host copy on a GPU)."""
+    """Runs one position at a time for `rows` sequences with a KV cache, on the host, with the
+    model's backend ops (the NumPy reference's where the backend's arrays are not host arrays,
+    as on a GPU). One position reads every weight once for two FLOPs each per row, so a step is
+    bound by memory bandwidth, not by arithmetic, and a few rows cost about what one does. The
+    weights are views of the model's parameters on the CPU backends (a host copy on a GPU)."""
 
-    def __init__(self, model, max_len):
+    def __init__(self, model, max_len, rows=1):
         cfg = model.config
         C, NH, L = cfg.channels, cfg.num_heads, cfg.num_layers
+        N = rows
         host = model.backend.to_host(model.params.buf)          # (num_params,) float32
         self.params = FlatTensors(param_shapes(cfg), lambda n: host)
         self.ops = model.backend if host is model.params.buf else ref
         self.config = cfg
-        self.k = np.zeros((L, NH, max_len, C // NH), np.float32)   # (L,NH,maxlen,hs) keys
-        self.v = np.zeros((L, NH, max_len, C // NH), np.float32)   # (L,NH,maxlen,hs) values
-        # one position's activations: the model's layout with B*T = 1 row
+        self.k = np.zeros((L, N, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs) keys
+        self.v = np.zeros((L, N, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs) values
+        # one position's activations: the model's layout with B*T = N rows
         self.acts = FlatTensors([
-            ("residual", (1, C)), ("ln", (1, C)), ("mean", (1,)), ("rstd", (1,)),
-            ("qkv", (1, 3 * C)), ("atty", (1, C)), ("proj", (1, C)),
-            ("fch", (1, 4 * C)), ("fch_gelu", (1, 4 * C)),
-            ("logits", (1, cfg.vocab_size))], ref.zeros)
+            ("residual", (N, C)), ("ln", (N, C)), ("mean", (N,)), ("rstd", (N,)),
+            ("qkv", (N, 3 * C)), ("atty", (N, C)), ("proj", (N, C)),
+            ("fch", (N, 4 * C)), ("fch_gelu", (N, 4 * C)),
+            ("logits", (N, cfg.vocab_size))], ref.zeros)
 
     def attention(self, l, pos):
-        """The reference attention for the one query at `pos`, against the cached positions
-        0..pos; stores this position's key and value first."""
+        """The reference attention for each row's query at `pos`, against its cached positions
+        0..pos; stores this position's keys and values first."""
         a, NH = self.acts, self.config.num_heads
-        q, k, v = a.qkv[0].reshape(3, NH, -1)                   # each (NH,hs)
-        self.k[l, :, pos], self.v[l, :, pos] = k, v
-        keys, values = self.k[l, :, :pos + 1], self.v[l, :, :pos + 1]   # (NH,pos+1,hs)
-        att = (keys @ q[:, :, None])[..., 0]                    # (NH,pos+1)
+        N = a.qkv.shape[0]
+        q, k, v = a.qkv.reshape(N, 3, NH, -1).transpose(1, 0, 2, 3)   # each (N,NH,hs)
+        self.k[l, :, :, pos], self.v[l, :, :, pos] = k, v
+        keys, values = self.k[l, :, :, :pos + 1], self.v[l, :, :, :pos + 1]  # (N,NH,pos+1,hs)
+        att = (keys @ q[..., None])[..., 0]                     # (N,NH,pos+1)
         att *= 1.0 / math.sqrt(q.shape[-1])
         att -= att.max(axis=-1, keepdims=True)
         np.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)
-        a.atty[0] = (att[:, None, :] @ values).reshape(-1)     # (NH,1,hs) -> (C,)
+        a.atty[:] = (att[..., None, :] @ values).reshape(N, -1)    # (N,NH,1,hs) -> (N,C)
 
-    def step(self, token, pos, logits=True):
-        """Run `token` at position `pos`: the next-token logits (V,), or None if not wanted
-        (the prompt's tokens only need to fill the cache)."""
+    def step(self, tokens, pos, logits=True):
+        """Run `tokens` (one per row) at position `pos`: the next-token logits (N,V), or None
+        if not wanted (the prompt's tokens only need to fill the cache)."""
         p, a, ops = self.params, self.acts, self.ops
         L, V = self.config.num_layers, self.config.vocab_size
-        x = a.residual                                          # (1,C) the residual stream
-        np.add(p.wte[token], p.wpe[pos], out=x[0])
+        x = a.residual                                          # (N,C) the residual stream
+        np.add(p.wte[tokens], p.wpe[pos], out=x)
         for l in range(L):
             ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.ln1w[l], p.ln1b[l])
             ops.matmul_forward(a.qkv, a.ln, p.qkvw[l], p.qkvb[l])
@@ -86,12 +89,13 @@ class Decoder:
             return None
         ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.lnfw, p.lnfb)
         ops.matmul_forward(a.logits, a.ln, p.wte[:V], None)    # tied classifier weights
-        return a.logits[0]
+        return a.logits
 
 
-def generate(model, prompt, n, rng, temperature=1.0, top_k=0):
-    """Yields n token ids, one cached decode step each. The prompt and the new tokens must fit
-    in the model's max_seq_len (a cache cannot slide: positions are baked into it)."""
+def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
+    """Yields n (rows,) arrays of token ids: `rows` continuations of the same prompt, sampled
+    independently, one cached decode step for all of them. The prompt and the new tokens must
+    fit in the model's max_seq_len (a cache cannot slide: positions are baked into it)."""
     seq = list(prompt) or [EOT]
     if n <= 0:
         return
@@ -99,15 +103,21 @@ def generate(model, prompt, n, rng, temperature=1.0, top_k=0):
     if len(seq) + n - 1 > maxT:
         raise LlmpyError(f"the prompt ({len(seq)} tokens) and {n} new tokens do not fit in the "
                          f"model's max_seq_len {maxT}")
-    decoder = Decoder(model, len(seq) + n - 1)     # the last new token is never run
+    decoder = Decoder(model, len(seq) + n - 1, rows)   # the last new token is never run
     for pos, tok in enumerate(seq[:-1]):
-        decoder.step(tok, pos, logits=False)
-    logits = decoder.step(seq[-1], len(seq) - 1)
+        decoder.step(np.full(rows, tok), pos, logits=False)
+    logits = decoder.step(np.full(rows, seq[-1]), len(seq) - 1)     # (rows,V)
     for i in range(n):
-        nxt = sample_next(logits, rng, temperature, top_k)
+        nxt = np.array([sample_next(row, rng, temperature, top_k) for row in logits])
         yield nxt
         if i < n - 1:
             logits = decoder.step(nxt, len(seq) + i)
+
+
+def generate(model, prompt, n, rng, temperature=1.0, top_k=0):
+    """Yields n token ids: one continuation of the prompt (generate_rows with one row)."""
+    for ids in generate_rows(model, prompt, n, rng, 1, temperature, top_k):
+        yield int(ids[0])
 
 
 def generate_recompute(model, prompt, n, rng, temperature=1.0, top_k=0, T=None):

@@ -1,11 +1,14 @@
 """Smoke tests of `llmpy bench cpu` and `llmpy bench sample` on the tiny preset: they run, the
 implementations they compare start from the same weights and batch, and the FLOP count is
 right. (The benchmarks' numbers are recorded in bench/RESULTS.md, never asserted.)"""
+import importlib.util
 import json
 import math
+import sys
 
 import pytest
 
+from llmpy.cli import main
 from llmpy.config import GPT2Config, preset
 from test_cli import assert_one_line_error, llmpy
 
@@ -74,6 +77,22 @@ def test_bench_sample_runs():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["same_tokens"] and out["speedup"] > 0
+    if importlib.util.find_spec("transformers") is None:
+        assert "transformers" in out["hf_skipped"]
+        return
+    assert out["hf_skipped"] is None
+    assert out["hf_tokens_per_s"] == pytest.approx(4 / out["hf_s"])
+    assert out["hf_over_kv_cache"] == pytest.approx(out["hf_s"] / out["kv_cache_s"])
+
+
+def test_bench_sample_without_transformers(monkeypatch, capsys):
+    """The HF baseline is skipped with its reason, in one line, and the rest still runs."""
+    monkeypatch.setitem(sys.modules, "transformers", None)        # import fails
+    assert main(["bench", "sample", "--model", "tiny", "--tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "skipped: needs transformers (pip install" in skipped[0]
+    assert "KV cache is" in out and "HF generate takes" not in out
 
 
 def test_bench_cpu_bad_model():

@@ -83,7 +83,8 @@ def test_layernorm(h):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matmul(h, with_bias):
+@pytest.mark.parametrize("B,T", [(B, T), (1, 3)], ids=["rows10", "rows3"])  # 3: sampling's few
+def test_matmul(h, with_bias, B, T):
     x, w, b, dout = h.randn(B, T, C), h.randn(OC, C), h.randn(OC), h.randn(B, T, OC)
     dx0, dw0, db0 = h.randn(B, T, C), h.randn(OC, C), h.randn(OC)
     tx, tw, tb = leaf(x), leaf(w), leaf(b)

@@ -45,6 +45,9 @@ threaded = njit(parallel=True, **_JIT)
 
 ZERO, ONE, TWO = np.float32(0.0), np.float32(1.0), np.float32(2.0)
 NEG_INF = np.float32(-np.inf)
+# matmul_forward streams the weights past up to this many rows (sampling): sgemm's fixed cost
+# (packing the weights) loses below about 12 rows at GPT-2's shapes here, and wins from 16
+FEW_ROWS = 8
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)
 
@@ -190,23 +193,25 @@ def _add_column_sums(dst, x):
 
 
 @threaded
-def _matvec(out, inp, weight):
-    # out: (OC,) = weight (OC,C) @ inp (C,). Each weight is used once, so this is a stream
-    # through memory; threads that split the rows reach the full bandwidth, which BLAS's gemv
-    # did not here (about a third of it).
+def _matmul_few_rows(out, inp, weight):
+    # out: (M,OC) = inp (M,C) @ weight (OC,C)^T, for a few rows M. Each weight row is read
+    # from memory once and reused from cache for every input row, so this streams the weights;
+    # threads that split their rows reach the full bandwidth, which BLAS's gemv did not here
+    # (about a third of it), and BLAS's sgemm with a few rows was slower still.
     for o in prange(weight.shape[0]):
-        s = ZERO
-        for c in range(weight.shape[1]):
-            s += weight[o, c] * inp[c]
-        out[o] = s
+        for m in range(inp.shape[0]):
+            s = ZERO
+            for c in range(weight.shape[1]):
+                s += weight[o, c] * inp[m, c]
+            out[m, o] = s
 
 
 def matmul_forward(out, inp, weight, bias):
     # out: (B,T,OC), inp: (B,T,C), weight: (OC,C), bias: (OC,) or None
     OC, C = weight.shape
     out2 = out.reshape(-1, OC)                                  # (B*T,OC)
-    if out2.shape[0] == 1:                                      # one position: sampling
-        _matvec(out2[0], inp.reshape(C), weight)
+    if out2.shape[0] <= FEW_ROWS:                               # sampling, a position at a time
+        _matmul_few_rows(out2, inp.reshape(-1, C), weight)
         if bias is not None:
             out2 += bias
         return
