@@ -73,8 +73,9 @@ def config_to_hf(cfg):
         # llm.c trains without dropout; so does HF's Trainer with these
         "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
     }
-    if cfg.vocab_size > 50256:                     # the GPT-2 tokenizer's <|endoftext|>
-        c["bos_token_id"] = c["eos_token_id"] = 50256
+    # the GPT-2 tokenizer's <|endoftext|>; None for a smaller vocabulary, which HF would
+    # otherwise default to 50256 and warn about
+    c["bos_token_id"] = c["eos_token_id"] = 50256 if cfg.vocab_size > 50256 else None
     return c
 
 
