@@ -123,6 +123,22 @@ class GPT2:
     def num_parameters(self):
         return len(self.params)
 
+    def memory(self, B, T):
+        """Bytes of the model's buffers at batch shape (B,T), from their shapes alone (llm.c
+        prints the same at startup): parameters, gradients, activations, and the backward
+        pass's scratch (activation gradients)."""
+        item = self.params.buf.itemsize                         # 4 (float32) or 2 (bf16)
+
+        def size(shapes):
+            return sum(int(np.prod(shape)) * (4 if name in STATS else item)
+                       for name, shape in shapes)
+        whole, layer = grad_activation_shapes(self.config, B, T, self.fused)
+        return {"parameters": size(param_shapes(self.config)),
+                "gradients": size(param_shapes(self.config)),
+                "activations": size(activation_shapes(self.config, B, T, self.fused,
+                                                      self.recompute_gelu)),
+                "activation gradients": size(whole) + size(layer)}
+
     def _ensure_activations(self, B, T):
         if (B, T) != (self.B, self.T):
             shapes = activation_shapes(self.config, B, T, self.fused, self.recompute_gelu)

@@ -58,6 +58,13 @@ class AdamW:
         self.step = 0                        # updates done, for the bias corrections
         self.ranges = decay_ranges(model.params, self.config.weight_decay, decayed, self.shard)
 
+    def state_bytes(self):
+        """Bytes of the optimizer's float32 state: m and v, and the master weights that a
+        backend with bf16 params adds at the first update."""
+        n = self.shard.stop - self.shard.start
+        master = self.model.params.buf.itemsize < 4
+        return 4 * n * (3 if master else 2)
+
     def update(self, lr=None, grad_scale=1.0):
         """One AdamW step with the gradients in model.grads times grad_scale (clip_scale); lr
         overrides the config's."""

@@ -256,6 +256,9 @@ def train(cfg, explicit=None):
     tokenizer = Tokenizer() if cfg.sample_every and main else None
     opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
                 decayed=DECAYED, shard=dist.shard(model.num_parameters()))
+    mem = {**model.memory(B, T), "AdamW state": opt.state_bytes()}
+    print("memory: " + ", ".join(f"{k} {v / 2 ** 20:,.1f}" for k, v in mem.items())
+          + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")
     run = RunState(cfg, train_loader)
     start = 0
     if cfg.run_dir:

@@ -59,6 +59,7 @@ def test_bench_gpu_ours_and_summary():
     report = bench.summary(r)
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report
+    assert extra["planned_memory_gib"] > 0 and "the buffers' own sizes" in report
     # a side that failed on the GPU is reported, and the rest of the report still printed
     assert bench.survive(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero",
                                             "oom": False}

@@ -103,6 +103,26 @@ def test_recompute_gelu_changes_nothing_but_memory(backend):
     assert len(models[0].acts) - len(models[1].acts) == (L - 1) * B * T * 4 * C
 
 
+@pytest.mark.parametrize("recompute_gelu", [False, True])
+def test_memory_plan_is_what_is_allocated(backend, recompute_gelu):
+    """model.memory() and AdamW.state_bytes(), from shapes alone (train prints them), against
+    the buffers a step allocates."""
+    B, T = 2, 7
+    model = GPT2(CFG, backend, recompute_gelu)
+    opt = AdamW(model)
+    plan = {**model.memory(B, T), "AdamW state": opt.state_bytes()}
+    model.forward(*batch(CFG, B, T))
+    model.zero_grad()
+    model.backward()
+    opt.update()
+    nbytes = lambda *bufs: sum(b.nbytes for b in bufs if b is not None)  # noqa: E731
+    assert plan == {"parameters": nbytes(model.params.buf), "gradients": nbytes(model.grads.buf),
+                    "activations": nbytes(model.acts.buf, model.acts.buf32),
+                    "activation gradients": nbytes(model.grad_acts.buf, model.grad_acts.buf32,
+                                                   model.grad_layer.buf),
+                    "AdamW state": nbytes(opt.m, opt.v, opt.master)}
+
+
 def test_adamw_steps_match_torch(backend):
     flat = random_weights(CFG, seed=2)
     x, y = batch(CFG, 4, 16, seed=3)

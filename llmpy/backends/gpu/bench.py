@@ -106,7 +106,9 @@ def ours(cfg, flat, data, warmup):
     step(*data[-1])
     sync()
     ops = model.backend.table(time.perf_counter() - t0)
-    return seconds, losses, {"ops": ops, **host}
+    B, T = data[0][0].shape
+    planned = sum(model.memory(B, T).values()) + opt.state_bytes()    # the buffers' own sizes
+    return seconds, losses, {"ops": ops, "planned_memory_gib": planned / 2 ** 30, **host}
 
 
 def baseline(cfg, flat, data, warmup):
@@ -260,6 +262,8 @@ def summary(r):
                  f"fwd ours {tflops['ours_fwd']} vs SDPA {tflops['sdpa_fwd']} | fwd+bwd ours "
                  f"{tflops['ours_fwd_bwd']} vs SDPA {tflops['sdpa_fwd_bwd']}")
     if "error" not in t["ours"]:
+        lines.append(f"ours, peak memory {t['ours']['peak_memory_gib']:.2f} GiB, of which "
+                     f"the buffers' own sizes {t['ours']['planned_memory_gib']:.2f} GiB")
         lines.append(f"ours, backward pass: queued by the host in "
                      f"{t['ours']['backward_queue_ms']:.1f} ms, run by the GPU in "
                      f"{t['ours']['backward_ms']:.1f} ms")
