@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-from .config import PRESETS, EvalConfig, TrainConfig, add_arguments, from_arguments
+from .config import (BACKEND_HELP, PRESETS, EvalConfig, TrainConfig, add_arguments,
+                     from_arguments)
 from .bench import add_parsers as add_bench_parsers
 from .errors import LlmpyError
 from .prepro import add_parser as add_prepro_parser
@@ -33,7 +34,8 @@ def cmd_sample(args):
     rng = np.random.default_rng(args.seed)
     if args.num_samples > 1:          # all rows in the same decode steps, printed at the end
         rows = np.array(list(generate_rows(model, prompt, args.tokens, rng, args.num_samples,
-                                           args.temperature, args.top_k)))   # (tokens,N)
+                                           args.temperature, args.top_k)),
+                        dtype=np.int64).reshape(-1, args.num_samples)      # (tokens,N)
         for i, ids in enumerate(rows.T):
             print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(ids.tolist())}")
         return
@@ -107,8 +109,7 @@ def make_parser():
                    help="continuations to sample, all in the same decode steps; more than one "
                    "are printed when done (default: 1, streamed)")
     s.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
-    s.add_argument("--backend", default="auto", help="auto, numpy, cpu or gpu (default: auto, "
-                   "which is cpu when numba and scipy are installed, else numpy)")
+    s.add_argument("--backend", default="auto", help=BACKEND_HELP + " (default: auto)")
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("convert", help="Hugging Face GPT-2 <-> llm.c model .bin",

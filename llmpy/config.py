@@ -2,6 +2,8 @@
 import argparse
 from dataclasses import dataclass, field, fields
 
+from .errors import LlmpyError
+
 
 def pad_vocab(vocab_size, multiple=128):
     """llm.c pads the vocabulary (50257 -> 50304) so the classifier matmul tiles evenly."""
@@ -124,7 +126,7 @@ class EvalConfig:
     to training's, so a run's val loss comes out as its log has it; pass -t 1024 to score GPT-2
     over its whole context."""
     model: str = _f("", "an llm.c model .bin, or a run directory: its newest checkpoint, and "
-                    "the run's --val-data, -b and -t unless given (required)")
+                    "the run's --val-data, -b, -t and --backend unless given (required)")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "
                        "Shakespeare val, unless only --hellaswag-data is given)")
     val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)")
@@ -157,6 +159,13 @@ def add_arguments(parser, cls, short=None):
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(*names, dest=f.name, type=typ, default=None, help=help)
+
+
+def require_positive(cfg, *names):
+    """One line naming the flag, for a field that must be at least 1 (B, T, ...)."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise LlmpyError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def from_arguments(cls, args):

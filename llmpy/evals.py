@@ -137,19 +137,19 @@ def evaluate(cfg, explicit):
     """`llmpy eval`: cfg an EvalConfig, explicit the fields given on the command line.
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
+    from .config import require_positive
     from .data import DataLoader, bundled_data
     from .train import build_model, restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
     if os.path.isdir(cfg.model):
-        restored = restore_flags(cfg, explicit, cfg.model, ("val_data", "batch_size", "seq_len"))
+        restored = restore_flags(cfg, explicit, cfg.model,
+                                 ("val_data", "batch_size", "seq_len", "backend"))
         if restored and not cfg.json:
             print(f"from {cfg.model}/config.json: {' '.join(restored)}")
     if not cfg.val_data and not cfg.hellaswag_data:
         cfg.val_data = bundled_data("shakespeare_val.bin")
-    for flag in ("batch_size", "seq_len"):
-        if getattr(cfg, flag) < 1:
-            raise LlmpyError(f"--{flag.replace('_', '-')} must be at least 1")
+    require_positive(cfg, "batch_size", "seq_len")
     if cfg.val_batches < 0:
         raise LlmpyError("--val-batches must be >= 0")
     model = build_model(cfg.model, get_backend(cfg.backend))

@@ -37,8 +37,7 @@ class Decoder:
 
     def __init__(self, model, max_len, rows=1):
         cfg = model.config
-        C, NH, L = cfg.channels, cfg.num_heads, cfg.num_layers
-        N = rows
+        C, NH, L, N = cfg.channels, cfg.num_heads, cfg.num_layers, rows
         host = model.backend.to_host(model.params.buf)          # (num_params,) float32
         self.params = FlatTensors(param_shapes(cfg), lambda n: host)
         self.ops = model.backend if host is model.params.buf else ref
@@ -103,7 +102,11 @@ def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     if len(seq) + n - 1 > maxT:
         raise LlmpyError(f"the prompt ({len(seq)} tokens) and {n} new tokens do not fit in the "
                          f"model's max_seq_len {maxT}")
-    decoder = Decoder(model, len(seq) + n - 1, rows)   # the last new token is never run
+    try:
+        decoder = Decoder(model, len(seq) + n - 1, rows)   # the last new token is never run
+    except MemoryError:
+        raise LlmpyError(f"{rows} rows of {len(seq) + n - 1} positions: the KV cache does not "
+                         "fit in memory") from None
     for pos, tok in enumerate(seq[:-1]):
         decoder.step(np.full(rows, tok), pos, logits=False)
     logits = decoder.step(np.full(rows, seq[-1]), len(seq) - 1)     # (rows,V)

@@ -16,7 +16,7 @@ import numpy as np
 from . import distributed, resume
 from .backends import get_backend
 from .checkpoint import read_model, write_model
-from .config import EMBEDDED_DEFAULT, PRESETS, preset
+from .config import EMBEDDED_DEFAULT, PRESETS, preset, require_positive
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import ensure_dir
@@ -84,9 +84,7 @@ def valid_value(value, typ):
 
 
 def check_flags(cfg):
-    for flag in ("batch_size", "seq_len", "val_batches"):
-        if getattr(cfg, flag) < 1:
-            raise LlmpyError(f"--{flag.replace('_', '-')} must be at least 1")
+    require_positive(cfg, "batch_size", "seq_len", "val_batches")
     if cfg.total_batch_size < 0:
         raise LlmpyError("--total-batch-size must be >= 0")
     if cfg.save:                        # fail now, not after the whole run

@@ -176,6 +176,8 @@ def test_llmpy_bin_loads_in_transformers(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["n_embd"], config["n_layer"], config["n_head"], config["vocab_size"],
             config["n_positions"]) == (40, 3, 5, 101, 24)
+    # no <|endoftext|> in a 101-token vocabulary (transformers would default it to 50256)
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
     x = tokens(CFG, 2, 24)[:, :-1]
     assert rel_err(hf_logits(tmp_path / "hf", x), ours_logits(CFG, flat, x)) <= TOL
 

@@ -14,7 +14,8 @@ import pytest
 from llmpy.cli import main
 from llmpy.data import bundled_data
 from llmpy.errors import LlmpyError
-from llmpy.prepro import common, tinyshakespeare
+from llmpy import data
+from llmpy.prepro import common, fineweb, tinyshakespeare
 from llmpy.prepro.common import cut_text, encode_documents, encode_pieces
 
 SHAKESPEARE = bundled_data("shakespeare.txt")
@@ -425,7 +426,6 @@ def test_fineweb_bad_input(tmp_path, capsys, monkeypatch):
     pq.write_table(pa.table({"id": [1], "content": ["x"]}), tmp_path / "nocol.parquet")
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     (tmp_path / "empty_dir").mkdir()
-    # a null late in the stream: the shards already written are removed again
     write_parquet(tmp_path / "null.parquet", ["ok"] * 20 + [None, "ok"])
     out = tmp_path / "out"
     cases = [
@@ -447,3 +447,25 @@ def test_fineweb_bad_input(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "prepro", "fineweb", "--input", good, "--out", out)
     assert code == 1 and err == ["llmpy: error: prepro fineweb reads parquet with pyarrow: "
                                  "pip install 'llmpy[fineweb]'"]
+
+
+def test_fineweb_failed_rerun_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
+    """A run that fails after writing shards (a null text late in the stream) removes what it
+    wrote and leaves the earlier run's shards as they were: none half-replaced, none missing."""
+    monkeypatch.setattr(common, "MIN_WORK_CHARS", 64)    # work items, and shards, before the null
+    monkeypatch.setattr(fineweb, "BATCH_ROWS", 8)        # rows read before the null's batch
+    good = write_parquet(tmp_path / "good.parquet", fineweb_documents(30))
+    bad = write_parquet(tmp_path / "null.parquet", ["ok " * 50] * 20 + [None, "ok"])
+    out = tmp_path / "out"
+    assert run(capsys, "prepro", "fineweb", "--input", good, "--out", out, "--shard-tokens",
+               200, "--workers", 1)[0] == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert len(before) >= 3
+    writes = []
+    monkeypatch.setattr(common, "write_tokens", lambda path, t: writes.append(path) or
+                        data.write_tokens(path, t))
+    code, _, err = run(capsys, "prepro", "fineweb", "--input", bad, good, "--out", out,
+                       "--shard-tokens", 200, "--workers", 1)
+    assert code == 1 and 'null.parquet: row 20: "text" is null' in err[0]
+    assert writes, "the failing run wrote shards before the null"
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before

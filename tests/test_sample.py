@@ -110,6 +110,12 @@ def test_cli_samples_several_rows_at_once(gpt2_vocab_model):
                                for i, col in enumerate(rows.T))
     assert_one_line_error(llmpy("sample", "--model", gpt2_vocab_model, "--num-samples", 0),
                           "--num-samples")
+    assert_one_line_error(llmpy("sample", "--model", gpt2_vocab_model, "--tokens", 4,
+                                "--num-samples", 10 ** 12),
+                          "the KV cache does not fit in memory")
+    r = llmpy("sample", "--model", gpt2_vocab_model, "--prompt", "Hi", "--tokens", 0,
+              "--num-samples", 2)
+    assert r.stdout == "--- sample 1 ---\nHi\n--- sample 2 ---\nHi\n"
 
 
 def test_cli_sample_too_long(gpt2_vocab_model):

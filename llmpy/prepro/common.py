@@ -197,17 +197,21 @@ def encode_stream(documents, workers):
 
 
 def write_token_files(files):
-    """files: (path, (n,) tokens) pairs, a list or a stream. Each is written atomically; if one
-    fails (or the stream does), those already written are removed, so a failed run leaves no
-    partial output. Returns the paths written."""
-    done = []
+    """files: (path, (n,) tokens) pairs, a list or a stream. Each is written to path.partial
+    (which no *.bin glob matches), and once all are, each is renamed into place: a run that
+    fails (or whose stream does) removes its .partial files and leaves an earlier run's files
+    as they were. Returns the paths written."""
+    staged = []                                 # (path, its .partial)
     try:
         for path, tokens in files:
             print(f"writing {len(tokens):,} tokens to {path}")
-            write_tokens(path, tokens)
-            done.append(path)
+            staged.append((path, os.fspath(path) + ".partial"))
+            write_tokens(staged[-1][1], tokens)
     except BaseException:
-        for path in done:
-            os.remove(path)
+        for _, partial in staged:
+            if os.path.exists(partial):
+                os.remove(partial)
         raise
-    return done
+    for path, partial in staged:
+        os.replace(partial, path)
+    return [path for path, _ in staged]

@@ -45,8 +45,9 @@ threaded = njit(parallel=True, **_JIT)
 
 ZERO, ONE, TWO = np.float32(0.0), np.float32(1.0), np.float32(2.0)
 NEG_INF = np.float32(-np.inf)
-# matmul_forward streams the weights past up to this many rows (sampling): sgemm's fixed cost
-# (packing the weights) loses below about 12 rows at GPT-2's shapes here, and wins from 16
+# matmul_forward streams the weights past up to this many rows (sampling, or a tiny batch):
+# sgemm's fixed cost (packing the weights) loses up to about 12 rows at GPT-2's shapes here,
+# and wins from 16
 FEW_ROWS = 8
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)
@@ -210,7 +211,7 @@ def matmul_forward(out, inp, weight, bias):
     # out: (B,T,OC), inp: (B,T,C), weight: (OC,C), bias: (OC,) or None
     OC, C = weight.shape
     out2 = out.reshape(-1, OC)                                  # (B*T,OC)
-    if out2.shape[0] <= FEW_ROWS:                               # sampling, a position at a time
+    if out2.shape[0] <= FEW_ROWS:                               # e.g. sampling
         _matmul_few_rows(out2, inp.reshape(-1, C), weight)
         if bias is not None:
             out2 += bias

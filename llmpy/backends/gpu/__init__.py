@@ -21,7 +21,8 @@ Mixed precision, the way llm.c's train_gpt2.cu does it, in the backend-neutral m
 - Every kernel computes and accumulates in float32, and so does cuBLAS.
 - `fused = True` tells the model that attention keeps one logsumexp per row instead of the
   (T,T) matrices (flash attention), and the classifier one per position instead of the
-  probabilities (fused classifier): neither is ever materialised.
+  probabilities (fused classifier): neither is ever materialised. The classifier's backward
+  writes dlogits over the logits (the one backward op that writes instead of adding).
 """
 import os
 
