@@ -11,7 +11,6 @@ Hugging Face transformers' generate (its own KV cache) on the same weights.
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,24 @@ PHASES = ("forward", "zero_grad", "backward", "optimizer")
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+    """This process's peak resident memory in MB, or None without the resource module
+    (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024   # bytes; Linux: KiB
+
+
+def load_average():
+    """The 1-minute load average, or None where the OS keeps none (Windows)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def shown(x, spec):
+    """x formatted by spec, or "n/a" for a number this OS cannot give."""
+    return "n/a" if x is None else format(x, spec)
 
 
 def make_batch(cfg, B, T, seed=1):
@@ -210,9 +226,8 @@ def bench_cpu(args):
                          f"{cfg.max_seq_len}")
     job = dict(model=args.model, batch=args.batch_size, seq=args.seq_len, warmup=args.warmup,
                steps=args.steps, threads=args.threads or os.cpu_count())
-    load = os.getloadavg()[0]
     results = {"config": {**job, "layers": cfg.num_layers, "channels": cfg.channels,
-                          "load_average_1min": load},
+                          "load_average_1min": load_average()},
                "matmul_gflop": step_gflop(cfg, args.batch_size, args.seq_len),
                "sgemm": run_worker({**job, "impl": "sgemm"})}
     results["sgemm_bound_s"] = results["sgemm"]["seconds"]
@@ -236,7 +251,7 @@ def print_cpu(r, impls):
     c, gf = r["config"], r["matmul_gflop"]
     print(f"training step: L={c['layers']} C={c['channels']} ({c['model']}), B={c['batch']} "
           f"T={c['seq']}, fp32, AdamW, {c['threads']} threads; median of {c['steps']} steps "
-          f"after {c['warmup']} warm-up; load average {c['load_average_1min']:.2f}")
+          f"after {c['warmup']} warm-up; load average {shown(c['load_average_1min'], '.2f')}")
     bound = r["sgemm_bound_s"]
     print(f"sgemm bound: the step's {gf:.1f} GFLOP of matmuls as NumPy sgemm calls take "
           f"{bound:.3f} s ({gf / bound:.0f} GFLOP/s; CPU time {r['sgemm']['cpu_time_s']:.2f} s)")
@@ -250,7 +265,7 @@ def print_cpu(r, impls):
         cells = "".join(f"{x['phases_s'][p]:8.3f} s {100 * x['phases_s'][p] / step:3.0f}%"
                         for p in PHASES)
         print(f"{NAMES[impl]:16}{step:7.3f} s{cells}{gf / step:9.0f}{x['cpu_time_s']:8.2f} s"
-              f"{x['peak_rss_mb']:7.0f} MB{x['losses'][0]:9.4f}")
+              f"{shown(x['peak_rss_mb'], '.0f'):>7} MB{x['losses'][0]:9.4f}")
     if "cpu" in r:
         print()
         for other in ("torch", "numpy"):
@@ -363,7 +378,7 @@ def bench_sample(args):
                    threads=os.cpu_count())                      # bench cpu's default
         hf_s = run_worker(job)["seconds"]
     r = {"config": {"model": args.model, "tokens": n, "recompute_B": B, "recompute_T": T,
-                    "backend": model.backend.name, "load_average_1min": os.getloadavg()[0]},
+                    "backend": model.backend.name, "load_average_1min": load_average()},
          "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
          "kv_cache_tokens_per_s": n / times["kv_cache"],
          "recompute_tokens_per_s": n / times["recompute"],
@@ -379,7 +394,7 @@ def bench_sample(args):
         return r
     c = r["config"]
     print(f"sampling {n} tokens from {c['model']} (backend {c['backend']}), load average "
-          f"{c['load_average_1min']:.2f}")
+          f"{shown(c['load_average_1min'], '.2f')}")
     print(f"KV cache:                       {r['kv_cache_s']:8.2f} s "
           f"{r['kv_cache_tokens_per_s']:8.1f} tokens/s")
     print(f"full recompute at B={B}, T={T}:   {r['recompute_s']:8.2f} s "

@@ -67,11 +67,11 @@ def atomic_write(path, arrays):
         raise LlmpyError(f"{path}: cannot write: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())   # mkstemp makes 0600; the usual mode
             for a in arrays:
                 f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes 0600; the usual mode
         os.replace(tmp, path)
     except OSError as e:                      # disk full, path is a directory, ...
         os.unlink(tmp)

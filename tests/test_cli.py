@@ -1,5 +1,6 @@
 """The command line as a user meets it: help, the embedded default, and bad input (one line on
 stderr naming the problem, exit code 1, never a traceback)."""
+import os
 import struct
 import subprocess
 import sys
@@ -108,3 +109,32 @@ def test_bad_flags_fail_before_training(files):
     assert_one_line_error(train(files, "--save", files), str(files), "names a directory")
     (files / "afile").write_text("")
     assert_one_line_error(train(files, "--save", files / "afile" / "out.bin"), "afile")
+
+
+def test_without_posix_only_calls(files, tmp_path):
+    """What Windows lacks (os.fchmod before Python 3.13, os.getloadavg, the resource module),
+    taken away in every process through a sitecustomize: training with checkpoints and --save,
+    and both CPU benchmarks, still run (the benchmarks print n/a where a number is missing)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "for name in ('fchmod', 'getloadavg'):\n"
+        "    if hasattr(os, name):\n"
+        "        delattr(os, name)\n"
+        "sys.modules['resource'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH",
+                                                                                  "")])}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "llmpy", *map(str, args)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=600, env=env)
+    r = run("train", "--model", files / "m.bin", "--train-data", files / "d.bin", "--val-every",
+            0, "--sample-every", 0, "--steps", 2, "-b", 2, "-t", 8, "--run-dir", tmp_path / "run",
+            "--checkpoint-every", 1, "--save", tmp_path / "out.bin")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.bin").exists() and (tmp_path / "run" / "ckpt_00000002").is_dir()
+    r = run("bench", "cpu", "--model", "tiny", "-b", 2, "-t", 8, "--steps", 1, "--warmup", 0,
+            "--impls", "numpy")
+    assert r.returncode == 0, r.stderr
+    assert "load average n/a" in r.stdout and "n/a MB" in r.stdout
+    r = run("bench", "sample", "--model", "tiny", "--tokens", 2)
+    assert r.returncode == 0 and "load average n/a" in r.stdout, r.stderr
