@@ -178,6 +178,11 @@ def make_parser():
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    # Sampled text can hold any character; a console or file whose encoding lacks one (cp1252
+    # on Windows, when redirected) shows a replacement instead of ending the run.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         args.func(args)
     except LlmpyError as e:

@@ -186,7 +186,7 @@ def read_hf(src):
         src = download(src)
     config_path = os.path.join(src, "config.json")
     try:
-        with open(config_path) as f:
+        with open(config_path, encoding="utf-8") as f:
             c = json.load(f)
     except FileNotFoundError:
         raise LlmpyError(f"{config_path}: no such file") from None

@@ -4,11 +4,13 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llmpy.checkpoint import num_params
+from llmpy.data import bundled_data
 from llmpy.config import GPT2Config
 from test_gpt2 import write_llmc_model, write_llmc_tokens
 
@@ -138,3 +140,27 @@ def test_without_posix_only_calls(files, tmp_path):
     assert "load average n/a" in r.stdout and "n/a MB" in r.stdout
     r = run("bench", "sample", "--model", "tiny", "--tokens", 2)
     assert r.returncode == 0 and "load average n/a" in r.stdout, r.stderr
+
+
+def test_spawned_workers_and_a_narrow_console(tmp_path):
+    """Two things a Windows or macOS laptop meets: tokenizer processes started by spawn (the
+    default there) instead of fork, and a console whose encoding lacks characters of the text
+    (replaced, instead of ending the run)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import multiprocessing\n"
+                                           "multiprocessing.set_start_method('spawn')\n")
+    text = (tmp_path / "big.txt")
+    text.write_bytes(Path(bundled_data("shakespeare.txt")).read_bytes() * 2)  # 2 workers' worth
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH",
+                                                                                  "")])}
+    r = subprocess.run([sys.executable, "-m", "llmpy", "prepro", "text", str(text), "--out",
+                        str(tmp_path / "out"), "--workers", "2"], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["big_train_000001.bin", "big_val_000000.bin"]
+    r = subprocess.run([sys.executable, "-m", "llmpy", "sample", "--model", "tiny", "--prompt",
+                        "caf\u00e9 \u2603", "--tokens", "2", "--backend", "numpy"],
+                       capture_output=True, timeout=600,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and r.stdout.startswith(b"caf? ?"), r.stderr
