@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from .backends import get_backend
 from .backends import numpy as ref
 from .errors import LlmpyError
 from .model import FlatTensors, param_shapes
@@ -30,17 +31,18 @@ def sample_next(logits, rng, temperature=1.0, top_k=0):
 
 class Decoder:
     """Runs one position at a time for `rows` sequences with a KV cache, on the host, with the
-    model's backend ops (the NumPy reference's where the backend's arrays are not host arrays,
-    as on a GPU). One position reads every weight once for two FLOPs each per row, so a step is
-    bound by memory bandwidth, not by arithmetic, and a few rows cost about what one does. The
-    weights are views of the model's parameters on the CPU backends (a host copy on a GPU)."""
+    model's backend ops (where the backend's arrays are not host arrays, as on a GPU, the
+    fastest CPU backend's). One position reads every weight once for two FLOPs each per row, so
+    a step is bound by memory bandwidth, not by arithmetic, and a few rows cost about what one
+    does. The weights are views of the model's parameters on the CPU backends (a host copy on a
+    GPU)."""
 
     def __init__(self, model, max_len, rows=1):
         cfg = model.config
         C, NH, L, N = cfg.channels, cfg.num_heads, cfg.num_layers, rows
         host = model.backend.to_host(model.params.buf)          # (num_params,) float32
         self.params = FlatTensors(param_shapes(cfg), lambda n: host)
-        self.ops = model.backend if host is model.params.buf else ref
+        self.ops = model.backend if host is model.params.buf else get_backend("auto")
         self.config = cfg
         self.k = np.zeros((L, N, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs) keys
         self.v = np.zeros((L, N, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs) values

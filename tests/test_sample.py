@@ -51,6 +51,17 @@ def test_generate_samples_what_recompute_samples(backend, temperature, top_k):
     assert cached == again
 
 
+@pytest.mark.skipif("gpu" not in [be.name for be in BACKENDS], reason="needs torch and triton")
+def test_generate_from_a_gpu_model_decodes_on_the_host():
+    """A gpu-backend model (in Triton's interpreter here) samples through a host copy of its
+    weights with a CPU backend's ops: the same tokens as the NumPy model from the same random
+    numbers."""
+    gpu = next(be for be in BACKENDS if be.name == "gpu")
+    ids = [list(generate(model_on(be), [1, 2, 3], 8, np.random.default_rng(7)))
+           for be in (gpu, BACKENDS[0])]
+    assert ids[0] == ids[1] and len(set(ids[0])) > 1
+
+
 def test_generate_must_fit_the_context():
     model = model_on(BACKENDS[0])
     list(generate(model, [1, 2], CFG.max_seq_len - 1, np.random.default_rng(0)))   # just fits
