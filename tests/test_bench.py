@@ -1,9 +1,12 @@
 """Smoke tests of `llmpy bench cpu` and `llmpy bench sample` on the tiny preset: they run, the
 implementations they compare start from the same weights and batch, and the FLOP count is
-right. (The benchmarks' numbers are recorded in bench/RESULTS.md, never asserted.)"""
+right; bench/bench_fineweb.py on a small corpus. (The benchmarks' numbers are recorded in
+bench/RESULTS.md, never asserted.)"""
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -98,3 +101,25 @@ def test_bench_sample_without_transformers(monkeypatch, capsys):
 
 def test_bench_cpu_bad_model():
     assert_one_line_error(llmpy("bench", "cpu", "--model", "d13"), "--model d13")
+
+
+def test_bench_fineweb_runs_on_every_token(tmp_path, gpt2_reference):
+    """bench_fineweb.py on ~200 KB: it exits 0 only when every case wrote llm.c's bytes, and the
+    shards hold the corpus's tokens, counted here with tiktoken's own GPT-2."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet  # noqa: F401
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_fineweb.py")
+    r = subprocess.run([sys.executable, bench, "--mb", "0.2", "--shard-tokens", "20000",
+                        "--repeats", "1", "--json"], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})   # the corpus cache
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    texts = pa.parquet.read_table(out["corpus"]["folder"], columns=["text"])["text"].to_pylist()
+    tokens = sum(len(gpt2_reference.encode_ordinary(t)) + 1 for t in texts)
+    assert out["corpus"]["tokens"] == tokens and out["same_bytes"]
+    assert out["corpus"]["shards"] == -(-tokens // 20000) > 1
+    assert any(not t.isascii() for t in texts) and out["corpus"]["files"] > 1
+    # llm.c's cores - 2 processes, all cores where that differs, ours
+    assert len(out["cases"]) == (2 if os.cpu_count() > 1 else 1) + 1
+    for case in out["cases"].values():
+        assert case["median_s"] > 0 and case["tokens_per_s"] == tokens / case["median_s"]

@@ -348,7 +348,7 @@ def assert_same_files(out, expected_dir, names):
 def test_fineweb_like_llmc(tmp_path, capsys, monkeypatch, gpt2_reference):
     pytest.importorskip("pyarrow")
     from llmpy.data import DataLoader, read_tokens
-    monkeypatch.setattr(common, "MIN_WORK_CHARS", 300)   # many work items; documents cut across them
+    monkeypatch.setattr(common, "STREAM_ITEM_CHARS", 300)  # many items, documents cut across them
     docs = fineweb_documents()
     sample = tmp_path / "sample" / "10BT"
     files = [write_parquet(sample / f"{k:03d}_00000.parquet", part)
@@ -452,7 +452,7 @@ def test_fineweb_bad_input(tmp_path, capsys, monkeypatch):
 def test_fineweb_failed_rerun_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
     """A run that fails after writing shards (a null text late in the stream) removes what it
     wrote and leaves the earlier run's shards as they were: none half-replaced, none missing."""
-    monkeypatch.setattr(common, "MIN_WORK_CHARS", 64)    # work items, and shards, before the null
+    monkeypatch.setattr(common, "STREAM_ITEM_CHARS", 64)   # work items, and shards, before the null
     monkeypatch.setattr(fineweb, "BATCH_ROWS", 8)        # rows read before the null's batch
     good = write_parquet(tmp_path / "good.parquet", fineweb_documents(30))
     bad = write_parquet(tmp_path / "null.parquet", ["ok " * 50] * 20 + [None, "ok"])

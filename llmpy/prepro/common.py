@@ -15,6 +15,10 @@ from ..files import ensure_dir
 from ..tokenizer import EOT_TEXT, Tokenizer
 
 MIN_WORK_CHARS = 1 << 20   # a process pool pays off only when each process gets this much text
+# A streamed work item: tiktoken returns its tokens as a Python list (~12 MB per MiB of text)
+# before they become uint16, so smaller items keep each process smaller, at no speed cost
+# measured (bench/bench_fineweb.py: 256 KiB items, 62 MB a process; 1 MiB, 75 MB).
+STREAM_ITEM_CHARS = 1 << 18
 
 
 def progress(**kwargs):
@@ -132,8 +136,8 @@ def cut_text(text, size):
 
 def ordered_map(fn, items, workers):
     """fn(item) for each item of an iterable, in order, in `workers` processes (1: in this
-    process). Only a few items are read ahead of the results, so a stream of any length runs in
-    bounded memory (Pool.imap would read all of its input at once)."""
+    process). At most 2 items per process are in flight, so a stream of any length runs in
+    bounded memory (Pool.imap's results pile up whenever their consumer is the slower side)."""
     tokenizer()
     if workers == 1:
         yield from map(fn, items)
@@ -191,8 +195,8 @@ def encode_documents(documents, workers, desc="tokenizing"):
 
 def encode_stream(documents, workers):
     """The tokens of a stream of documents (any iterable), as encode_documents makes them, as a
-    stream of (n,) uint16 arrays of about MIN_WORK_CHARS characters' tokens each."""
-    items = (item for item, _ in group_pieces(documents, MIN_WORK_CHARS))
+    stream of (n,) uint16 arrays of about STREAM_ITEM_CHARS characters' tokens each."""
+    items = (item for item, _ in group_pieces(documents, STREAM_ITEM_CHARS))
     return ordered_map(encode_pieces, items, max(1, workers or os.cpu_count() or 1))
 
 
