@@ -100,7 +100,8 @@ def make_parser():
     s = sub.add_parser("sample", help="generate text from a model .bin",
                        description="Generate text from an llm.c model file.")
     s.add_argument("--model", required=True,
-                   help="llm.c model .bin, or a run directory (its newest checkpoint)")
+                   help="llm.c model .bin, Hugging Face model directory, or run directory "
+                   "(its newest checkpoint)")
     s.add_argument("--prompt", default="", help="text to continue (default: start of document)")
     s.add_argument("--tokens", type=int, default=64, help="tokens to generate (default: 64)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")

@@ -58,9 +58,9 @@ def _f(default, help):
 @dataclass
 class TrainConfig:
     """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
-    model: str = _f("", "an llm.c model .bin, a run directory (the weights of its newest "
-                    "checkpoint), or a from-scratch preset: " + ", ".join(PRESETS)
-                    + " (default: the embedded default, see README)")
+    model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, a run directory "
+                    "(the weights of its newest checkpoint), or a from-scratch preset: "
+                    + ", ".join(PRESETS) + " (default: the embedded default, see README)")
     train_data: str = _f("", "token .bin file, or a quoted glob of shards")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards")
     batch_size: int = _f(4, "micro-batch size B")
@@ -125,8 +125,9 @@ class EvalConfig:
     """`llmpy eval`: a model's loss on token files and its HellaSwag accuracy. B and T default
     to training's, so a run's val loss comes out as its log has it; pass -t 1024 to score GPT-2
     over its whole context."""
-    model: str = _f("", "an llm.c model .bin, or a run directory: its newest checkpoint, and "
-                    "the run's --val-data, -b, -t and --backend unless given (required)")
+    model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, or a run "
+                    "directory: its newest checkpoint, and the run's --val-data, -b, -t and "
+                    "--backend unless given (required)")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "
                        "Shakespeare val, unless only --hellaswag-data is given)")
     val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)")

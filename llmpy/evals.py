@@ -139,10 +139,11 @@ def evaluate(cfg, explicit):
     from .backends import get_backend
     from .config import require_positive
     from .data import DataLoader, bundled_data
+    from .hf import is_hf_dir
     from .train import build_model, restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
-    if os.path.isdir(cfg.model):
+    if os.path.isdir(cfg.model) and not is_hf_dir(cfg.model):     # a run directory
         restored = restore_flags(cfg, explicit, cfg.model,
                                  ("val_data", "batch_size", "seq_len", "backend"))
         if restored and not cfg.json:

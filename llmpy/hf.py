@@ -34,6 +34,13 @@ PREFIX = "transformer."                             # GPT2LMHeadModel's; GPT2Mod
 # checkpoints, and the classifier, which GPT-2 ties to wte.
 NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hf_dir(path):
+    """Whether path is a Hugging Face model directory: one holding its weights file."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                       for f in HF_WEIGHTS)
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
 
 
@@ -193,14 +200,14 @@ def read_hf(src):
     except (ValueError, UnicodeDecodeError) as e:
         raise LlmpyError(f"{config_path}: not valid JSON: {e}") from None
     cfg = config_from_hf(c, config_path)
-    weights = os.path.join(src, "model.safetensors")
+    weights = os.path.join(src, HF_WEIGHTS[0])
     if os.path.exists(weights):
         tensors = _read_safetensors(weights)
-    elif os.path.exists(os.path.join(src, "pytorch_model.bin")):
-        weights = os.path.join(src, "pytorch_model.bin")
+    elif os.path.exists(os.path.join(src, HF_WEIGHTS[1])):
+        weights = os.path.join(src, HF_WEIGHTS[1])
         tensors = _read_pytorch_bin(weights)
     else:
-        raise LlmpyError(f"{src}: no model.safetensors or pytorch_model.bin")
+        raise LlmpyError(f"{src}: no {' or '.join(HF_WEIGHTS)}")
     return cfg, params_from_hf(cfg, tensors, weights)
 
 

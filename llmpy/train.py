@@ -21,6 +21,7 @@ from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import ensure_dir
 from .evals import hellaswag, read_evalfile, val_loss
+from .hf import is_hf_dir, read_hf
 from .model import GPT2, init_weights, load_params
 from .optim import (DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_scale,
                     get_lr)
@@ -31,13 +32,18 @@ MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a r
 
 
 def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
-    """A model from an llm.c .bin path, a run directory (its newest checkpoint), or from scratch
-    from a preset name."""
+    """A model from an llm.c .bin path, a Hugging Face model directory (as `llmpy convert`
+    writes one), a run directory (its newest checkpoint), or from scratch from a preset name."""
     if spec in PRESETS:
         model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
         init_weights(model, seed)
         return model
-    cfg, params = resume.newest_weights(spec) if os.path.isdir(spec) else read_model(spec)
+    if is_hf_dir(spec):
+        cfg, params = read_hf(spec)
+    elif os.path.isdir(spec):
+        cfg, params = resume.newest_weights(spec)
+    else:
+        cfg, params = read_model(spec)
     model = GPT2(cfg, backend, recompute_gelu)
     load_params(model, params)
     return model

@@ -19,9 +19,11 @@ from llmpy.backends import get_backend
 from llmpy.checkpoint import num_params, write_model
 from llmpy.cli import main
 from llmpy.config import GPT2Config, preset
-from llmpy.data import bundled_data
+from llmpy.data import bundled_data, write_tokens
 from llmpy.debugstate import read_debug_state, write_debug_state
 from llmpy.model import GPT2, init_weights, load_params, param_shapes
+from llmpy.sample import generate
+from llmpy.train import build_model
 from test_cli import assert_one_line_error, llmpy
 from test_gpt2 import random_weights, rel_err, write_llmc_model
 from torchref.gpt2 import from_flat
@@ -151,6 +153,23 @@ def test_hf_roundtrip_identical_logits(hf_dir, tmp_path):
     for k, v in m.state_dict().items():
         if k != "lm_head.weight":             # tied to wte, which is saved once
             assert torch.equal(back[k], v), k
+
+
+@needs_hf
+def test_hf_directory_as_a_model(hf_dir, tmp_path):
+    """eval and sample take an HF model directory where they take an llm.c .bin: the same
+    loss and the same tokens as from the converted file."""
+    d, _ = hf_dir
+    assert cli("convert", d, tmp_path / "m.bin").returncode == 0
+    write_tokens(tmp_path / "val.bin", tokens(CFG, 1, 300).ravel())
+    outs = [cli("eval", "--model", model, "--val-data", tmp_path / "val.bin", "-b", 2, "-t", 8,
+                "--backend", "numpy", "--json") for model in (d, tmp_path / "m.bin")]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    losses = [json.loads(r.stdout)["val_loss"] for r in outs]
+    assert losses[0] == losses[1]
+    ids = [list(generate(build_model(str(model), get_backend("numpy")), [1, 2], 6,
+                         np.random.default_rng(3))) for model in (d, tmp_path / "m.bin")]
+    assert ids[0] == ids[1]
 
 
 @needs_hf
