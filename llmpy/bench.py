@@ -208,7 +208,7 @@ def run_worker(job):
 # ----------------------------------------------------------------------------- bench cpu
 
 def bench_cpu(args):
-    from .config import PRESETS, preset
+    from .config import PRESETS, check_seq_len, preset
     from .errors import LlmpyError
     impls = [i for i in args.impls.split(",") if i]
     if any(i not in IMPLS for i in impls):
@@ -221,9 +221,7 @@ def bench_cpu(args):
         raise LlmpyError("the PyTorch baseline needs torch (pip install torch==2.13.0), or "
                          "leave it out: --impls cpu,numpy")
     cfg = preset(args.model)
-    if args.seq_len > cfg.max_seq_len:
-        raise LlmpyError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
-                         f"{cfg.max_seq_len}")
+    check_seq_len(args.seq_len, cfg)
     job = dict(model=args.model, batch=args.batch_size, seq=args.seq_len, warmup=args.warmup,
                steps=args.steps, threads=args.threads or os.cpu_count())
     results = {"config": {**job, "layers": cfg.num_layers, "channels": cfg.channels,

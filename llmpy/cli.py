@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from .config import (BACKEND_HELP, PRESETS, EvalConfig, TrainConfig, add_arguments,
-                     from_arguments)
+                     from_arguments, require_positive)
 from .bench import add_parsers as add_bench_parsers
 from .errors import LlmpyError
 from .prepro import add_parser as add_prepro_parser
@@ -26,8 +26,7 @@ def cmd_sample(args):
     from .sample import generate, generate_rows
     from .tokenizer import Tokenizer
     from .train import build_model
-    if args.num_samples < 1:
-        raise LlmpyError("--num-samples must be at least 1")
+    require_positive(args, "num_samples")
     model = build_model(args.model, get_backend(args.backend))
     tok = Tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else []

@@ -169,6 +169,12 @@ def require_positive(cfg, *names):
             raise LlmpyError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def check_seq_len(T, cfg, flag="--seq-len"):
+    """One line, before any work, when T does not fit in the model's context."""
+    if T > cfg.max_seq_len:
+        raise LlmpyError(f"{flag} {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+
+
 def from_arguments(cls, args):
     """(config, names of the fields given on the command line)."""
     given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}

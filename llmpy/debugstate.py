@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import num_params, read_model
+from .config import check_seq_len
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
@@ -88,8 +89,7 @@ def make_debug_state(model_path, data_path, B, T, out):
     """Run the PyTorch reference on the first batch of data_path and write the debug state."""
     steps = _torchref("writing a debug state")
     cfg, params = read_model(model_path)
-    if T > cfg.max_seq_len:
-        raise LlmpyError(f"-t {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    check_seq_len(T, cfg, "-t")
     x, y = DataLoader(data_path or bundled_data("shakespeare_val.bin"), B, T,
                       cfg.vocab_size).next_batch()
     logits, loss, grads = steps.forward_backward(cfg, params, x, y)

@@ -137,7 +137,7 @@ def evaluate(cfg, explicit):
     """`llmpy eval`: cfg an EvalConfig, explicit the fields given on the command line.
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
-    from .config import require_positive
+    from .config import check_seq_len, require_positive
     from .data import DataLoader, bundled_data
     from .hf import is_hf_dir
     from .train import build_model, restore_flags
@@ -155,8 +155,7 @@ def evaluate(cfg, explicit):
         raise LlmpyError("--val-batches must be >= 0")
     model = build_model(cfg.model, get_backend(cfg.backend))
     B, T, mc = cfg.batch_size, cfg.seq_len, model.config
-    if T > mc.max_seq_len:
-        raise LlmpyError(f"--seq-len {T} exceeds the model's max_seq_len {mc.max_seq_len}")
+    check_seq_len(T, mc)
     r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
     # read every file before the first forward pass, so bad input fails at once
     loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None

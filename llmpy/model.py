@@ -133,8 +133,7 @@ class GPT2:
             return sum(int(np.prod(shape)) * (4 if name in STATS else item)
                        for name, shape in shapes)
         whole, layer = grad_activation_shapes(self.config, B, T, self.fused)
-        return {"parameters": size(param_shapes(self.config)),
-                "gradients": size(param_shapes(self.config)),
+        return {"parameters": self.params.buf.nbytes, "gradients": self.grads.buf.nbytes,
                 "activations": size(activation_shapes(self.config, B, T, self.fused,
                                                       self.recompute_gelu)),
                 "activation gradients": size(whole) + size(layer)}

@@ -16,7 +16,7 @@ import numpy as np
 from . import distributed, resume
 from .backends import get_backend
 from .checkpoint import read_model, write_model
-from .config import EMBEDDED_DEFAULT, PRESETS, preset, require_positive
+from .config import EMBEDDED_DEFAULT, PRESETS, check_seq_len, preset, require_positive
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import ensure_dir
@@ -244,8 +244,7 @@ def train(cfg, explicit=None):
                         recompute_gelu=cfg.recompute_gelu)
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len
-    if T > mc.max_seq_len:
-        raise LlmpyError(f"--seq-len {T} exceeds the model's max_seq_len {mc.max_seq_len}")
+    check_seq_len(T, mc)
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
           f"parameters | backend {backend.name}"
