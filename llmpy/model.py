@@ -110,6 +110,9 @@ class GPT2:
         self.config = config
         self.backend = backend
         self.fused = getattr(backend, "fused", False)          # see activation_shapes
+        # the backend's matmul, GELU, attention and classifier backwards write their input's
+        # gradient instead of adding into it (llm.c's CUDA contract): no scratch to zero
+        self.writes_grads = getattr(backend, "writes_activation_grads", False)
         # keep one layer's GELU output instead of L, at the cost of a GELU per layer in the
         # backward pass: 4*C of the 16*C values a layer saves per position
         self.recompute_gelu = recompute_gelu
@@ -230,7 +233,7 @@ class GPT2:
             self.grad_acts = FlatTensors(whole, be.zeros, STATS)
             self.grad_layer = FlatTensors(layer, be.zeros)
         d, dl = self.grad_acts, self.grad_layer
-        d.buf[:] = 0                                            # backward ops accumulate
+        d.buf[:] = 0                          # the residual stream's gradient accumulates
         d.losses[...] = 1.0 / (B * T)                           # d(mean)/d(each loss)
 
         if self.fused:
@@ -249,7 +252,8 @@ class GPT2:
                               a.lnf_rstd)
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
-            dl.buf[:] = 0
+            if not self.writes_grads:
+                dl.buf[:] = 0                 # each of these gradients is added into once
             # d.residual holds d(residual3[l]) = d(fcproj[l])
             fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
             if self.recompute_gelu and l < L - 1:    # the last layer's is still there

@@ -140,7 +140,8 @@ def test_matmul(case):
     ref.matmul_forward(want, x64, w64, b64)
     case.check(out, want, "matmul out")
     dout, dout64 = case.randn(B, T, OC)
-    dx, dx64 = case.randn(B, T, C)
+    dx, _ = case.randn(B, T, C)                 # written over, not added to
+    dx64 = np.zeros((B, T, C))
     dw, dw64 = case.randn(OC, C)
     db, db64 = case.randn(OC)
     gpu.matmul_backward(dx, dw, db, dout, x, w)
@@ -157,7 +158,8 @@ def test_gelu(case):
     ref.gelu_forward(want, x64)
     case.check(out, want, "gelu out")
     dout, dout64 = case.randn(3, 5, 48)
-    dx, dx64 = case.randn(3, 5, 48)
+    dx, _ = case.randn(3, 5, 48)                # written over, not added to
+    dx64 = np.zeros((3, 5, 48))
     gpu.gelu_backward(dx, x, dout)
     ref.gelu_backward(dx64, x64, dout64)
     case.check(dx, dx64, "gelu dinp")
@@ -181,7 +183,8 @@ def test_flash_attention(case, shape):
     diag = np.arange(T)
     case.check(lse, pre[..., diag, diag] - np.log(att[..., diag, diag]), "attention lse")
     dout, dout64 = case.randn(B, T, C)
-    dqkv, dqkv64 = case.randn(B, T, 3 * C)
+    dqkv, _ = case.randn(B, T, 3 * C)           # written over, not added to
+    dqkv64 = np.zeros((B, T, 3 * C))
     gpu.attention_backward(dqkv, dout, qkv, out, lse)
     ref.attention_backward(dqkv64, np.zeros_like(att), np.zeros_like(att), dout64, qkv64, att)
     case.check(dqkv, dqkv64, "attention dinp")

@@ -6,7 +6,9 @@ backward recomputes each block of probabilities from q, k and that logsumexp:
     P = exp(q k^T * scale - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),
     dQ = dS K * scale,  dK = dS^T Q * scale,  with D = rowsum(dO * O).
 Each backward program owns one block of keys (for dK, dV) and one block of queries (for dQ),
-so every gradient element is written by exactly one program: deterministic, no atomics.
+so every gradient element is written by exactly one program: deterministic, no atomics. The
+gradient is written, not added (the backend's writes_activation_grads): the qkv matmul's
+backward is its only reader.
 
 Layouts: qkv (B,T,3C) holds q, k, v for all heads, head h at channels h*hs..(h+1)*hs of each;
 out (B,T,C); lse (B,NH,T) float32, natural log. The exponentials use exp2, so scores are kept
@@ -160,13 +162,7 @@ def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, offs_m, lo, hi, T, C, qk_scal
     return dq
 
 
-@triton.jit
-def _add_block(ptr, offs, vals, mask):
-    tl.store(ptr + offs, (tl.load(ptr + offs, mask=mask).to(tl.float32) + vals)
-             .to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.autotune(configs=_BWD, restore_value=["dinp"], **_TUNE)
+@triton.autotune(configs=_BWD, **_TUNE)
 @triton.jit
 def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
                                HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
@@ -192,8 +188,9 @@ def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, 
                          start + BLOCK, T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs,
                          start + BLOCK, T, T, C, qk_scale, HS, HS_PAD, STEP, False, PREC)
-    _add_block(dq_base + C, qkv_offs, dk * scale, mask)
-    _add_block(dq_base + 2 * C, qkv_offs, dv, mask)
+    ty = dinp.dtype.element_ty
+    tl.store(dq_base + C + qkv_offs, (dk * scale).to(ty), mask=mask)
+    tl.store(dq_base + 2 * C + qkv_offs, dv.to(ty), mask=mask)
 
     # dQ for the queries start..start+BLOCK: the key blocks below the diagonal, then the diagonal
     q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)
@@ -205,7 +202,7 @@ def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, 
                    qk_scale, HS, HS_PAD, STEP, False, PREC)
     dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, start, start + BLOCK,
                    T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
-    _add_block(dq_base, qkv_offs, dq * scale, mask)
+    tl.store(dq_base + qkv_offs, (dq * scale).to(ty), mask=mask)
 
 
 def _shapes(inp, lse):

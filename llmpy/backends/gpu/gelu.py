@@ -30,8 +30,7 @@ def _gelu_backward_kernel(dinp, inp, dout, N, BLOCK: tl.constexpr):
     s = tl.sigmoid(2.0 * u)                                     # (1 + tanh(u)) / 2
     du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
     grad = s + 2.0 * x * s * (1.0 - s) * du                     # 1 - tanh^2 = 4 s (1 - s)
-    d = tl.load(dout + o, mask=mask).to(tl.float32) * grad
-    d += tl.load(dinp + o, mask=mask).to(tl.float32)
+    d = tl.load(dout + o, mask=mask).to(tl.float32) * grad     # written, not added
     tl.store(dinp + o, d.to(dinp.dtype.element_ty), mask=mask)
 
 

@@ -1,6 +1,7 @@
 """Matmul + bias through cuBLAS (torch.addmm): the bias add rides in the GEMM's epilogue and the
-backward's `+=` in its beta=1 accumulate, so neither costs a pass of its own. The bias gradient
-is a column sum of dout, accumulated in float32. In fp32, torch leaves TF32 off by default, so
+weight gradient's `+=` in its beta=1 accumulate, so neither costs a pass of its own. dinp is
+written, not added to (the backend's writes_activation_grads). The bias gradient is a column sum
+of dout, accumulated in float32. In fp32, torch leaves TF32 off by default, so
 these are full fp32 products; in bf16, cuBLAS accumulates in fp32."""
 import torch
 
@@ -25,7 +26,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
     # weight: (OC,C)
     OC, C = weight.shape
     dout2 = dout.view(-1, OC)                                   # (B*T,OC)
-    dinp.view(-1, C).addmm_(dout2, weight)
+    torch.mm(dout2, weight, out=dinp.view(-1, C))              # written: one reader
     dweight.addmm_(dout2.t(), inp.view(-1, C))
     if dbias is not None:
         add_column_sums(dbias, dout2)
