@@ -67,6 +67,15 @@ def grad_activation_shapes(cfg, B, T, fused=False):
     return model, layer
 
 
+def flops_per_token(cfg, T):
+    """Training FLOPs per token at sequence length T, counted as nanoGPT and PaLM count them for
+    MFU: 6 per weight that multiplies (2 forward; 4 backward, for dinp and dweight), which are
+    the classifier's Vp*C and a layer's 12*C^2; plus attention's two (T,T) products, 4*T*C a
+    layer forward and twice that backward. Biases, layernorms and the embeddings are left out."""
+    C, L = cfg.channels, cfg.num_layers
+    return 6 * (cfg.padded_vocab_size * C + 12 * L * C * C) + 12 * L * C * T
+
+
 # Per-row statistics: float32 on every backend, also on one that computes in bf16, because the
 # backward pass needs them to more digits than bf16's three.
 STATS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "att_lse",

@@ -22,7 +22,7 @@ from .errors import LlmpyError
 from .files import ensure_dir
 from .evals import hellaswag, read_evalfile, val_loss
 from .hf import is_hf_dir, read_hf
-from .model import GPT2, init_weights, load_params
+from .model import GPT2, flops_per_token, init_weights, load_params
 from .optim import (DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_scale,
                     get_lr)
 from .sample import generate
@@ -262,6 +262,8 @@ def train(cfg, explicit=None):
     mem = {**model.memory(B, T), "AdamW state": opt.state_bytes()}
     print("memory: " + ", ".join(f"{k} {v / 2 ** 20:,.1f}" for k, v in mem.items())
           + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")
+    # model FLOPs utilization per GPU, as llm.c prints it, where the backend knows its peak
+    peak = getattr(backend, "peak_flops", lambda: None)()
     run = RunState(cfg, train_loader)
     start = 0
     if cfg.run_dir:
@@ -298,8 +300,11 @@ def train(cfg, explicit=None):
             rec = {"step": step, "train_loss": finite_or_none(loss), "ms": ms,
                    "tokens_per_s": B * T * accum * dist.world / ms * 1e3, "lr": lr,
                    "grad_norm": finite_or_none(norm)}
+            if peak:
+                rec["mfu"] = flops_per_token(mc, T) * rec["tokens_per_s"] / dist.world / peak
             print(f"step {step:4d}/{cfg.steps} | loss {loss:.6f} | lr {lr:.2e} | norm "
-                  f"{norm:.4f} | {ms:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s", flush=True)
+                  f"{norm:.4f} | {ms:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s"
+                  + (f" | {rec['mfu']:.1%} MFU" if peak else ""), flush=True)
             if reason:
                 rec["skipped"] = reason
                 print(f"warning: step {step}: update skipped: {reason}", flush=True)

@@ -9,6 +9,7 @@ import json
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from conftest import BACKENDS
 from llmpy.config import GPT2Config, preset
-from llmpy.model import GPT2, init_weights, load_params, param_shapes
+from llmpy.model import GPT2, flops_per_token, init_weights, load_params, param_shapes
 from llmpy.optim import AdamW, AdamWConfig
 from torchref.gpt2 import from_flat
 
@@ -101,6 +102,37 @@ def test_recompute_gelu_changes_nothing_but_memory(backend):
     assert np.array_equal(plain, again)
     L, C = CFG.num_layers, CFG.channels
     assert len(models[0].acts) - len(models[1].acts) == (L - 1) * B * T * 4 * C
+
+
+def test_flops_per_token_counts_the_step_s_products():
+    """flops_per_token (MFU's numerator) against the products one forward and backward of the
+    NumPy reference actually computes, counted from the shapes the model passes: 2 FLOPs per
+    multiply-add, a matmul's backward twice its forward (dinp and dweight), attention's two
+    (T,T) products likewise."""
+    from llmpy.backends import numpy as ref
+    flops = []
+
+    def counted(name, count):
+        def op(*args):
+            flops.append(count(*args))
+            return getattr(ref, name)(*args)
+        return op
+
+    mm = lambda out, inp, weight, *_: 2 * inp.size * weight.shape[0]  # noqa: E731
+    att = lambda out, pre, a, inp: 2 * 2 * pre.size * out.shape[-1] // pre.shape[1]  # noqa: E731
+    be = types.SimpleNamespace(**{k: getattr(ref, k) for k in dir(ref) if not k.startswith("_")})
+    be.matmul_forward = counted("matmul_forward", mm)
+    be.matmul_backward = counted("matmul_backward",
+                                 lambda dinp, dw, db, dout, inp, w: 2 * mm(dout, inp, w))
+    be.attention_forward = counted("attention_forward", att)
+    be.attention_backward = counted("attention_backward",
+                                    lambda dinp, dpre, da, dout, inp, a: 2 * att(dout, dpre, a, inp))
+    B, T = 2, 7
+    model = GPT2(CFG, be)
+    model.forward(*batch(CFG, B, T))
+    model.zero_grad()
+    model.backward()
+    assert sum(flops) == flops_per_token(CFG, T) * B * T
 
 
 @pytest.mark.parametrize("recompute_gelu", [False, True])

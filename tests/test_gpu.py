@@ -210,6 +210,16 @@ def test_fused_classifier(case):
     case.check(logits, dlogits64, "classifier dlogits in place of the logits")
 
 
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3060", None)])
+def test_dense_peak_by_device_name(name, peak):
+    # names as torch.cuda.get_device_name gives them; a longer model name must not match a
+    # shorter one's peak (A10 in A100, L4 in L40S)
+    assert gpu.dense_peak(name) == peak
+
+
 def test_sum_squares(case):
     # float32 accumulation: 100003 ones would stop at 256 in bf16 (2048 in fp16)
     assert gpu.sum_squares(case.zeros(100003) + 1) == 100003

@@ -11,7 +11,7 @@ import torch
 
 from llmpy import cli
 from llmpy.config import GPT2Config, TrainConfig
-from llmpy.model import GPT2
+from llmpy.model import GPT2, flops_per_token
 from llmpy.optim import OutlierDetector, get_lr
 from llmpy.train import train
 from test_gpt2 import random_weights, rel_err, write_llmc_model, write_llmc_tokens
@@ -197,3 +197,15 @@ def test_plot(files, tmp_path):
     run(files[0], steps=3, run_dir=str(run_dir))
     assert cli.main(["plot", str(run_dir)]) == 0
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mfu_per_step_where_the_backend_knows_its_peak(files, monkeypatch, capsys):
+    from llmpy.backends import numpy as numpy_backend
+    _, log = run(files[0], steps=2)
+    assert "mfu" not in log[0] and "MFU" not in capsys.readouterr().out   # no peak: no MFU
+    monkeypatch.setattr(numpy_backend, "peak_flops", lambda: 1e9, raising=False)
+    _, log = run(files[0], steps=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    for rec, line in zip(log, lines, strict=True):
+        assert rec["mfu"] == pytest.approx(flops_per_token(CFG, 8) * rec["tokens_per_s"] / 1e9)
+        assert line.endswith(f" | {rec['mfu']:.1%} MFU")

@@ -58,9 +58,27 @@ writes_activation_grads = True
 # float16 (interpreter) and bf16 (GPU) with their own tolerances.
 test_dtypes = (np.float32,)
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Dense (no sparsity) bf16/fp16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, for MFU.
+# The first name contained in the device's name counts, so "H100 PCIe" goes before "H100".
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+              ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+              ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12))
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 compute_dtype = _DTYPES[os.environ.get("LLMPY_GPU_DTYPE",
                                        "bfloat16" if device.type == "cuda" else "float32")]
+
+
+def dense_peak(name):
+    """The dense bf16 tensor-core peak (FLOP/s) of the GPU with this name, or None."""
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def peak_flops():
+    """This GPU's dense tensor-core peak in the compute dtype (FLOP/s), or None: an unknown GPU,
+    float32 (no tensor-core peak to compare with), or the interpreter."""
+    if device.type != "cuda" or compute_dtype == torch.float32:
+        return None
+    return dense_peak(torch.cuda.get_device_name(device))
 
 
 # ----------------------------------------------------------------------------- memory

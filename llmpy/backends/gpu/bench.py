@@ -11,7 +11,8 @@ Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memo
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included). MFU counts 6 FLOPs per
 parameter per token (the embedding lookups excluded) plus 12*L*C*T for attention, nanoGPT's
-and PaLM's convention, against the H100's dense bf16 peak (on an H200 the same peak). B is the
+and PaLM's convention (model.flops_per_token), against the GPU's dense bf16 peak
+(gpu.peak_flops; none for a GPU not in its table). B is the
 largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
 F.scaled_dot_product_attention at GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal
 kernel must do: half of the full T*T).
@@ -35,19 +36,11 @@ from ...config import GPT2Config, preset
 from ...data import DataLoader, bundled_data
 from ...bench import OpTimer, op_table
 from ...errors import LlmpyError, first_line
-from ...model import GPT2, init_weights, load_params
+from ...model import GPT2, flops_per_token, init_weights, load_params
 from ...optim import DECAYED, AdamW, AdamWConfig, clip_scale, global_norm
 from ...resume import git_commit
 
-PEAK_FLOPS = 989e12          # H100 SXM dense bf16 tensor-core peak
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
-
-
-def flops_per_token(cfg, T):
-    # the parameters that multiply: the classifier (wte) and 12*C^2 per layer; biases and
-    # LayerNorms are negligible
-    n = cfg.padded_vocab_size * cfg.channels + cfg.num_layers * 12 * cfg.channels ** 2
-    return 6 * n + 12 * cfg.num_layers * cfg.channels * T
 
 
 def batches(cfg, B, T, n):
@@ -152,9 +145,9 @@ def measure(side, cfg, flat, data, warmup):
     torch.cuda.reset_peak_memory_stats()
     seconds, losses, extra = side(cfg, flat, data, warmup)
     B, T = data[0][0].shape
-    tokens = B * T
+    tokens, peak = B * T, gpu.peak_flops()
     return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
-            "mfu": flops_per_token(cfg, T) * tokens / seconds / PEAK_FLOPS,
+            "mfu": flops_per_token(cfg, T) * tokens / seconds / peak if peak else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
             "first_loss": losses[0], "last_loss": losses[-1], **extra}
 
@@ -252,7 +245,8 @@ def summary(r):
         s = t[side]
         lines.append(f"{side:10s} failed: {s['error']}" if "error" in s else
                      f"{side:10s} {s['ms_per_step']:9.1f} {s['tokens_per_s']:10.0f} "
-                     f"{s['mfu']:6.1%} {s['peak_memory_gib']:9.2f} "
+                     f"{'-' if s['mfu'] is None else format(s['mfu'], '.1%'):>6s} "
+                     f"{s['peak_memory_gib']:9.2f} "
                      f"{s['first_loss']:8.4f}->{s['last_loss']:.4f}")
     if "speedup" in t:
         lines.append(f"speedup (tokens/s, ours / torch.compile baseline): {t['speedup']:.3f}x")
