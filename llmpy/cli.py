@@ -99,8 +99,9 @@ def make_parser():
     s = sub.add_parser("sample", help="generate text from a model .bin",
                        description="Generate text from an llm.c model file.")
     s.add_argument("--model", required=True,
-                   help="llm.c model .bin, Hugging Face model directory, or run directory "
-                   "(its newest checkpoint)")
+                   help="llm.c model .bin, Hugging Face model directory, run directory (its "
+                   "newest checkpoint), OpenAI's GPT-2 by hub name (gpt2, gpt2-medium, ...), or "
+                   "a from-scratch preset (random weights)")
     s.add_argument("--prompt", default="", help="text to continue (default: start of document)")
     s.add_argument("--tokens", type=int, default=64, help="tokens to generate (default: 64)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
@@ -165,7 +166,8 @@ def make_parser():
     g = bench.add_parser("gpu", help="GPT-2 training on the gpu backend vs PyTorch + "
                          "torch.compile, and flash attention vs SDPA",
                          description="Needs a CUDA GPU. See llmpy/backends/gpu/bench.py.")
-    g.add_argument("--model", default="gpt2", choices=PRESETS, help="preset (default: gpt2)")
+    g.add_argument("--model", default="d12", choices=PRESETS,
+                   help="preset (default: d12, GPT-2 124M's shape)")
     g.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64, 32, 16],
                    help="the batch sizes to try; the largest that fits runs (default: 64 32 16)")
     g.add_argument("-t", "--seq-len", type=int, default=1024, help="T (default: 1024)")

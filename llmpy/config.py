@@ -28,21 +28,22 @@ class GPT2Config:
             raise ValueError("padded_vocab_size must be >= vocab_size")
 
 
-# (num_layers, num_heads, channels), as llm.c's train_gpt2.cu names them.
+# From-scratch shapes, (num_layers, num_heads, channels), as llm.c's train_gpt2.cu names them.
 _DEPTHS = {
     "d6": (6, 6, 384), "d12": (12, 12, 768), "d24": (24, 16, 1024),
     "d36": (36, 20, 1280), "d48": (48, 25, 1600),
     # The embedded default: small enough to train on 2 CPU cores in minutes.
     "tiny": (4, 4, 128),
 }
-_DEPTHS.update({"gpt2": _DEPTHS["d12"], "gpt2-medium": _DEPTHS["d24"],
-                "gpt2-large": _DEPTHS["d36"], "gpt2-xl": _DEPTHS["d48"]})
 PRESETS = tuple(_DEPTHS)
+# OpenAI's GPT-2 on the Hugging Face hub, and the preset of its shape: `--model gpt2` means these
+# weights, as nanoGPT's init_from="gpt2" and transformers' from_pretrained("gpt2") do.
+PRETRAINED = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 
 
 def preset(name, max_seq_len=1024, vocab_size=50257):
-    """A from-scratch model shape by name: d6, d12, d24, d36, d48, tiny, gpt2, gpt2-medium, ..."""
-    L, NH, C = _DEPTHS[name]
+    """A model shape by name: a preset (d6, d12, d24, d36, d48, tiny) or a PRETRAINED name."""
+    L, NH, C = _DEPTHS[PRETRAINED.get(name, name)]
     return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab_size,
                       num_layers=L, num_heads=NH, channels=C)
 
@@ -59,7 +60,8 @@ def _f(default, help):
 class TrainConfig:
     """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
     model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, a run directory "
-                    "(the weights of its newest checkpoint), or a from-scratch preset: "
+                    "(the weights of its newest checkpoint), OpenAI's GPT-2 from the Hugging "
+                    "Face hub (" + ", ".join(PRETRAINED) + "), or a from-scratch preset: "
                     + ", ".join(PRESETS) + " (default: the embedded default, see README)")
     train_data: str = _f("", "token .bin file, or a quoted glob of shards")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards")
@@ -125,7 +127,8 @@ class EvalConfig:
     """`llmpy eval`: a model's loss on token files and its HellaSwag accuracy. B and T default
     to training's, so a run's val loss comes out as its log has it; pass -t 1024 to score GPT-2
     over its whole context."""
-    model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, or a run "
+    model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, OpenAI's GPT-2 "
+                    "from the Hugging Face hub (" + ", ".join(PRETRAINED) + "), or a run "
                     "directory: its newest checkpoint, and the run's --val-data, -b, -t and "
                     "--backend unless given (required)")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "

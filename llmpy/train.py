@@ -16,7 +16,8 @@ import numpy as np
 from . import distributed, resume
 from .backends import get_backend
 from .checkpoint import read_model, write_model
-from .config import EMBEDDED_DEFAULT, PRESETS, check_seq_len, preset, require_positive
+from .config import (EMBEDDED_DEFAULT, PRESETS, PRETRAINED, check_seq_len, preset,
+                     require_positive)
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import ensure_dir
@@ -33,12 +34,13 @@ MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a r
 
 def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
     """A model from an llm.c .bin path, a Hugging Face model directory (as `llmpy convert`
-    writes one), a run directory (its newest checkpoint), or from scratch from a preset name."""
+    writes one), a run directory (its newest checkpoint), OpenAI's GPT-2 by its hub name
+    (downloaded once into the Hugging Face cache), or from scratch from a preset name."""
     if spec in PRESETS:
         model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
         init_weights(model, seed)
         return model
-    if is_hf_dir(spec):
+    if is_hf_dir(spec) or (spec in PRETRAINED and not os.path.exists(spec)):
         cfg, params = read_hf(spec)
     elif os.path.isdir(spec):
         cfg, params = resume.newest_weights(spec)

@@ -305,6 +305,22 @@ def test_convert_hub_name_offline(tmp_path, monkeypatch):
                           "hub download failed")
 
 
+@needs_hf
+def test_model_gpt2_is_openai_s_weights(hf_dir, tmp_path, monkeypatch):
+    """--model gpt2 (train, eval, sample) loads the hub's GPT-2, as nanoGPT's init_from does,
+    not a from-scratch shape (that is d12); offline it fails in one line."""
+    from llmpy import hf
+    d, _ = hf_dir
+    monkeypatch.setattr(hf, "download", lambda name: str(d) if name == "gpt2" else None)
+    numpy = get_backend("numpy")
+    assert np.array_equal(build_model("gpt2", numpy).params.buf, build_model(str(d), numpy).params.buf)
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache"))
+    assert_one_line_error(llmpy("sample", "--model", "gpt2-medium"), "gpt2-medium",
+                          "hub download failed")
+
+
 # ----------------------------------------------------------------------------- debug state
 
 @pytest.fixture
