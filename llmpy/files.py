@@ -1,4 +1,5 @@
 """Helpers shared by every llm.c file format: the 256 x int32 header, and atomic writes."""
+import json
 import os
 import tempfile
 
@@ -79,3 +80,8 @@ def atomic_write(path, arrays):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json(path, obj):
+    """obj as JSON in path, written atomically."""
+    atomic_write(path, [np.frombuffer(json.dumps(obj, indent=1).encode(), dtype=np.uint8)])

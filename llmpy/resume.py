@@ -25,7 +25,7 @@ import numpy as np
 
 from .checkpoint import read_model, write_model
 from .errors import LlmpyError
-from .files import atomic_write, ensure_dir, file_size
+from .files import atomic_write, ensure_dir, file_size, write_json
 from .model import load_params
 
 FORMAT, VERSION = "llmpy-checkpoint", 1
@@ -46,10 +46,6 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_json(path, obj):
-    atomic_write(path, [np.frombuffer(json.dumps(obj, indent=1).encode(), dtype=np.uint8)])
-
-
 def git_commit():
     """The commit of the llmpy checkout that runs, or None outside git."""
     try:
@@ -67,7 +63,7 @@ def prepare(run_dir, config, resume):
     if not resume and checkpoints(run_dir):
         raise LlmpyError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to "
                          "continue it, or choose another --run-dir")
-    _write_json(os.path.join(run_dir, "config.json"), config)
+    write_json(os.path.join(run_dir, "config.json"), config)
 
 
 def saved_flags(run_dir):
@@ -149,7 +145,7 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
     sizes = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "adamw_step": opt.step,
                 "files": sizes, **state}
-    _write_json(os.path.join(tmp, "manifest.json"), manifest)
+    write_json(os.path.join(tmp, "manifest.json"), manifest)
     _fsync_dir(tmp)                           # the files' names, before the directory's
     os.replace(tmp, final)
     _fsync_dir(run_dir)

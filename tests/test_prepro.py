@@ -469,3 +469,208 @@ def test_fineweb_failed_rerun_keeps_the_previous_output(tmp_path, capsys, monkey
     assert code == 1 and 'null.parquet: row 20: "text" is null' in err[0]
     assert writes, "the failing run wrote shards before the null"
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+# ----------------------------------------------------------------------------- fineweb --resume
+
+def resume_setup(tmp_path, monkeypatch, enc):
+    """Parquet files of fineweb_documents() in three files of 6-row groups, read 4 rows at a
+    time and tokenized in small items (documents cut across them); returns (inputs, docs, ends):
+    ends[i], the tokens of documents 0..i."""
+    monkeypatch.setattr(common, "STREAM_ITEM_CHARS", 300)
+    monkeypatch.setattr(fineweb, "BATCH_ROWS", 4)
+    docs = fineweb_documents()
+    inputs = [write_parquet(tmp_path / "in" / f"{k:03d}.parquet", part)
+              for k, part in enumerate([docs[:20], docs[20:48], docs[48:]])]
+    ends, total = [], 0
+    for d in docs:
+        total += 1 + len(enc.encode_ordinary(d))
+        ends.append(total)
+    return inputs, docs, ends
+
+
+def fineweb_run(capsys, inputs, out, shard_tokens, workers, *flags):
+    return run(capsys, "prepro", "fineweb", "--input", *inputs, "--out", out, "--shard-tokens",
+               shard_tokens, "--workers", workers, *flags)
+
+
+def interrupt_at_shard(monkeypatch, index, error=KeyboardInterrupt):
+    """Make the next run stop (Ctrl-C) as it starts writing shard `index`."""
+    def write_tokens(path, tokens):
+        if str(path).endswith(f"_{index:06d}.bin.partial"):
+            raise error()
+        data.write_tokens(path, tokens)
+    monkeypatch.setattr(common, "write_tokens", write_tokens)
+
+
+def test_fineweb_resume_same_bytes(tmp_path, capsys, monkeypatch, gpt2_reference):
+    """Ctrl-C as shard 2 is being written, then --resume: llm.c's bytes, and the resumed run
+    tokenizes only the documents from the one shard 2 starts in: a boundary inside a document
+    (2 * 500 tokens) and one on a document's end (2 * 355)."""
+    from bisect import bisect_right
+    inputs, docs, ends = resume_setup(tmp_path, monkeypatch, gpt2_reference)
+    real_encode_stream = fineweb.encode_stream
+    on_end = next(e // 2 for e in ends if e % 2 == 0 and e // 2 > 200)
+    for shard_tokens in (500, on_end):
+        ref = tmp_path / f"ref{shard_tokens}"
+        ref.mkdir()
+        names = llmc_fineweb(gpt2_reference, docs, shard_tokens, ref)
+        first = bisect_right(ends, 2 * shard_tokens)    # the document shard 2's first token is in
+        assert len(names) > 4 and (2 * shard_tokens in ends) == (shard_tokens == on_end)
+        for workers in (1, 2):
+            out = tmp_path / f"out{shard_tokens}-{workers}"
+            interrupt_at_shard(monkeypatch, 2)
+            code, stdout, _ = fineweb_run(capsys, inputs, out, shard_tokens, workers)
+            assert code == 130 and "--resume" in stdout
+            assert sorted(os.listdir(out)) == sorted(["fineweb_resume.json", names[0] + ".partial",
+                                                      names[1] + ".partial"])
+            monkeypatch.setattr(common, "write_tokens", data.write_tokens)
+            handed = []                                    # the documents tokenized
+            monkeypatch.setattr(fineweb, "encode_stream", lambda documents, workers: real_encode_stream(
+                (handed.append(d) or d for d in documents), workers))
+            code, stdout, err = fineweb_run(capsys, inputs, out, shard_tokens, workers, "--resume")
+            monkeypatch.setattr(fineweb, "encode_stream", real_encode_stream)
+            assert code == 0 and err == [] and f"next document {first}" in stdout
+            assert handed == docs[first:]
+            assert_same_files(out, ref, names)
+
+
+def test_fineweb_resume_after_sigkill(tmp_path, capsys, monkeypatch, gpt2_reference):
+    """A real SIGKILL (2 worker processes) inside a file write: the 5th fsync is the state's as
+    shard 2 begins (so the state still counts 1 shard of the 2 written), the 6th is shard 2's
+    .partial; their temporary files are left behind. --resume writes llm.c's bytes and nothing
+    else stays."""
+    import signal
+    import subprocess
+    inputs, docs, ends = resume_setup(tmp_path, monkeypatch, gpt2_reference)
+    names = llmc_fineweb(gpt2_reference, docs, 500, tmp_path)
+    script = ("import os, signal, sys\n"
+              "from llmpy.cli import main\n"
+              "from llmpy.prepro import common, fineweb\n"
+              "common.STREAM_ITEM_CHARS, fineweb.BATCH_ROWS = 300, 4\n"
+              "calls, fsync = [], os.fsync\n"
+              "def kill(fd):\n"
+              "    calls.append(fd)\n"
+              "    if len(calls) == int(sys.argv[1]):\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    fsync(fd)\n"
+              "os.fsync = kill\n"
+              "main(sys.argv[2:])\n")
+    for kill_at, staged in ((5, 1), (6, 2)):
+        out = tmp_path / f"out{kill_at}"
+        argv = ["prepro", "fineweb", "--input", *inputs, "--out", out, "--shard-tokens", 500,
+                "--workers", 2]
+        with open(tmp_path / "stderr", "wb") as stderr:
+            p = subprocess.Popen([sys.executable, "-c", script, str(kill_at), *map(str, argv)],
+                                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            try:
+                p.wait(timeout=120)
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)   # its pool's workers, orphaned
+                except ProcessLookupError:
+                    pass
+        assert p.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()
+        left = sorted(os.listdir(out))
+        assert [f for f in left if f.endswith(".partial")] == sorted(n + ".partial"
+                                                                     for n in names[:2])
+        assert any(f.endswith(".tmp") for f in left)
+        state = json.loads((out / "fineweb_resume.json").read_text())
+        assert state["tokens"] == 500 * staged
+        code, _, err = fineweb_run(capsys, inputs, out, 500, 2, "--resume")
+        assert code == 0 and err == []
+        assert_same_files(out, tmp_path, names)
+
+
+def test_fineweb_resume_killed_while_renaming(tmp_path, capsys, monkeypatch, gpt2_reference):
+    """Stopped after renaming shard 0 into place: --resume renames the rest, tokenizes nothing."""
+    inputs, docs, _ = resume_setup(tmp_path, monkeypatch, gpt2_reference)
+    names = llmc_fineweb(gpt2_reference, docs, 500, tmp_path)
+    out = tmp_path / "out"
+    replace = os.replace
+
+    def stop_second_rename(src, dst):
+        if str(src).endswith(".bin.partial") and os.path.exists(out / names[0]):
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", stop_second_rename)
+    assert fineweb_run(capsys, inputs, out, 500, 1)[0] == 130
+    monkeypatch.setattr(os, "replace", replace)
+    assert json.loads((out / "fineweb_resume.json").read_text())["complete"]
+    assert sorted(os.listdir(out)) == sorted([names[0], "fineweb_resume.json"] +
+                                             [n + ".partial" for n in names[1:]])
+    monkeypatch.setattr(fineweb, "encode_stream", None)    # calling it fails the test
+    code, _, err = fineweb_run(capsys, inputs, out, 500, 1, "--resume")
+    assert code == 0 and err == []
+    assert_same_files(out, tmp_path, names)
+
+
+def test_fineweb_resume_fresh_and_plain_rerun(tmp_path, capsys, monkeypatch, gpt2_reference):
+    """--resume with no state starts; a run without --resume after an interrupted one starts
+    over, and removes what the interrupted one left."""
+    inputs, docs, _ = resume_setup(tmp_path, monkeypatch, gpt2_reference)
+    names = llmc_fineweb(gpt2_reference, docs, 500, tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = fineweb_run(capsys, inputs, out, 500, 1, "--resume")
+    assert code == 0 and err == [] and "resuming" not in stdout
+    assert_same_files(out, tmp_path, names)
+
+    out = tmp_path / "out2"
+    interrupt_at_shard(monkeypatch, 3)
+    assert fineweb_run(capsys, inputs, out, 400, 1)[0] == 130      # other shards than names'
+    monkeypatch.setattr(common, "write_tokens", data.write_tokens)
+    code, stdout, err = fineweb_run(capsys, inputs, out, 500, 1)
+    assert code == 0 and err == [] and "starting over" in stdout
+    assert_same_files(out, tmp_path, names)
+
+
+def test_fineweb_resume_refuses_another_run(tmp_path, capsys, monkeypatch, gpt2_reference):
+    """--resume refuses, in one line naming the state and the difference, a state saved with
+    other arguments or inputs, or whose shards are not all there; the state stays."""
+    inputs, docs, _ = resume_setup(tmp_path, monkeypatch, gpt2_reference)
+    out = tmp_path / "out"
+    state = out / "fineweb_resume.json"
+    interrupt_at_shard(monkeypatch, 2)
+    assert fineweb_run(capsys, inputs, out, 500, 1)[0] == 130
+    monkeypatch.setattr(common, "write_tokens", data.write_tokens)
+    before = sorted(os.listdir(out))
+    write_parquet(tmp_path / "in" / "001.parquet", docs[20:47])   # one row less
+    size = os.path.getsize(inputs[1])
+    (out / "fineweb_val_000000.bin.partial").write_bytes(b"short")
+    cases = [
+        ([], ["--shard-tokens", 400], "the interrupted run had --shard-tokens 500, this one 400"),
+        ([], ["--type", "edu"], None),    # another NAME: another state file, a fresh run
+        ([], [], f"{inputs[1]} has {size:,} bytes, the interrupted run read "),
+        ([inputs[0], inputs[2]], [], f"the interrupted run read {inputs[1]} where this one "
+                                     f"reads {inputs[2]}"),
+        ([inputs[0]], [], "the interrupted run read 3 parquet files, this one 1"),
+    ]
+    for files, flags, message in cases:
+        argv = ["prepro", "fineweb", "--input", *(files or inputs), "--out", out,
+                "--shard-tokens", 500, "--workers", 1, "--resume", *flags]
+        code, _, err = run(capsys, *argv)
+        if message is None:
+            assert code == 0 and "edu_fineweb_val_000000.bin" in os.listdir(out)
+            for f in os.listdir(out):
+                if f.startswith("edu_"):
+                    os.remove(out / f)
+            continue
+        assert code == 1 and len(err) == 1, err
+        assert err[0].startswith(f"llmpy: error: {state}: {message}")
+        assert err[0].endswith("; drop --resume to start over")
+        assert sorted(os.listdir(out)) == before
+    write_parquet(tmp_path / "in" / "001.parquet", docs[20:48])
+    code, _, err = run(capsys, "prepro", "fineweb", "--input", *inputs, "--out", out,
+                       "--shard-tokens", 500, "--resume")
+    partial = out / "fineweb_val_000000.bin.partial"
+    assert code == 1 and err == [f"llmpy: error: {partial}: 5 bytes, but {state} counts it as "
+                                 f"a written shard of 2,024 bytes; drop --resume to start over"]
+    os.remove(partial)
+    code, _, err = run(capsys, "prepro", "fineweb", "--input", *inputs, "--out", out,
+                       "--shard-tokens", 500, "--resume")
+    assert code == 1 and err == [f"llmpy: error: {partial}: missing, but {state} counts it as "
+                                 f"a written shard of 2,024 bytes; drop --resume to start over"]
+    state.write_text("{")
+    code, _, err = run(capsys, "prepro", "fineweb", "--input", *inputs, "--out", out,
+                       "--shard-tokens", 500, "--resume")
+    assert code == 1 and len(err) == 1 and f"{state}: unreadable resume state: " in err[0]

@@ -20,7 +20,8 @@ def cmd_text(args):
 
 def cmd_fineweb(args):
     from .fineweb import prepro
-    prepro(args.input, args.out, args.type, args.version, args.shard_tokens, args.workers)
+    prepro(args.input, args.out, args.type, args.version, args.shard_tokens, args.workers,
+           args.resume)
 
 
 def cmd_hellaswag(args):
@@ -86,6 +87,9 @@ def add_parser(sub):
                         "(read in name order), instead of downloading")
     s.add_argument("--out", help="output directory (default: llm.c's, e.g. fineweb10B, "
                                  "edu_fineweb10B)")
+    s.add_argument("--resume", action="store_true",
+                   help="go on from the shards of an interrupted run into --out (its "
+                        "NAME_resume.json), with the same arguments; without one, start")
 
     s = datasets.add_parser("hellaswag", help="HellaSwag, llm.c's eval file",
                             description="Write hellaswag_SPLIT.bin in llm.c's eval format (magic "

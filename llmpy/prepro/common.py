@@ -200,21 +200,29 @@ def encode_stream(documents, workers):
     return ordered_map(encode_pieces, items, max(1, workers or os.cpu_count() or 1))
 
 
-def write_token_files(files):
+def partial_path(path):
+    """Where write_token_files stages path."""
+    return os.fspath(path) + ".partial"
+
+
+def write_token_files(files, staged=(), keep_interrupted=False):
     """files: (path, (n,) tokens) pairs, a list or a stream. Each is written to path.partial
-    (which no *.bin glob matches), and once all are, each is renamed into place: a run that
-    fails (or whose stream does) removes its .partial files and leaves an earlier run's files
-    as they were. Returns the paths written."""
-    staged = []                                 # (path, its .partial)
+    (which no *.bin glob matches), and once all are, each is renamed into place, together with
+    `staged`, paths whose .partial an interrupted run wrote: a run that fails (or whose stream
+    does) removes its .partial files and leaves an earlier run's files as they were; with
+    keep_interrupted, a Ctrl-C keeps them (each is complete: written atomically) for a run that
+    resumes. Returns the paths written."""
+    staged = [(path, partial_path(path)) for path in staged]
     try:
         for path, tokens in files:
             print(f"writing {len(tokens):,} tokens to {path}")
-            staged.append((path, os.fspath(path) + ".partial"))
+            staged.append((path, partial_path(path)))
             write_tokens(staged[-1][1], tokens)
-    except BaseException:
-        for _, partial in staged:
-            if os.path.exists(partial):
-                os.remove(partial)
+    except BaseException as e:
+        if not (keep_interrupted and isinstance(e, KeyboardInterrupt)):
+            for _, partial in staged:
+                if os.path.exists(partial):
+                    os.remove(partial)
         raise
     for path, partial in staged:
         os.replace(partial, path)

@@ -47,13 +47,14 @@ def shard(tokens, n_val, shard_tokens, out, name):
 
 
 def remove_stale_shards(out, name, keep):
-    """Shards of an earlier run with more shards would join a glob of this run's: remove them."""
-    pattern = re.compile(re.escape(name) + r"_(val|train)_\d{6}\.bin")
+    """Shards of an earlier run with more shards would join a glob of this run's: remove them,
+    and the .partial files (and their atomic writes' temporary files) of a killed run."""
+    pattern = re.compile(re.escape(name) + r"_(val|train)_\d{6}\.bin(\.partial)?(\.\w+\.tmp)?")
     keep = {os.path.basename(p) for p in keep}
     for f in sorted(os.listdir(out)):
         if pattern.fullmatch(f) and f not in keep:
             os.remove(os.path.join(out, f))
-            print(f"removed {os.path.join(out, f)}, a shard of an earlier run")
+            print(f"removed {os.path.join(out, f)}, left by an earlier run")
 
 
 def prepro(files, out, val_fraction=0.1, shard_tokens=10 ** 8, name=None, workers=None):
