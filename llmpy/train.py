@@ -159,8 +159,8 @@ def finite_or_none(x):
 class RunState:
     """What a checkpoint must hold besides the weights and AdamW's moments to continue exactly."""
 
-    def __init__(self, cfg, loader):
-        self.cfg, self.loader = cfg, loader
+    def __init__(self, cfg, loader, accum):
+        self.cfg, self.loader, self.accum = cfg, loader, accum
         self.rng = np.random.default_rng(cfg.seed)        # sampling
         self.loss_z, self.grad_z = OutlierDetector(), OutlierDetector()
         self.nonfinite = 0                                 # steps in a row
@@ -168,7 +168,7 @@ class RunState:
     def batch_shape(self):
         c, world = self.cfg, self.loader.world
         return {"batch_size": c.batch_size, "seq_len": c.seq_len, "ranks": world,
-                "total_batch_size": c.total_batch_size or c.batch_size * c.seq_len * world}
+                "total_batch_size": c.batch_size * c.seq_len * world * self.accum}
 
     def state(self):
         return {"batch": self.batch_shape(), "train_loader": self.loader.state(),
@@ -266,7 +266,7 @@ def train(cfg, explicit=None):
           + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")
     # model FLOPs utilization per GPU, as llm.c prints it, where the backend knows its peak
     peak = getattr(backend, "peak_flops", lambda: None)()
-    run = RunState(cfg, train_loader)
+    run = RunState(cfg, train_loader, accum)
     start = 0
     if cfg.run_dir:
         if main:
