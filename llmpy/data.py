@@ -75,19 +75,21 @@ class DataLoader:
         self.files = expand_files(pattern)
         self.B, self.T = B, T
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
-        self._tokens = {}
-        # every shard is opened once here, which also checks its token ids against the vocab
-        sizes = [read_tokens(f, vocab_size).size for f in self.files]
+        self.vocab_size, self._tokens = vocab_size, {}
+        # headers and sizes only: FineWeb 10B is 20 GB of shards, read by every rank. A shard's
+        # token ids are checked as it is opened, the first one's before any work.
+        sizes = [read_tokens(f).size for f in self.files]
         self.windows = [max(0, (n - 1) // (B * T * world)) for n in sizes]
         if not any(self.windows):
             raise LlmpyError(f"{pattern}: {sum(sizes)} tokens are too few for one batch of "
                              f"B*T+1 = {B * T + 1} tokens" + (f" per each of {world} ranks"
                                                                if world > 1 else ""))
         self.reset()
+        self._shard(self._order()[0])
 
     def _shard(self, i):
         if i not in self._tokens:                      # one shard open at a time
-            self._tokens = {i: read_tokens(self.files[i])}   # ids were checked in __init__
+            self._tokens = {i: read_tokens(self.files[i], self.vocab_size)}
         return self._tokens[i]
 
     def _order(self):

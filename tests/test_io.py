@@ -7,6 +7,7 @@ import pytest
 from llmpy.checkpoint import bf16_to_fp32, fp32_to_bf16, num_params, read_model, write_model
 from llmpy.config import GPT2Config
 from llmpy.data import DataLoader, read_tokens, write_tokens
+from llmpy.errors import LlmpyError
 from test_gpt2 import write_llmc_model, write_llmc_tokens
 
 CFG = GPT2Config(max_seq_len=8, vocab_size=70, num_layers=2, num_heads=2, channels=8)
@@ -96,3 +97,16 @@ def test_dataloader_ranks_are_disjoint(tmp_path):
                              for r in range(2))]
     assert starts[0] == list(range(0, 200, 2 * B * T))
     assert starts[1] == list(range(B * T, 200, 2 * B * T))
+
+
+def test_dataloader_checks_each_shard_s_ids_as_it_opens_it(tmp_path):
+    """Only headers at the start (FineWeb's shards are 20 GB, read by every rank); a shard's
+    token ids when it is opened: the first one's before any batch."""
+    write_tokens(tmp_path / "s_000000.bin", np.arange(21) % 50)
+    write_tokens(tmp_path / "s_000001.bin", np.r_[np.arange(20) % 50, 50])   # one id too large
+    loader = DataLoader(str(tmp_path / "s_*.bin"), 2, 5, vocab_size=50)
+    assert [int(loader.next_batch()[0][0, 0]) for _ in range(2)] == [0, 10]
+    with pytest.raises(LlmpyError, match="s_000001.bin: token id 50 at position 20 is out of"):
+        loader.next_batch()
+    with pytest.raises(LlmpyError, match="s_000001.bin: token id 50"):
+        DataLoader(str(tmp_path / "s_000001.bin"), 2, 5, vocab_size=50)
