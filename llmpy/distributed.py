@@ -8,7 +8,8 @@ their gradients, so every rank makes the same update and the parameters stay ide
 - Plain data-parallel: the gradients are all-reduced in buckets, one per parameter tensor per
   layer, each started as soon as the backward pass has finished that layer, so the reduction
   overlaps with the backward pass through the layers below (NCCL runs it on its own CUDA stream,
-  gloo on its own threads); then the four whole-model tensors; then a division by the world size.
+  gloo on its own threads); then the four whole-model tensors. Each rank's backward pass scaled
+  its gradients by 1/world already (train.forward_backward), so the sum is the mean.
 - ZeRO-1 (--zero 1): rank r owns a contiguous shard of the flat buffer (the last rank also the
   remainder). The gradients are reduce-scattered, so each rank gets the sum of its shard only;
   AdamW updates only that shard, with m and v allocated for it alone; then every rank's
@@ -160,9 +161,9 @@ class Dist:
         return start
 
     def sync_grads(self, model):
-        """After the backward pass that got layer_hook: model.grads becomes the mean over the
-        ranks, everywhere (plain DP), or in this rank's shard only (ZeRO-1; the rest then holds
-        partial sums)."""
+        """After the backward pass that got layer_hook: model.grads becomes the sum over the
+        ranks (their mean, as each scaled its own by 1/world), everywhere (plain DP), or in this
+        rank's shard only (ZeRO-1; the rest then holds partial sums)."""
         if self.td is None:
             return
         g = model.grads
@@ -175,7 +176,6 @@ class Dist:
                           for n in WHOLE_MODEL]
                 for w in works:
                     w.wait()
-        g.buf[self.shard(len(g.buf))] *= 1.0 / self.world
 
     def grad_norm(self, model):
         """The global L2 norm of the model's averaged gradients (of every shard, with ZeRO-1)."""

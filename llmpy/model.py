@@ -228,9 +228,10 @@ class GPT2:
     def zero_grad(self):
         self.grads.buf[:] = 0
 
-    def backward(self, layer_done=None):
-        """Accumulates d(mean loss)/d(params) into self.grads (call zero_grad first).
-        layer_done(l), if given, is called as soon as layer l's gradients are complete (from
+    def backward(self, layer_done=None, scale=1.0):
+        """Accumulates d(scale * mean loss)/d(params) into self.grads (call zero_grad first):
+        scale 1/n makes n backward passes, on micro-batches or ranks, add up to the gradient of
+        the mean of their losses, as llm.c scales its seed. layer_done(l), if given, is called as soon as layer l's gradients are complete (from
         l = L-1 down to 0): data-parallel training starts reducing them there, while the layers
         below still run (distributed.py)."""
         if self.mean_loss is None:
@@ -243,7 +244,7 @@ class GPT2:
             self.grad_layer = FlatTensors(layer, be.zeros)
         d, dl = self.grad_acts, self.grad_layer
         d.buf[:] = 0                          # the residual stream's gradient accumulates
-        d.losses[...] = 1.0 / (B * T)                           # d(mean)/d(each loss)
+        d.losses[...] = scale / (B * T)                         # d(mean)/d(each loss)
 
         if self.fused:
             # As llm.c's CUDA trainer: the logits have no other reader and dlogits no other

@@ -130,12 +130,12 @@ def forward_backward(model, loader, accum, dist):
     loss = 0.0
     for i in range(accum):
         loss += model.forward(*loader.next_batch())
-        # adds d(micro-batch mean loss) into model.grads; in the last micro-step the ranks
-        # start averaging each layer's gradients as soon as they are final
-        model.backward(dist.layer_hook(model) if i == accum - 1 else None)
+        # adds d(micro-batch mean loss / (accum * ranks)) into model.grads, so that the ranks'
+        # sum is the mean's gradient; in the last micro-step the ranks start summing each
+        # layer's gradients as soon as they are final
+        model.backward(dist.layer_hook(model) if i == accum - 1 else None,
+                       scale=1.0 / (accum * dist.world))
     dist.sync_grads(model)
-    if accum > 1:
-        model.grads.buf *= 1.0 / accum
     return loss / accum
 
 

@@ -51,8 +51,8 @@ def after_backward(monkeypatch, n, fault):
     calls = []
     backward = GPT2.backward
 
-    def patched(self, *args):
-        backward(self, *args)
+    def patched(self, *args, **kwargs):
+        backward(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == n:
             fault(self.grads.buf)

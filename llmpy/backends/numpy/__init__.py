@@ -222,7 +222,7 @@ ADAMW_CHUNK = 1 << 14
 def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay,
                  grad_scale=1.0):
     # params, grads, m, v: (N,) float32; step: 1-based. Same order of operations as
-    # torch.optim.AdamW (decoupled decay first), so the two agree to the last bits.
+    # torch.optim.AdamW (decoupled decay first), so the two agree to within an ulp or so.
     # grad_scale: the gradients are multiplied by it first (global-norm clipping, done here as
     # llm.c does, instead of in a pass of its own); grads itself is left as it is.
     bc1 = 1.0 - beta1 ** step
