@@ -21,10 +21,12 @@ def bf16_to_fp32(u16):
 
 
 def fp32_to_bf16(f32):
-    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch does."""
-    u = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch does. A NaN becomes
+    torch's quiet NaN, 0x7FC0: the rounding's carry would turn some NaNs into inf or 0."""
+    f32 = np.ascontiguousarray(f32, dtype=np.float32)
+    u = f32.view(np.uint32)
     rounded = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
-    return (rounded >> 16).astype(np.uint16)
+    return np.where(np.isnan(f32), np.uint16(0x7FC0), (rounded >> 16).astype(np.uint16))
 
 
 def read_model(path):

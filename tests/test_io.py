@@ -43,6 +43,20 @@ def test_model_file_bf16(tmp_path):
     np.testing.assert_array_equal(bf16_to_fp32(fp32_to_bf16(params)), params)
 
 
+def test_bf16_rounding_is_torch_s():
+    # ties both ways, the largest finite values, infinities, and NaNs whose rounding carry
+    # would reach the exponent (0x7FFFFFFF, 0x7F800001 and their negatives)
+    torch = pytest.importorskip("torch")
+    special = np.array([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x7FFFFFFF,
+                        0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0x00000001], dtype=np.uint32)
+    x = np.r_[special.view(np.float32),
+              np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 1e3]
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got, nan = fp32_to_bf16(x), np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(bf16_to_fp32(got[nan])).all()   # torch's NaN bits vary by code path
+
+
 def test_token_files(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50257, 1000)
     write_llmc_tokens(tmp_path / "theirs.bin", tokens)
