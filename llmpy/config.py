@@ -20,6 +20,10 @@ class GPT2Config:
     channels: int = 768            # C
 
     def __post_init__(self):
+        sizes = dict(max_seq_len=1, vocab_size=1, num_layers=0, num_heads=1, channels=1)
+        for name, least in sizes.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least {least}")
         if not self.padded_vocab_size:
             self.padded_vocab_size = pad_vocab(self.vocab_size)
         if self.channels % self.num_heads:

@@ -173,6 +173,9 @@ class GPT2:
         self.check_tokens(inputs)
         if targets is not None:
             self.check_tokens(targets, "target")
+            if targets.shape != inputs.shape:
+                raise LlmpyError(f"targets of shape {targets.shape} for inputs of shape "
+                                 f"{inputs.shape}")
         be, cfg, p = self.backend, self.config, self.params
         B, T = inputs.shape
         L, V = cfg.num_layers, cfg.vocab_size

@@ -98,6 +98,7 @@ def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     independently, one cached decode step for all of them. The prompt and the new tokens must
     fit in the model's max_seq_len (a cache cannot slide: positions are baked into it)."""
     seq = list(prompt) or [EOT]
+    model.check_tokens(np.array([seq]), "prompt" if prompt else "the start (<|endoftext|>)")
     if n <= 0:
         return
     maxT = model.config.max_seq_len

@@ -27,7 +27,7 @@ from .model import GPT2, flops_per_token, init_weights, load_params
 from .optim import (DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_scale,
                     get_lr)
 from .sample import generate
-from .tokenizer import Tokenizer
+from .tokenizer import EOT, Tokenizer
 
 MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
 
@@ -247,6 +247,13 @@ def train(cfg, explicit=None):
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len
     check_seq_len(T, mc)
+    if cfg.sample_every:    # now, not at the first sample, which may come after hours
+        check_seq_len(cfg.sample_tokens, mc, "--sample-tokens")
+        if mc.vocab_size <= EOT:
+            raise LlmpyError(f"--sample-every {cfg.sample_every}: samples start from "
+                             f"<|endoftext|> ({EOT}) and decode with GPT-2's tokenizer, but the "
+                             f"model's vocabulary has {mc.vocab_size} tokens: pass "
+                             "--sample-every 0")
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
           f"parameters | backend {backend.name}"

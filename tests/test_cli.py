@@ -80,10 +80,12 @@ def test_bad_model_files(files):
     assert_one_line_error(train(files, model="short.bin"), "short.bin", "truncated")
     (files / "header.bin").write_bytes(raw[:100])
     assert_one_line_error(train(files, model="header.bin"), "header.bin", "truncated")
+    (files / "heads.bin").write_bytes(raw[:20] + struct.pack("<i", 0) + raw[24:])   # NH = 0
+    assert_one_line_error(train(files, model="heads.bin"), "heads.bin", "num_heads 0")
 
 
 def test_bad_data_files(files):
-    write_llmc_tokens(files / "big.bin", [1, 2, CFG.vocab_size, 3])
+    write_llmc_tokens(files / "big.bin", [1, 2, CFG.vocab_size, 3] * 5)     # 20: one batch
     assert_one_line_error(train(files, data="big.bin"), "big.bin", f"token id {CFG.vocab_size}")
     (files / "magic.bin").write_bytes(struct.pack("<256i", 20240521, 1, 4, *[0] * 253) + b"\0" * 8)
     assert_one_line_error(train(files, data="magic.bin"), "magic.bin", "bad magic")
@@ -96,6 +98,11 @@ def test_bad_data_files(files):
 
 def test_bad_shapes(files):
     assert_one_line_error(train(files, "-t", 17), "17", "max_seq_len 16")
+    # the first sample may come hours in: its problems are found before the first step
+    assert_one_line_error(train(files, "--sample-every", 5, "--sample-tokens", 17),
+                          "--sample-tokens 17", "max_seq_len 16")
+    assert_one_line_error(train(files, "--sample-every", 5, "--sample-tokens", 8),
+                          "vocabulary has 90 tokens", "--sample-every 0")
     assert_one_line_error(train(files, "-b", 40, "-t", 16), "d.bin", "too few", "641")
 
 

@@ -17,6 +17,7 @@ import torch
 
 from conftest import BACKENDS
 from llmpy.config import GPT2Config, preset
+from llmpy.errors import LlmpyError
 from llmpy.model import GPT2, flops_per_token, init_weights, load_params, param_shapes
 from llmpy.optim import AdamW, AdamWConfig
 from torchref.gpt2 import from_flat
@@ -82,6 +83,13 @@ def test_forward_backward_matches_torch(backend):
         assert rel_err(ours, ref_grads[o:o + n]) <= TOL, name
         o += n
     assert not np.asarray(host(model.grads.wte))[V:].any(), "padded rows get no gradient"
+
+
+def test_targets_must_match_the_inputs(backend):
+    # the cpu backend's cross-entropy would read past the end of shorter targets
+    x, y = batch(CFG, 2, 5)
+    with pytest.raises(LlmpyError, match=r"targets of shape \(2, 4\) for inputs of shape"):
+        GPT2(CFG, backend).forward(x, y[:, :4])
 
 
 def test_recompute_gelu_changes_nothing_but_memory(backend):

@@ -69,6 +69,15 @@ def test_generate_must_fit_the_context():
         list(generate(model, [1, 2], CFG.max_seq_len, np.random.default_rng(0)))
 
 
+def test_generate_checks_the_token_ids():
+    """The decoder embeds ids without a bounds check: an id past V would read a padded row."""
+    model = model_on(BACKENDS[0])
+    with pytest.raises(LlmpyError, match=f"prompt token id {CFG.vocab_size} is out of range"):
+        list(generate(model, [1, CFG.vocab_size], 2, np.random.default_rng(0)))
+    with pytest.raises(LlmpyError, match=r"start \(<\|endoftext\|>\) token id 50256"):
+        list(generate(model, [], 2, np.random.default_rng(0)))
+
+
 def test_greedy_generate_matches_transformers():
     """`llmpy bench sample`'s baseline, transformers' GPT2LMHeadModel.generate built by
     bench.hf_model from the same weights, picks the same tokens as generate() where no random

@@ -8,8 +8,9 @@
   big ones (attention, GELU, cross-entropy, AdamW) split their rows or elements over all cores;
   ops on a (B,T,C) tensor take microseconds, less than waking the threads would cost.
 - Element-wise math runs in float32 like the reference (constants are float32, so nothing is
-  promoted); long sums (layernorm statistics, softmax denominators, gradient sums over rows)
-  accumulate in float64.
+  promoted). The long sums accumulate in float64: layernorm statistics, the classifier's softmax
+  over the vocabulary, and the parameter gradients' sums over the B*T rows; the short ones (a
+  head's dot products, an attention row's softmax, dwpe's sum over B) in float32, as BLAS does.
 Without numba or scipy the import fails and the backend is simply unavailable.
 
 Threads: Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores, a hundred
@@ -47,7 +48,7 @@ ZERO, ONE, TWO = np.float32(0.0), np.float32(1.0), np.float32(2.0)
 NEG_INF = np.float32(-np.inf)
 # matmul_forward streams the weights past up to this many rows (sampling, or a tiny batch):
 # sgemm's fixed cost (packing the weights) loses up to about 12 rows at GPT-2's shapes here,
-# and wins from 16
+# and wins from 16; 8 stays clear of that crossover, which moves with the machine
 FEW_ROWS = 8
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)

@@ -95,9 +95,10 @@ def to_device(x):
 
 
 def to_host(x):
-    """A device tensor -> a NumPy array (bf16, which NumPy lacks, becomes float32)."""
+    """A device tensor -> a NumPy array; bf16 (which NumPy lacks) and fp16 become float32, which
+    the host-side decoder's kernels take."""
     x = x.detach()
-    return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
+    return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- residual
