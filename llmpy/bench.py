@@ -5,6 +5,7 @@ bench cpu: a training step (forward, backward, AdamW) on the cpu backend, beside
 NumPy reference backend, and the step's matmuls alone as NumPy sgemm calls, which bound the step
 from below. Each runs in its own subprocess, so each peak RSS is its own and every library sees
 the thread count before it starts its threads.
+
 bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute and
 Hugging Face transformers' generate (its own KV cache) on the same weights.
 """
@@ -208,8 +209,11 @@ def run_worker(job):
 # ----------------------------------------------------------------------------- bench cpu
 
 def bench_cpu(args):
-    from .config import PRESETS, check_seq_len, preset
+    from .config import PRESETS, check_range, check_seq_len, preset, require_positive
     from .errors import LlmpyError
+    require_positive(args, "batch_size", "seq_len")
+    check_range("warmup", args.warmup, least=0)
+    check_range("threads", args.threads, least=0)
     impls = [i for i in args.impls.split(",") if i]
     if any(i not in IMPLS for i in impls):
         raise LlmpyError(f"--impls {args.impls}: choose from {', '.join(IMPLS)}")
@@ -353,9 +357,12 @@ def time_hf_generate(spec, n, seed, threads):
 
 def bench_sample(args):
     from .backends import get_backend
+    from .config import check_range, require_positive
     from .sample import generate, generate_recompute
     from .tokenizer import EOT
     from .train import build_model
+    require_positive(args, "tokens", "batch_size", "seq_len")
+    check_range("seed", args.seed, least=0)
     model = build_model(args.model, get_backend(args.backend))
     n, B, T = args.tokens, args.batch_size, min(args.seq_len, model.config.max_seq_len)
     model.forward(np.zeros((B, T), np.int64))     # llm.c's shape for the recompute, warmed up
@@ -427,9 +434,15 @@ def add_parsers(bench):
     c.add_argument("--model", default="d12", help="a preset (default: d12, GPT-2 124M with "
                    "random weights)")
     s.add_argument("--model", default="d12", help="a preset or an llm.c .bin (default: d12)")
+    c.add_argument("-b", "--batch-size", type=int, default=4, help="B (default: 4)")
+    c.add_argument("-t", "--seq-len", type=int, default=64, help="T (default: 64)")
+    s.add_argument("-b", "--batch-size", type=int, default=4,
+                   help="B of the full recompute's forward pass, as llm.c samples at the "
+                   "training shape (default: 4)")
+    s.add_argument("-t", "--seq-len", type=int, default=64,
+                   help="T of the full recompute's window, clamped to the model's maxT "
+                   "(default: 64)")
     for q in (c, s):
-        q.add_argument("-b", "--batch-size", type=int, default=4, help="B (default: 4)")
-        q.add_argument("-t", "--seq-len", type=int, default=64, help="T (default: 64)")
         q.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     c.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")

@@ -2,8 +2,9 @@
 import argparse
 import sys
 
-from .config import (BACKEND_HELP, PRESETS, EvalConfig, TrainConfig, add_arguments,
-                     from_arguments, require_positive)
+from .config import (BACKEND_HELP, EMBEDDED_DEFAULT, MODEL_HELP, PRESETS, EvalConfig,
+                     TrainConfig, add_arguments, check_range, from_arguments,
+                     require_positive)
 from .bench import add_parsers as add_bench_parsers
 from .errors import LlmpyError
 from .prepro import add_parser as add_prepro_parser
@@ -23,25 +24,30 @@ def cmd_eval(args):
 def cmd_sample(args):
     import numpy as np
     from .backends import get_backend
-    from .sample import generate, generate_rows
+    from .sample import generate_rows
     from .tokenizer import Tokenizer
     from .train import build_model
     require_positive(args, "num_samples")
+    for name in ("tokens", "temperature", "top_k", "seed"):
+        check_range(name, getattr(args, name), least=0)
     model = build_model(args.model, get_backend(args.backend))
     tok = Tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else []
     rng = np.random.default_rng(args.seed)
+    try:          # checks the prompt, runs it and samples the first token: before any output
+        rows = generate_rows(model, prompt, args.tokens, rng, args.num_samples,
+                             args.temperature, args.top_k)
+    except LlmpyError as e:
+        raise LlmpyError(f"{args.model}: {e}") from None
     if args.num_samples > 1:          # all rows in the same decode steps, printed at the end
-        rows = np.array(list(generate_rows(model, prompt, args.tokens, rng, args.num_samples,
-                                           args.temperature, args.top_k)),
-                        dtype=np.int64).reshape(-1, args.num_samples)      # (tokens,N)
+        rows = np.array(list(rows), dtype=np.int64).reshape(-1, args.num_samples)  # (tokens,N)
         for i, ids in enumerate(rows.T):
             print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(ids.tolist())}")
         return
     sys.stdout.write(args.prompt)
     out = []
-    for t in generate(model, prompt, args.tokens, rng, args.temperature, args.top_k):
-        out.append(t)
+    for ids in rows:
+        out.append(int(ids[0]))
         text = tok.decode(out)
         if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
             sys.stdout.write(text)
@@ -62,6 +68,7 @@ def cmd_convert(args):
 
 def cmd_debug_state(args):
     from .debugstate import default_out, make_debug_state
+    require_positive(args, "batch_size", "seq_len")
     make_debug_state(args.model, args.data, args.batch_size, args.seq_len,
                      args.out or default_out(args.model))
 
@@ -69,6 +76,9 @@ def cmd_debug_state(args):
 def cmd_test_model(args):
     from .backends import get_backend
     from .debugstate import TOL, check_model
+    check_range("steps", args.steps, least=0)
+    if args.tol is not None:
+        check_range("tol", args.tol, least=0)
     check_model(args.model, args.state, get_backend(args.backend), args.steps,
                 tol=TOL if args.tol is None else args.tol)
 
@@ -86,7 +96,12 @@ def make_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a GPT-2 (default: a small model on the bundled "
-                                     "Shakespeare)", description="Train a GPT-2 with AdamW.")
+                       "Shakespeare)", description="Train a GPT-2 with AdamW. With no --model "
+                       "and no --train-data, the embedded default: a model trained from "
+                       "scratch on the bundled Shakespeare, with "
+                       + " ".join(f"--{k.replace('_', '-')} {v}"
+                                  for k, v in EMBEDDED_DEFAULT.items())
+                       + " in place of the defaults below, for the flags not given.")
     add_arguments(t, TrainConfig, short={"batch_size": "-b", "seq_len": "-t"})
     t.set_defaults(func=cmd_train)
 
@@ -96,14 +111,14 @@ def make_parser():
     add_arguments(e, EvalConfig, short={"batch_size": "-b", "seq_len": "-t"})
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="generate text from a model .bin",
-                       description="Generate text from an llm.c model file.")
-    s.add_argument("--model", required=True,
-                   help="llm.c model .bin, Hugging Face model directory, run directory (its "
-                   "newest checkpoint), OpenAI's GPT-2 by hub name (gpt2, gpt2-medium, ...), or "
-                   "a from-scratch preset (random weights)")
+    s = sub.add_parser("sample", help="generate text from a model",
+                       description="Generate text from a model (--model: an llm.c .bin, an HF "
+                       "directory, a run directory, a hub name or a preset) with a KV cache. "
+                       "--prompt needs tiktoken (pip install 'llmpy[data]').")
+    s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--prompt", default="", help="text to continue (default: start of document)")
-    s.add_argument("--tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    s.add_argument("--tokens", type=int, default=64,
+                   help="tokens to generate (default: 64; 0 prints the prompt)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = all)")
     s.add_argument("--num-samples", type=int, default=1,
@@ -142,7 +157,7 @@ def make_parser():
                        description="Forward and backward on the debug state's batch, compared "
                        "tensor by tensor, then AdamW steps (lr 1e-4, weight decay 0.01) compared "
                        "with the PyTorch reference's losses. Exit 1 on any FAIL.")
-    m.add_argument("model", help="llm.c model .bin")
+    m.add_argument("model", help=MODEL_HELP)
     m.add_argument("state", help="llm.c debug state .bin")
     m.add_argument("--backend", default="numpy", help="numpy, cpu or gpu (default: numpy)")
     m.add_argument("--steps", type=int, default=10,

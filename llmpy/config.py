@@ -1,5 +1,6 @@
 """Configuration dataclasses: the model's shape and a training run's settings."""
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 
 from .errors import LlmpyError
@@ -56,50 +57,56 @@ BACKEND_HELP = ("compute backend: numpy, cpu, gpu, or auto (cpu when numba and s
                 "installed, else numpy)")
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def _f(default, help, **bounds):
+    """A field with its --help text and the bounds check_fields enforces: least=x (>= x),
+    above=x (> x), below=x (< x); required=True makes the flag required."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+MODEL_HELP = ("an llm.c model .bin, a Hugging Face model directory, a run directory (the weights "
+              "of its newest checkpoint), OpenAI's GPT-2 from the Hugging Face hub ("
+              + ", ".join(PRETRAINED) + "), or a from-scratch preset: " + ", ".join(PRESETS)
+              + " (random weights)")
 
 
 @dataclass
 class TrainConfig:
     """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
-    model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, a run directory "
-                    "(the weights of its newest checkpoint), OpenAI's GPT-2 from the Hugging "
-                    "Face hub (" + ", ".join(PRETRAINED) + "), or a from-scratch preset: "
-                    + ", ".join(PRESETS) + " (default: the embedded default, see README)")
+    model: str = _f("", MODEL_HELP + " (default: the embedded default, see above)")
     train_data: str = _f("", "token .bin file, or a quoted glob of shards")
     val_data: str = _f("", "token .bin file, or a quoted glob of shards")
-    batch_size: int = _f(4, "micro-batch size B")
-    seq_len: int = _f(64, "sequence length T")
-    steps: int = _f(40, "number of optimizer steps")
+    batch_size: int = _f(4, "micro-batch size B", least=1)
+    seq_len: int = _f(64, "sequence length T", least=1)
+    steps: int = _f(40, "number of optimizer steps", least=0)
     total_batch_size: int = _f(0, "tokens per optimizer step, a multiple of B*T; gradients "
-                               "accumulate over that many micro-batches (0: B*T)")
-    lr: float = _f(1e-4, "AdamW learning rate")
+                               "accumulate over that many micro-batches (0: B*T)", least=0)
+    lr: float = _f(1e-4, "AdamW learning rate", least=0)
     lr_schedule: str = _f("cosine", "learning-rate schedule: cosine, linear, constant or wsd")
-    warmup_steps: int = _f(0, "steps of linear warmup from 0 to --lr")
-    final_lr_frac: float = _f(1.0, "the schedule decays to lr * this (1.0: no decay)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay, on the 2-D weights only")
+    warmup_steps: int = _f(0, "steps of linear warmup from 0 to --lr", least=0)
+    final_lr_frac: float = _f(1.0, "the schedule decays to lr * this (1.0: no decay)", least=0)
+    beta1: float = _f(0.9, "AdamW beta1", least=0, below=1)
+    beta2: float = _f(0.999, "AdamW beta2", least=0, below=1)
+    eps: float = _f(1e-8, "AdamW epsilon", above=0)
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay, on the 2-D weights only",
+                             least=0)
     # Off by default like llm.c's CPU train_gpt2.c, so a plain run matches a plain PyTorch AdamW
     # loop step for step; train_gpt2.cu, the embedded default and the README recipes use 1.0.
     grad_clip: float = _f(0.0, "clip the global gradient norm to this, e.g. 1.0 as llm.c's "
-                          "train_gpt2.cu (0: no clipping; the norm is logged either way)")
+                          "train_gpt2.cu (0: no clipping; the norm is logged either way)", least=0)
     skip_update_lossz: float = _f(0.0, "skip the update when the loss z-score over the last "
-                                  "64 steps exceeds this (0: off)")
+                                  "64 steps exceeds this (0: off)", least=0)
     skip_update_gradz: float = _f(0.0, "skip the update when the grad-norm z-score over the "
-                                  "last 64 steps exceeds this (0: off)")
+                                  "last 64 steps exceeds this (0: off)", least=0)
     overfit_single_batch: bool = _f(False, "debug: train on the first batch over and over")
     shuffle: bool = _f(False, "shuffle the training windows (seeded)")
-    seed: int = _f(1337, "seed for init, shuffling and sampling")
-    val_every: int = _f(10, "validate every N steps (0: never)")
-    val_batches: int = _f(5, "batches per validation")
-    sample_every: int = _f(20, "print a sample every N steps (0: never)")
-    sample_tokens: int = _f(64, "tokens per sample")
-    sample_temperature: float = _f(1.0, "sampling temperature (0: greedy)")
-    sample_top_k: int = _f(0, "sample from the k likeliest tokens (0: all)")
-    hellaswag_every: int = _f(0, "HellaSwag accuracy every N steps (0: never)")
+    seed: int = _f(1337, "seed for init, shuffling and sampling", least=0)
+    val_every: int = _f(10, "validate every N steps (0: never)", least=0)
+    val_batches: int = _f(5, "batches per validation", least=1)
+    sample_every: int = _f(20, "print a sample every N steps (0: never)", least=0)
+    sample_tokens: int = _f(64, "tokens per sample")      # >= 1 when sampling: check_flags
+    sample_temperature: float = _f(1.0, "sampling temperature (0: greedy)", least=0)
+    sample_top_k: int = _f(0, "sample from the k likeliest tokens (0: all)", least=0)
+    hellaswag_every: int = _f(0, "HellaSwag accuracy every N steps (0: never)", least=0)
     hellaswag_data: str = _f("hellaswag/hellaswag_val.bin", "HellaSwag eval file, as written by "
                              "`llmpy prepro hellaswag`")
     backend: str = _f("auto", BACKEND_HELP)
@@ -111,19 +118,21 @@ class TrainConfig:
     log_jsonl: str = _f("", "write one JSON object per step to this file")
     save: str = _f("", "write the final model to this llm.c .bin")
     run_dir: str = _f("", "run directory: log.jsonl, config.json and checkpoints")
-    checkpoint_every: int = _f(0, "checkpoint every N steps into --run-dir (0: never)")
-    keep_last: int = _f(2, "keep the newest K checkpoints (0: all)")
-    major_every: int = _f(0, "never delete the checkpoints at multiples of M steps (0: none)")
-    resume: bool = _f(False, "continue from the newest complete checkpoint in --run-dir")
+    checkpoint_every: int = _f(0, "checkpoint every N steps into --run-dir (0: never)", least=0)
+    keep_last: int = _f(2, "keep the newest K checkpoints (0: all)", least=0)
+    major_every: int = _f(0, "never delete the checkpoints at multiples of M steps (0: none)",
+                          least=0)
+    resume: bool = _f(False, "continue from the newest complete checkpoint in --run-dir; the "
+                      "flags not given come from RUN_DIR/config.json, as the run was started")
     # data-parallel over torch.distributed, under torchrun (see distributed.py)
     dist: bool = _f(False, "join a torch.distributed process group even when WORLD_SIZE is 1 "
                     "(it always does when WORLD_SIZE > 1)")
     zero: int = _f(0, "ZeRO stage: 1 shards AdamW's state across the ranks (0: off)")
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before "
                              "the run stops with an error; longer than rank 0's evals, samples "
-                             "and checkpoints")
+                             "and checkpoints", above=0)
     dist_check_every: int = _f(0, "debug: check every N steps that the parameters are "
-                               "identical on every rank (0: never)")
+                               "identical on every rank (0: never)", least=0)
 
 
 @dataclass
@@ -134,14 +143,17 @@ class EvalConfig:
     model: str = _f("", "an llm.c model .bin, a Hugging Face model directory, OpenAI's GPT-2 "
                     "from the Hugging Face hub (" + ", ".join(PRETRAINED) + "), or a run "
                     "directory: its newest checkpoint, and the run's --val-data, -b, -t and "
-                    "--backend unless given (required)")
+                    "--backend unless given, and its --val-batches unless --val-data, -b or -t is "
+                    "given (so that its last val loss comes out as its log has it)",
+                    required=True)
     val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "
                        "Shakespeare val, unless only --hellaswag-data is given)")
-    val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)")
+    val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)",
+                          least=0)
     hellaswag_data: str = _f("", "HellaSwag eval file, as written by `llmpy prepro hellaswag` "
                              "(default: none)")
-    batch_size: int = _f(4, "batch size B")
-    seq_len: int = _f(64, "sequence length T")
+    batch_size: int = _f(4, "batch size B", least=1)
+    seq_len: int = _f(64, "sequence length T", least=1)
     backend: str = _f("auto", BACKEND_HELP)
     json: bool = _f(False, "print the results as one JSON object")
 
@@ -166,14 +178,35 @@ def add_arguments(parser, cls, short=None):
                                 default=None, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(*names, dest=f.name, type=typ, default=None, help=help)
+            parser.add_argument(*names, dest=f.name, type=typ, default=None, help=help,
+                                required=f.metadata.get("required", False))
+
+
+def check_range(name, value, least=None, above=None, below=None):
+    """One line naming the flag --name, for a NaN or inf, or a value out of its bounds."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LlmpyError(f"{flag} must be a finite number (got {value})")
+    if least is not None and value < least:
+        raise LlmpyError(f"{flag} must be at least {least} (got {value})")
+    if above is not None and value <= above:
+        raise LlmpyError(f"{flag} must be greater than {above} (got {value})")
+    if below is not None and value >= below:
+        raise LlmpyError(f"{flag} must be less than {below} (got {value})")
+
+
+def check_fields(cfg):
+    """check_range on every field of a config dataclass, with the bounds its metadata gives,
+    so that a bad flag fails before any work."""
+    for f in fields(cfg):
+        bounds = {k: f.metadata[k] for k in ("least", "above", "below") if k in f.metadata}
+        check_range(f.name, getattr(cfg, f.name), **bounds)
 
 
 def require_positive(cfg, *names):
     """One line naming the flag, for a field that must be at least 1 (B, T, ...)."""
     for name in names:
-        if getattr(cfg, name) < 1:
-            raise LlmpyError(f"--{name.replace('_', '-')} must be at least 1")
+        check_range(name, getattr(cfg, name), least=1)
 
 
 def check_seq_len(T, cfg, flag="--seq-len"):

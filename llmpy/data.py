@@ -117,6 +117,13 @@ class DataLoader:
             if self.shard_pos == len(self.files):
                 self.shard_pos, self.epoch = 0, self.epoch + 1
 
+    def require_batches(self, n, pattern):
+        """One line when n batches (--val-batches) would wrap around the data, so that the
+        mean loss would count some windows twice."""
+        if n > sum(self.windows):
+            raise LlmpyError(f"{pattern}: --val-batches {n}, but the data holds "
+                             f"{sum(self.windows)} batches of B*T = {self.B}*{self.T} tokens")
+
     def state(self):
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "window_pos": self.window_pos}
 

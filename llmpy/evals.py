@@ -50,30 +50,34 @@ def parse_example(data, pos, i):
     """The example at data[pos] (uint16 values) -> ((label, context, completions), its end).
     Raises ValueError naming what is wrong."""
     if pos + 6 > len(data):
-        raise ValueError("the file ends before it")
+        raise ValueError("truncated: the file ends before it")
     start, nbytes, index, label, ncomp = data[pos:pos + 5]
     if start != START_EXAMPLE or index != i:
-        raise ValueError(f"expected <START_EXAMPLE> {START_EXAMPLE} and index {i}, got {start} "
-                         f"and {index}")
-    if ncomp != NUM_COMPLETIONS or not 0 <= label < ncomp:
-        raise ValueError(f"{ncomp} completions with label {label}; expected {NUM_COMPLETIONS}")
+        raise ValueError(f"corrupt: expected <START_EXAMPLE> {START_EXAMPLE} and index {i}, got "
+                         f"{start} and {index}")
+    if ncomp != NUM_COMPLETIONS:
+        raise ValueError(f"{ncomp} completions, expected {NUM_COMPLETIONS}")
+    if not 0 <= label < ncomp:
+        raise ValueError(f"label {label} not in 0..{ncomp - 1}")
     end = pos + nbytes // 2
     if end > len(data):
-        raise ValueError(f"the file ends inside its {nbytes} bytes")
+        raise ValueError(f"truncated: the file ends inside its {nbytes} bytes")
     fields, q = [], pos + 5
     for _ in range(1 + ncomp):                # the context, then each completion
         length = data[q] if q < end else 0
         if length == 0 or q + 1 + length > end:
-            raise ValueError(f"a token run is empty or overflows the example's {nbytes} bytes")
+            raise ValueError(f"corrupt: a token run is empty or overflows the example's "
+                             f"{nbytes} bytes")
         fields.append(data[q + 1:q + 1 + length])
         q += 1 + length
     if q != end:
-        raise ValueError(f"{2 * (q - pos)} bytes of fields, but the example says {nbytes}")
+        raise ValueError(f"corrupt: {2 * (q - pos)} bytes of fields, but the example says {nbytes}")
     return (label, fields[0], fields[1:]), end
 
 
-def read_evalfile(path):
-    """The examples of an eval file, validated: [(label, context tokens, [completions])]."""
+def read_evalfile(path, vocab_size=None):
+    """The examples of an eval file, validated (their token ids against vocab_size, when
+    given): [(label, context tokens, [completions])]."""
     h = read_header(path, EVAL_MAGIC, (EVAL_VERSION,), "eval")
     n = int(h[2])
     if n == 0:
@@ -84,8 +88,11 @@ def read_evalfile(path):
         try:
             example, pos = parse_example(data, pos, i)
         except ValueError as e:
-            raise LlmpyError(f"{path}: truncated or corrupt eval file (the header says {n} "
-                             f"examples): example {i}: {e}") from None
+            raise LlmpyError(f"{path}: example {i} of {n}: {e}") from None
+        top = max(max(example[1]), *map(max, example[2]))          # the largest token id
+        if vocab_size is not None and top >= vocab_size:
+            raise LlmpyError(f"{path}: example {i}: token id {top} is out of range for the "
+                             f"model's vocab size {vocab_size}")
         examples.append(example)
     if pos != len(data):
         raise LlmpyError(f"{path}: {2 * (len(data) - pos)} trailing bytes after {n} examples")
@@ -137,34 +144,33 @@ def evaluate(cfg, explicit):
     """`llmpy eval`: cfg an EvalConfig, explicit the fields given on the command line.
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
-    from .config import check_seq_len, require_positive
+    from .config import check_fields, check_seq_len
     from .data import DataLoader, bundled_data
     from .hf import is_hf_dir
     from .train import build_model, restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
     if os.path.isdir(cfg.model) and not is_hf_dir(cfg.model):     # a run directory
-        restored = restore_flags(cfg, explicit, cfg.model,
-                                 ("val_data", "batch_size", "seq_len", "backend"))
+        batches = {"val_data", "batch_size", "seq_len"}
+        # and the run's --val-batches where its batches are these, so that its last val loss
+        # comes out as the log has it
+        restored = restore_flags(cfg, explicit, cfg.model, batches | {"backend"} | (
+            set() if batches & explicit else {"val_batches"}))
         if restored and not cfg.json:
             print(f"from {cfg.model}/config.json: {' '.join(restored)}")
     if not cfg.val_data and not cfg.hellaswag_data:
         cfg.val_data = bundled_data("shakespeare_val.bin")
-    require_positive(cfg, "batch_size", "seq_len")
-    if cfg.val_batches < 0:
-        raise LlmpyError("--val-batches must be >= 0")
+    check_fields(cfg)                     # the flags as given and as restored
     model = build_model(cfg.model, get_backend(cfg.backend))
     B, T, mc = cfg.batch_size, cfg.seq_len, model.config
     check_seq_len(T, mc)
     r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
     # read every file before the first forward pass, so bad input fails at once
     loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None
-    examples = read_evalfile(cfg.hellaswag_data) if cfg.hellaswag_data else None
+    examples = read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_data else None
     if loader:
         batches = cfg.val_batches or sum(loader.windows)
-        if batches > sum(loader.windows):
-            raise LlmpyError(f"{cfg.val_data}: --val-batches {batches}, but the data holds "
-                             f"{sum(loader.windows)} batches of B*T = {B}*{T} tokens")
+        loader.require_batches(batches, cfg.val_data)
         r.update(val_data=cfg.val_data, val_loss=val_loss(model, loader, batches),
                  val_tokens=batches * B * T)
     if examples:

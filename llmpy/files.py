@@ -11,7 +11,17 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-def file_size(path):
+def article(noun):
+    """The noun with its indefinite article: "an eval", "a model"."""
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def file_size(path, kind=None):
+    """The size of a file; one line for a missing file, a directory (kind: what the file should
+    be, for the message) or an unreadable one."""
+    if os.path.isdir(path):
+        raise LlmpyError(f"{path}: is a directory, not " +
+                         (f"an llm.c {kind} file" if kind else "a file"))
     try:
         return os.path.getsize(path)
     except FileNotFoundError:
@@ -22,11 +32,11 @@ def file_size(path):
 
 def read_header(path, magic, versions, kind):
     """Read and validate an llm.c header. Returns the 256 int32 values."""
-    if file_size(path) < HEADER_BYTES:
+    if file_size(path, kind) < HEADER_BYTES:
         raise LlmpyError(f"{path}: truncated {kind} file (smaller than its {HEADER_BYTES}-byte header)")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != magic:
-        raise LlmpyError(f"{path}: bad magic number {header[0]} (a {kind} file starts with {magic})")
+        raise LlmpyError(f"{path}: bad magic number {header[0]} ({article(kind)} file starts with {magic})")
     if header[1] not in versions:
         raise LlmpyError(f"{path}: unsupported {kind} version {header[1]} "
                          f"(supported: {', '.join(map(str, versions))})")
@@ -35,12 +45,27 @@ def read_header(path, magic, versions, kind):
 
 def ensure_dir(path, what="output directory"):
     """Create a directory (and its parents), or fail in one line, before any work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LlmpyError(f"{path}: is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise LlmpyError(f"{path}: cannot create the {what}: {e.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise LlmpyError(f"{path}: {what} is not writable")
+    return path
+
+
+def check_output_file(path):
+    """Fail in one line, before any work is done, where the file cannot be written: its
+    directory is missing or read-only, or a directory stands in its place."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise LlmpyError(f"{path}: is a directory, not a file")
+    if not os.path.isdir(d):
+        raise LlmpyError(f"{path}: no such directory {d}")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise LlmpyError(f"{path}: the directory {d} is not writable")
     return path
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from .checkpoint import BF16, FP32, read_model, write_model
 from .config import GPT2Config
 from .errors import LlmpyError, first_line
-from .files import atomic_write, ensure_dir
+from .files import article, atomic_write, check_output_file, ensure_dir
 from .model import FlatTensors, param_shapes
 
 # llm.c tensor -> HF tensor name; a name with {} is one tensor per layer ({} = layer index).
@@ -34,6 +34,7 @@ PREFIX = "transformer."                             # GPT2LMHeadModel's; GPT2Mod
 # checkpoints, and the classifier, which GPT-2 ties to wte.
 NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+LOCAL_SUFFIXES = (".bin", ".safetensors", ".json")   # a file's name, never a hub model's
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -55,18 +56,19 @@ def config_from_hf(c, path):
     need(c.get("activation_function", "gelu_new") in GELU_TANH,
          f"activation_function is {c.get('activation_function')!r}, not the tanh GELU")
     need(c.get("layer_norm_epsilon", 1e-5) == 1e-5, "layer_norm_epsilon is not 1e-5")
-    need(c.get("n_inner") in (None, 4 * c.get("n_embd", 0)), "n_inner is not 4 * n_embd")
     need(c.get("scale_attn_weights", True), "scale_attn_weights is false")
     need(not c.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is set")
     need(c.get("tie_word_embeddings", True), "the classifier is not tied to wte")
     try:
-        return GPT2Config(max_seq_len=int(c["n_positions"]), vocab_size=int(c["vocab_size"]),
-                          num_layers=int(c["n_layer"]), num_heads=int(c["n_head"]),
-                          channels=int(c["n_embd"]))
+        cfg = GPT2Config(max_seq_len=int(c["n_positions"]), vocab_size=int(c["vocab_size"]),
+                         num_layers=int(c["n_layer"]), num_heads=int(c["n_head"]),
+                         channels=int(c["n_embd"]))
     except KeyError as e:
         raise LlmpyError(f"{path}: config.json has no {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise LlmpyError(f"{path}: bad config.json: {e}") from None
+    need(c.get("n_inner") in (None, 4 * cfg.channels), "n_inner is not 4 * n_embd")
+    return cfg
 
 
 def config_to_hf(cfg):
@@ -163,7 +165,12 @@ def _read_pytorch_bin(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # a pickle of anything can fail in many ways
-        raise LlmpyError(f"{path}: cannot read a PyTorch state dict: {e}") from None
+        raise LlmpyError(f"{path}: not a file torch.load can read "
+                         f"({type(e).__name__}: {first_line(e)})") from None
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                         for k, v in sd.items())):
+        raise LlmpyError(f"{path}: not a PyTorch state dict (names -> tensors): "
+                         f"{article(type(sd).__name__)}")
     return {k: v.float().numpy() for k, v in sd.items()}
 
 
@@ -171,25 +178,32 @@ def download(name):
     """A hub model (gpt2, gpt2-medium, openai-community/gpt2-xl, ...) -> its local directory."""
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hf_logging
     except ImportError:
         raise LlmpyError(f"{name}: downloading from the Hugging Face hub needs huggingface_hub: "
                          "pip install 'llmpy[hf]'") from None
     print(f"downloading {name} from the Hugging Face hub")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()     # a warning per retry; the error below says it all
     try:
         config = hf_hub_download(name, "config.json")
         hf_hub_download(name, "model.safetensors")
     except Exception as e:   # network, missing repo, missing file: all the user's to fix
         raise LlmpyError(f"{name}: not a local directory, and the hub download failed: "
                          f"{type(e).__name__}: {first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return os.path.dirname(config)
 
 
 def read_hf(src):
     """(GPT2Config, flat params) from an HF model directory or hub name."""
     if not os.path.isdir(src):
-        if os.path.exists(src) or not HUB_ID.match(src):
+        if os.path.exists(src):
             raise LlmpyError(f"{src}: not an HF model directory (config.json + model.safetensors "
                              "or pytorch_model.bin), an llm.c model file, or a hub name")
+        if src.endswith(LOCAL_SUFFIXES) or not HUB_ID.match(src):   # a mistyped local path
+            raise LlmpyError(f"{src}: no such file or directory")
         src = download(src)
     config_path = os.path.join(src, "config.json")
     try:
@@ -199,6 +213,9 @@ def read_hf(src):
         raise LlmpyError(f"{config_path}: no such file") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise LlmpyError(f"{config_path}: not valid JSON: {e}") from None
+    if not isinstance(c, dict):
+        raise LlmpyError(f"{config_path}: expected a JSON object, got "
+                         f"{article(type(c).__name__)}")
     cfg = config_from_hf(c, config_path)
     weights = os.path.join(src, HF_WEIGHTS[0])
     if os.path.exists(weights):
@@ -244,10 +261,15 @@ def convert(src, out, dtype="fp32", tokenizer=""):
         if tokenizer:
             raise LlmpyError(f"{tokenizer}: --tokenizer writes llm.c's tokenizer file, for a "
                              "conversion to an llm.c .bin")
+        if dtype != "fp32":
+            raise LlmpyError(f"--dtype {dtype}: applies to a conversion to an llm.c .bin; "
+                             "the HF model.safetensors is written in fp32")
         cfg, flat = read_model(src)
         write_hf(out, cfg, flat)
         print(f"wrote {out}/ (config.json, model.safetensors) from {src}")
     else:
+        for path in filter(None, (out, tokenizer)):     # before a download, or half the output
+            check_output_file(path)
         cfg, flat = read_hf(src)
         if tokenizer:
             write_gpt2_tokenizer(tokenizer, cfg)

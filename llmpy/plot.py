@@ -4,27 +4,44 @@ import os
 
 from .errors import LlmpyError
 
+PLOTTED = ("train_loss", "val_loss", "hellaswag_acc")
+
+
+def is_number(x):
+    return type(x) in (int, float)     # not a bool, a string or a list
+
 
 def read_log(path):
-    """The JSON objects of a log.jsonl; a torn last line (a killed run) is skipped."""
+    """The records of a log.jsonl, checked: objects with a numeric "step" and numbers (or null)
+    for what is plotted. A line that is not JSON, as a killed run's torn last line, is skipped."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise LlmpyError(f"{path}: cannot read the log: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise LlmpyError(f"{path}: not a log.jsonl (not UTF-8 text)") from None
     records = []
-    for line in lines:
+    for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            r = json.loads(line)
         except ValueError:
-            pass
-    if not records:
-        raise LlmpyError(f"{path}: no log records")
+            continue
+        if not isinstance(r, dict):
+            raise LlmpyError(f"{path}: line {i + 1} is not a JSON object")
+        if not is_number(r.get("step")):
+            raise LlmpyError(f'{path}: line {i + 1}: "step" is missing or not a number')
+        for k in PLOTTED:
+            if r.get(k) is not None and not is_number(r[k]):
+                raise LlmpyError(f"{path}: line {i + 1}: {k} is not a number")
+        records.append(r)
+    if not any(r.get(k) is not None for r in records for k in PLOTTED):
+        raise LlmpyError(f"{path}: no losses to plot")
     return records
 
 
 def series(records, key):
-    """(steps, values) of the records that have a finite `key`."""
+    """(steps, values) of the records that have `key`."""
     pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return [s for s, _ in pts], [v for _, v in pts]
 

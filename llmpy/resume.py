@@ -56,13 +56,17 @@ def git_commit():
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def prepare(run_dir, config, resume):
-    """Create the run directory and write config.json; refuse to mix a new run into old
-    checkpoints unless resuming."""
+def prepare(run_dir, resume):
+    """Create the run directory; refuse to mix a new run into old checkpoints unless
+    resuming."""
     ensure_dir(run_dir, "run directory")
     if not resume and checkpoints(run_dir):
         raise LlmpyError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to "
                          "continue it, or choose another --run-dir")
+
+
+def write_config(run_dir, config):
+    """config.json: the run's flags (saved_flags reads them back), model shape and commit."""
     write_json(os.path.join(run_dir, "config.json"), config)
 
 

@@ -19,13 +19,17 @@ from .tokenizer import EOT
 def sample_next(logits, rng, temperature=1.0, top_k=0):
     """logits: (V,) float host array -> one token id. temperature 0 means greedy."""
     logits = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(logits).all():
+        raise LlmpyError("the model's logits are not finite (NaN or inf weights?)")
     if temperature <= 0:
         return int(np.argmax(logits))
-    logits = logits / temperature
     if 0 < top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]
         logits = np.where(logits < kth, -np.inf, logits)
-    p = np.exp(logits - logits.max())
+    # scaled after subtracting the max: logits / a tiny temperature would overflow to inf;
+    # this way only the unlikeliest go to -inf, and exp makes them 0
+    with np.errstate(over="ignore"):
+        p = np.exp((logits - logits.max()) / temperature)
     return int(rng.choice(p.size, p=p / p.sum()))
 
 
@@ -94,13 +98,15 @@ class Decoder:
 
 
 def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
-    """Yields n (rows,) arrays of token ids: `rows` continuations of the same prompt, sampled
-    independently, one cached decode step for all of them. The prompt and the new tokens must
-    fit in the model's max_seq_len (a cache cannot slide: positions are baked into it)."""
+    """An iterator of n (rows,) arrays of token ids: `rows` continuations of the same prompt,
+    sampled independently, one cached decode step for all of them. The prompt and the new
+    tokens must fit in the model's max_seq_len (a cache cannot slide: positions are baked into
+    it). The checks, the prompt's steps and the first sample happen before it returns, so that
+    bad input fails before any output."""
     seq = list(prompt) or [EOT]
     model.check_tokens(np.array([seq]), "prompt" if prompt else "the start (<|endoftext|>)")
     if n <= 0:
-        return
+        return iter(())
     maxT = model.config.max_seq_len
     if len(seq) + n - 1 > maxT:
         raise LlmpyError(f"the prompt ({len(seq)} tokens) and {n} new tokens do not fit in the "
@@ -113,17 +119,23 @@ def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     for pos, tok in enumerate(seq[:-1]):
         decoder.step(np.full(rows, tok), pos, logits=False)
     logits = decoder.step(np.full(rows, seq[-1]), len(seq) - 1)     # (rows,V)
-    for i in range(n):
+    first = np.array([sample_next(row, rng, temperature, top_k) for row in logits])
+    return decode(decoder, first, len(seq), n, rng, temperature, top_k)
+
+
+def decode(decoder, nxt, pos, n, rng, temperature, top_k):
+    """generate_rows' tokens: nxt (rows,), sampled for position pos, then n - 1 more."""
+    yield nxt
+    for i in range(1, n):
+        logits = decoder.step(nxt, pos + i - 1)                     # (rows,V)
         nxt = np.array([sample_next(row, rng, temperature, top_k) for row in logits])
         yield nxt
-        if i < n - 1:
-            logits = decoder.step(nxt, len(seq) + i)
 
 
 def generate(model, prompt, n, rng, temperature=1.0, top_k=0):
-    """Yields n token ids: one continuation of the prompt (generate_rows with one row)."""
-    for ids in generate_rows(model, prompt, n, rng, 1, temperature, top_k):
-        yield int(ids[0])
+    """An iterator of n token ids: one continuation of the prompt (generate_rows with one
+    row, checked at once as it is)."""
+    return (int(ids[0]) for ids in generate_rows(model, prompt, n, rng, 1, temperature, top_k))
 
 
 def generate_recompute(model, prompt, n, rng, temperature=1.0, top_k=0, T=None):

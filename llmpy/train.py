@@ -16,8 +16,8 @@ import numpy as np
 from . import distributed, resume
 from .backends import get_backend
 from .checkpoint import read_model, write_model
-from .config import (EMBEDDED_DEFAULT, PRESETS, PRETRAINED, check_seq_len, preset,
-                     require_positive)
+from .config import (EMBEDDED_DEFAULT, PRESETS, PRETRAINED, check_fields, check_seq_len,
+                     preset, require_positive)
 from .data import DataLoader, bundled_data
 from .errors import LlmpyError
 from .files import ensure_dir
@@ -92,9 +92,11 @@ def valid_value(value, typ):
 
 
 def check_flags(cfg):
-    require_positive(cfg, "batch_size", "seq_len", "val_batches")
-    if cfg.total_batch_size < 0:
-        raise LlmpyError("--total-batch-size must be >= 0")
+    """What the flags alone can tell, before any work: each number in TrainConfig's bounds,
+    the schedule's name, --save's directory."""
+    check_fields(cfg)
+    if cfg.sample_every:
+        require_positive(cfg, "sample_tokens")
     if cfg.save:                        # fail now, not after the whole run
         ensure_dir(os.path.dirname(os.path.abspath(cfg.save)))
         if os.path.isdir(cfg.save):
@@ -226,6 +228,7 @@ def train(cfg, explicit=None):
     restored = (restore_flags(cfg, explicit, cfg.run_dir,
                               {f.name for f in dataclasses.fields(cfg)} - {"resume"})
                 if cfg.resume and cfg.run_dir else [])
+    check_flags(cfg)
     dist = distributed.init(cfg)          # one process, or a rank of a torchrun job
     main = dist.rank == 0                 # rank 0 alone prints, logs, evaluates and saves
     if not main:
@@ -237,7 +240,6 @@ def train(cfg, explicit=None):
         print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")
     if not cfg.train_data:
         raise LlmpyError("--train-data is required when --model is given")
-    check_flags(cfg)
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
     if cfg.recompute_gelu is None:        # config.json then records what ran
@@ -264,7 +266,10 @@ def train(cfg, explicit=None):
     train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed,
                               dist.rank, dist.world)
     val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
-    hella = read_evalfile(cfg.hellaswag_data) if cfg.hellaswag_every and main else None
+    if val_loader and cfg.val_every:
+        val_loader.require_batches(cfg.val_batches, cfg.val_data)
+    hella = (read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_every and main
+             else None)
     tokenizer = Tokenizer() if cfg.sample_every and main else None
     opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
                 decayed=DECAYED, shard=dist.shard(model.num_parameters()))
@@ -277,14 +282,16 @@ def train(cfg, explicit=None):
     start = 0
     if cfg.run_dir:
         if main:
-            resume.prepare(cfg.run_dir, {"train": dataclasses.asdict(cfg),
-                                         "model": dataclasses.asdict(mc),
-                                         "backend": backend.name,
-                                         "git_commit": resume.git_commit()}, cfg.resume)
+            resume.prepare(cfg.run_dir, cfg.resume)
         manifest = dist.load_checkpoint(cfg.run_dir, model, opt) if cfg.resume else None
         if manifest:
             run.load_state(manifest, cfg.run_dir)
             start = manifest["step"]
+        if main:    # once the checkpoint fits these flags: a refused --resume leaves it as it was
+            resume.write_config(cfg.run_dir, {"train": dataclasses.asdict(cfg),
+                                              "model": dataclasses.asdict(mc),
+                                              "backend": backend.name,
+                                              "git_commit": resume.git_commit()})
     dist.broadcast(model.params.buf)      # every rank starts from rank 0's weights
     log = open_log(cfg, start) if main else None
     do_val = val_loader is not None and cfg.val_every > 0

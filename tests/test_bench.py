@@ -13,7 +13,7 @@ import pytest
 
 from llmpy.cli import main
 from llmpy.config import GPT2Config, preset
-from test_cli import assert_one_line_error, llmpy
+from test_cli import assert_one_line_error, cli, help_text, llmpy
 
 
 def test_bench_cpu_runs_all_three_on_the_same_weights():
@@ -101,6 +101,28 @@ def test_bench_sample_without_transformers(monkeypatch, capsys):
 
 def test_bench_cpu_bad_model():
     assert_one_line_error(llmpy("bench", "cpu", "--model", "d13"), "--model d13")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "--tokens", 0], ["--tokens", "got 0"]),
+    (["sample", "--tokens", 2, "-b", 0], ["--batch-size", "got 0"]),
+    (["sample", "--tokens", 2, "-t", -1], ["--seq-len", "got -1"]),
+    (["sample", "--seed", -1], ["--seed"]),
+    (["cpu", "-b", 0, "--impls", "numpy"], ["--batch-size", "got 0"]),
+    (["cpu", "-t", 0, "--impls", "numpy"], ["--seq-len", "got 0"]),
+    (["cpu", "--warmup", -1, "--impls", "numpy"], ["--warmup"]),
+    (["cpu", "--threads", -2, "--impls", "numpy"], ["--threads"])])
+def test_bench_bad_flags_fail_before_any_work(args, words):
+    r = cli("bench", *args[:1], "--model", "tiny", *args[1:])
+    assert_one_line_error(r, *words)
+    assert r.stdout == ""
+
+
+def test_bench_help():
+    """Each benchmark's own description; bench sample's -b and -t are its baseline's shape."""
+    cpu, sample = help_text("bench", "cpu"), help_text("bench", "sample")
+    assert "bench cpu: a training step" in cpu and "bench sample" not in cpu
+    assert "B of the full recompute" in sample and "clamped to the model's maxT" in sample
 
 
 def test_bench_fineweb_runs_on_every_token(tmp_path, gpt2_reference):

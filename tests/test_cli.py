@@ -1,15 +1,18 @@
 """The command line as a user meets it: help, the embedded default, and bad input (one line on
 stderr naming the problem, exit code 1, never a traceback)."""
+import io
 import os
 import struct
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llmpy.checkpoint import num_params
+from llmpy.cli import main
 from llmpy.data import bundled_data
 from llmpy.config import GPT2Config
 from test_gpt2 import write_llmc_model, write_llmc_tokens
@@ -20,6 +23,15 @@ CFG = GPT2Config(max_seq_len=16, vocab_size=90, num_layers=1, num_heads=2, chann
 def llmpy(*args):
     return subprocess.run([sys.executable, "-m", "llmpy", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
+
+
+def cli(*args):
+    """`llmpy ARGS` in this process: starting Python, numpy and torch is most of a small
+    command's time. A few tests run the real console command, llmpy(), as well."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(r, *words):
@@ -118,6 +130,70 @@ def test_bad_flags_fail_before_training(files):
     assert_one_line_error(train(files, "--save", files), str(files), "names a directory")
     (files / "afile").write_text("")
     assert_one_line_error(train(files, "--save", files / "afile" / "out.bin"), "afile")
+
+
+# every numeric flag has its range (TrainConfig's bounds): (flag, value, words of the error)
+OUT_OF_RANGE = [("--steps", -1, "at least 0"), ("--lr", "nan", "finite"),
+                ("--final-lr-frac", "inf", "finite"), ("--warmup-steps", -5, "at least 0"),
+                ("--grad-clip", -1, "at least 0"), ("--beta1", 2, "less than 1"),
+                ("--beta2", 1, "less than 1"), ("--eps", 0, "greater than 0"),
+                ("--weight-decay", -0.1, "at least 0"), ("--dist-timeout", 0, "greater than 0"),
+                ("--checkpoint-every", -1, "at least 0"), ("--keep-last", -1, "at least 0"),
+                ("--major-every", -1, "at least 0"), ("--val-every", -1, "at least 0"),
+                ("--sample-every", -1, "at least 0"), ("--val-batches", 0, "at least 1"),
+                ("--seed", -1, "at least 0"), ("--sample-temperature", "nan", "finite"),
+                ("--sample-top-k", -1, "at least 0"), ("--total-batch-size", -1, "at least 0"),
+                ("--skip-update-lossz", -1, "at least 0")]
+
+
+@pytest.mark.parametrize("flag, value, words", OUT_OF_RANGE, ids=[c[0] for c in OUT_OF_RANGE])
+def test_flags_out_of_range_fail_before_any_work(files, flag, value, words):
+    r = cli("train", "--model", files / "m.bin", "--train-data", files / "d.bin", "--run-dir",
+            files / "run", flag, value)
+    assert_one_line_error(r, flag, words)
+    assert r.stdout == "" and not (files / "run").exists()
+
+
+def test_sample_tokens_and_val_batches_when_used(files):
+    """--sample-tokens counts only when sampling; --val-batches must fit in the val data, as
+    eval has it (the loader would wrap around and count windows twice)."""
+    assert_one_line_error(cli("train", "--model", files / "m.bin", "--train-data",
+                              files / "d.bin", "--sample-tokens", 0), "--sample-tokens", "got 0")
+    r = cli("train", "--model", files / "m.bin", "--train-data", files / "d.bin", "--steps", 0,
+            "-b", 2, "-t", 8, "--sample-every", 0, "--sample-tokens", -3)
+    assert r.returncode == 0, r.stderr
+    r = cli("train", "--model", files / "m.bin", "--train-data", files / "d.bin", "--val-data",
+            files / "d.bin", "-b", 2, "-t", 8, "--val-batches", 32, "--sample-every", 0)
+    assert_one_line_error(r, "d.bin", "--val-batches 32", "holds 31 batches")  # 499 // 16
+    assert "step" not in r.stdout
+
+
+def help_text(*cmd):
+    """`llmpy CMD --help`, its whitespace made single spaces (argparse wraps the lines)."""
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        main([*cmd, "--help"])
+    return " ".join(out.getvalue().split())
+
+
+def test_help_says_what_runs():
+    """train --help lists what the embedded default changes, as train applies it; the model
+    arguments that take any model say so; eval's --model is required."""
+    from llmpy.config import EMBEDDED_DEFAULT, TrainConfig
+    from llmpy.train import apply_embedded_default
+    text = help_text("train")
+    listed = text.split("bundled Shakespeare, with ")[1].split(" in place of")[0].split(" --")
+    cfg = TrainConfig()
+    apply_embedded_default(cfg, set())
+    assert {f.lstrip("-").split()[0].replace("-", "_") for f in listed} == set(EMBEDDED_DEFAULT)
+    for flag in listed:
+        name, value = flag.lstrip("-").split()
+        assert str(getattr(cfg, name.replace("-", "_"))) == value, flag
+    assert "flags not given come from RUN_DIR/config.json" in text
+    for cmd in (["sample"], ["test-model"]):
+        assert "run directory" in help_text(*cmd) and "preset" in help_text(*cmd), cmd
+    assert "llm.c model file" not in help_text("sample")
+    assert "usage: llmpy eval [-h] --model MODEL" in help_text("eval")
 
 
 def test_without_posix_only_calls(files, tmp_path):

@@ -57,8 +57,9 @@ def torch_loss(flat, tokens, batches, B=2, T=8):
 
 
 def test_run_directory_val_loss_as_logged(files, capsys):
-    """Eval of a run directory takes the run's val data, B and T, and gives its last logged
-    val loss: the same weights, batches and code."""
+    """Eval of a run directory takes the run's val data, B, T and number of val batches, and
+    gives its last logged val loss: the same weights, batches and code. With another T, every
+    window of the data."""
     path, _, _ = files
     write_llmc_tokens(path / "train.bin", np.arange(400) % CFG.vocab_size)
     assert cli.main(["train", "--model", str(path / "m.bin"), "--train-data",
@@ -68,7 +69,7 @@ def test_run_directory_val_loss_as_logged(files, capsys):
                      str(path / "run"), "--checkpoint-every", "3"]) == 0
     logged = json.loads((path / "run" / "log.jsonl").read_text().splitlines()[-1])["val_loss"]
     capsys.readouterr()
-    rc, r = run(capsys, "--model", path / "run", "--val-batches", 4, "--backend", "numpy")
+    rc, r = run(capsys, "--model", path / "run", "--backend", "numpy")
     assert rc == 0, r
     assert (r["batch_size"], r["seq_len"], r["val_tokens"]) == (2, 8, 64)
     assert r["val_loss"] == logged
@@ -93,8 +94,8 @@ def test_hellaswag_through_the_command(tmp_path, capsys):
 def test_bad_input(files, capsys):
     path, _, _ = files
     model, val = ["--model", path / "m.bin"], ["--val-data", path / "val.bin"]
-    cases = [([*val], "--model is required"),
-             ([*model, "--val-data", path / "nope.bin"], "nope.bin"),
+    cases = [([*model, "--val-data", path / "nope.bin"], "nope.bin"),
+             ([*model, *val, "--val-batches", -1], "--val-batches must be at least 0"),
              ([*model, *val, "-t", 17], "exceeds the model's max_seq_len 16"),
              ([*model, *val, "--val-batches", 6], "holds 5 batches"),
              ([*model, *val, "-b", 0], "--batch-size must be at least 1"),
@@ -103,3 +104,6 @@ def test_bad_input(files, capsys):
         rc, err = run(capsys, "-b", 2, "-t", 8, *args, "--backend", "numpy")
         assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("llmpy: error: ")
         assert words in err, (args, err)
+    with pytest.raises(SystemExit) as e:      # argparse: the usage, and what is missing
+        cli.main(["eval", *map(str, val)])
+    assert e.value.code == 2 and "required: --model" in capsys.readouterr().err

@@ -133,7 +133,10 @@ def test_bad_eval_files(tmp_path, capsys):
     independent_evalfile(tmp_path / "ok.bin", examples)
     raw = (tmp_path / "ok.bin").read_bytes()
     cases = {"short.bin": (raw[:-6], "truncated"),
-             "magic.bin": (struct.pack("<i", 7) + raw[4:], "bad magic"),
+             "magic.bin": (struct.pack("<i", 7) + raw[4:],
+                           r"bad magic number 7 \(an eval file starts with 20240522\)"),
+             "label.bin": (raw[:1030] + struct.pack("<H", 7) + raw[1032:],
+                           "label.bin: example 0 of 3: label 7 not in 0..3$"),
              "marker.bin": (raw[:1024] + b"\0\0" + raw[1026:], "<START_EXAMPLE>"),
              "trailing.bin": (raw + b"\0\0", "trailing bytes")}
     for name, (data, words) in cases.items():
@@ -145,7 +148,54 @@ def test_bad_eval_files(tmp_path, capsys):
     write_llmc_tokens(tmp_path / "train.bin", np.arange(200) % 100)
     rc = cli.main(["train", "--model", str(tmp_path / "model.bin"), "--train-data",
                    str(tmp_path / "train.bin"), "--backend", "numpy", "-b", "4", "-t", "8",
-                   "--hellaswag-every", "1",
+                   "--hellaswag-every", "1", "--sample-every", "0",
                    "--hellaswag-data", str(tmp_path / "short.bin")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "short.bin" in err[0] and "truncated" in err[0]
+
+
+def test_token_ids_beyond_the_model_s_vocab(tmp_path, capsys):
+    """Checked as the file is read, naming the example, not at a forward pass that names
+    neither (in training, after the first step)."""
+    examples = random_examples(3, seed=1)
+    examples[1][2][3][-1] = CFG.vocab_size
+    independent_evalfile(tmp_path / "hs.bin", examples)
+    assert len(read_evalfile(tmp_path / "hs.bin")) == 3        # no model, no vocab to check
+    with pytest.raises(LlmpyError, match=f"hs.bin: example 1: token id {CFG.vocab_size} is out "
+                                         f"of range for the model's vocab size {CFG.vocab_size}"):
+        read_evalfile(tmp_path / "hs.bin", CFG.vocab_size)
+    write_llmc_model(tmp_path / "model.bin", CFG, random_weights(CFG))
+    rc = cli.main(["eval", "--model", str(tmp_path / "model.bin"), "--hellaswag-data",
+                   str(tmp_path / "hs.bin"), "--backend", "numpy", "-b", "4", "-t", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "hs.bin: example 1: token id 100" in err[0]
+    write_llmc_tokens(tmp_path / "train.bin", np.arange(200) % 100)
+    rc = cli.main(["train", "--model", str(tmp_path / "model.bin"), "--train-data",
+                   str(tmp_path / "train.bin"), "--hellaswag-every", "1", "--hellaswag-data",
+                   str(tmp_path / "hs.bin"), "--sample-every", "0", "--backend", "numpy",
+                   "-b", "2", "-t", "8"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "hs.bin: example 1: token id 100" in err and "step" not in out
+
+
+def test_prepro_hellaswag_bad_records(tmp_path):
+    """Each record is checked as it is read, naming the file and line: a record llm.c's eval
+    file cannot hold is never written for eval to reject."""
+    from test_cli import assert_one_line_error
+    from test_cli import cli as run_cli
+    ok = {"ctx": "A man", "label": 1, "endings": ["a", "b", "c", "d"]}
+    cases = [({"label": 7}, "label 7 not in 0..3"), ({"label": "1"}, "label '1' not in 0..3"),
+             ({"endings": ["a", "b", "c"]}, '"endings" is not a list of 4 non-empty strings'),
+             ({"endings": ["a", "", "c", "d"]}, '"endings" is not a list of 4'),
+             ({"ctx": ""}, '"ctx" is not a non-empty string')]
+    for change, words in cases:
+        # line 3: the blank line counts
+        (tmp_path / "hs.jsonl").write_text(f"{json.dumps(ok)}\n\n{json.dumps({**ok, **change})}\n")
+        assert_one_line_error(run_cli("prepro", "hellaswag", "--input", tmp_path / "hs.jsonl",
+                                      "--out", tmp_path / "out"), f"hs.jsonl: line 3: {words}")
+    for text, words in [("[1, 2]\n", "line 1: not a JSON object"), ("{\n", "line 1 is not JSON"),
+                        ("\n\n", "no HellaSwag records")]:
+        (tmp_path / "hs.jsonl").write_text(text)
+        assert_one_line_error(run_cli("prepro", "hellaswag", "--input", tmp_path / "hs.jsonl",
+                                      "--out", tmp_path / "out"), f"hs.jsonl: {words}")
+    assert not (tmp_path / "out" / "hellaswag_val.bin").exists()

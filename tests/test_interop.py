@@ -5,11 +5,8 @@ Oracles: transformers' own GPT2LMHeadModel (random weights, saved locally: the h
 reached here), an llm.c-layout writer written out below the way llm.c's train_gpt2.py writes
 its files, and the PyTorch reference (torchref/gpt2.py).
 """
-import io
 import json
 import struct
-import subprocess
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -17,14 +14,13 @@ import torch
 
 from llmpy.backends import get_backend
 from llmpy.checkpoint import num_params, write_model
-from llmpy.cli import main
 from llmpy.config import GPT2Config, preset
 from llmpy.data import bundled_data, write_tokens
 from llmpy.debugstate import read_debug_state, write_debug_state
 from llmpy.model import GPT2, init_weights, load_params, param_shapes
 from llmpy.sample import generate
 from llmpy.train import build_model
-from test_cli import assert_one_line_error, llmpy
+from test_cli import assert_one_line_error, cli, llmpy
 from test_gpt2 import random_weights, rel_err, write_llmc_model
 from torchref.gpt2 import from_flat
 
@@ -42,15 +38,6 @@ CFG = GPT2Config(max_seq_len=24, vocab_size=101, num_layers=3, num_heads=5, chan
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def cli(*args):
-    """`llmpy ARGS` in this process: starting Python, numpy and torch is most of a small
-    command's time. A few tests run the real console command, llmpy(), as well."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-
 
 def hf_model(seed=0, config=HF_CFG):
     """A random GPT2LMHeadModel; noise on every tensor so biases and LayerNorms are not 0/1."""
@@ -268,9 +255,63 @@ def test_convert_bad_input(hf_dir, tmp_path):
     (tmp_path / "badjson" / "config.json").write_text("{")
     assert_one_line_error(cli("convert", tmp_path / "badjson", tmp_path / "o.bin"),
                           "config.json", "not valid JSON")
-    assert_one_line_error(cli("convert", tmp_path / "nope", tmp_path / "o.bin"), "nope",
-                          "not an HF model directory")
+    assert_one_line_error(hf_variant("nullembd", {"n_embd": None, "n_inner": 160}),
+                          "config.json", "bad config.json")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1, 2]")
+    (tmp_path / "list" / "model.safetensors").write_bytes(b"")   # read after config.json
+    for args in (["convert", tmp_path / "list", tmp_path / "o.bin"],
+                 ["train", "--model", tmp_path / "list", "--train-data", tmp_path / "m.bin"]):
+        assert_one_line_error(cli(*args), "config.json: expected a JSON object, got a list")
+    for name, write in [("junkpt", lambda p: p.write_bytes(b"junk\n")),
+                        ("listpt", lambda p: torch.save([1, 2], p))]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(good)
+        write(tmp_path / name / "pytorch_model.bin")
+    assert_one_line_error(cli("convert", tmp_path / "junkpt", tmp_path / "o.bin"),
+                          "pytorch_model.bin: not a file torch.load can read (KeyError: ")
+    assert_one_line_error(cli("convert", tmp_path / "listpt", tmp_path / "o.bin"),
+                          "pytorch_model.bin: not a PyTorch state dict", "a list")
     assert not (tmp_path / "o.bin").exists()
+    # nothing written where the outputs cannot all be: not the tokenizer before the model,
+    # not an fp32 HF directory for --dtype bf16
+    assert_one_line_error(cli("convert", d, tmp_path / "none" / "o.bin", "--tokenizer",
+                              tmp_path / "t.bin"), "o.bin: no such directory")
+    assert not (tmp_path / "t.bin").exists()
+    assert_one_line_error(cli("convert", tmp_path / "m.bin", tmp_path / "hfx", "--dtype", "bf16"),
+                          "--dtype bf16", "llm.c .bin")
+    assert not (tmp_path / "hfx").exists()
+
+
+@needs_hf
+def test_local_looking_names_never_go_to_the_hub(tmp_path, monkeypatch):
+    """A mistyped path is no hub id: it fails at once, not after ~23 s of retries."""
+    from llmpy import hf
+    monkeypatch.setattr(hf, "download", lambda name: pytest.fail(f"{name} went to the hub"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("missing.bin", "gpt2.safetensors", "config.json", "./gpt2", "/no/gpt2",
+                 "runs/a/gpt2"):
+        assert_one_line_error(cli("convert", name, "o.bin"), f"{name}: no such file")
+
+
+@needs_hf
+def test_hub_retry_warnings_are_quiet(tmp_path, monkeypatch):
+    """huggingface_hub logs a warning per retry (12 lines offline): the download runs with
+    its logging at ERROR, and restores it after."""
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub.utils import logging as hf_logging
+    levels = []
+
+    def offline(repo, filename):
+        levels.append(hf_logging.get_verbosity())
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    before = hf_logging.get_verbosity()
+    assert_one_line_error(cli("convert", "gpt2", tmp_path / "o.bin"), "gpt2",
+                          "hub download failed: OSError: offline")
+    assert levels == [logging.ERROR] and hf_logging.get_verbosity() == before
 
 
 @needs_hf
@@ -417,6 +458,9 @@ def test_test_model_bad_input(state):
     assert_one_line_error(cli("test-model", state / "badmodel.bin", state / "s.bin"),
                           "badmodel.bin", "bad magic")
     assert_one_line_error(cli("test-model", m, state / "nope.bin"), "nope.bin", "no such file")
+    assert_one_line_error(cli("test-model", m, state / "s.bin", "--steps", -1), "--steps")
+    assert_one_line_error(cli("test-model", m, state / "s.bin", "--tol", "nan"), "--tol",
+                          "finite")
 
 
 def test_debug_state_bad_input(state):
@@ -426,6 +470,12 @@ def test_debug_state_bad_input(state):
                                 "-t", 8), "few.bin", "too few")
     assert_one_line_error(cli("debug-state", state / "m.bin", "-t", 25), "max_seq_len 24")
     assert_one_line_error(cli("debug-state", state / "s.bin"), "s.bin", "bad magic")
+    # B and T are checked before the reference runs (B=0 divided by zero in the DataLoader)
+    for flag, value, name in (("-b", 0, "--batch-size"), ("-t", 0, "--seq-len"),
+                              ("-t", -4, "--seq-len")):
+        assert_one_line_error(cli("debug-state", state / "m.bin", flag, value), name,
+                              f"got {value}")
+    assert not (state / "m_debug_state.bin").exists()
 
 
 # ----------------------------------------------------------------------------- init

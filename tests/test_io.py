@@ -124,3 +124,32 @@ def test_dataloader_checks_each_shard_s_ids_as_it_opens_it(tmp_path):
         loader.next_batch()
     with pytest.raises(LlmpyError, match="s_000001.bin: token id 50"):
         DataLoader(str(tmp_path / "s_000001.bin"), 2, 5, vocab_size=50)
+
+
+def test_a_directory_for_a_file_and_a_file_for_a_directory(tmp_path):
+    """Every command that reads a file says so in one line when given a directory (an HF model
+    directory too: debug-state reads only llm.c's .bin), and every output directory when it
+    names a file."""
+    from test_cli import assert_one_line_error, cli
+    m, d, adir, afile = tmp_path / "m.bin", tmp_path / "d.bin", tmp_path / "adir", tmp_path / "f"
+    write_llmc_model(m, CFG, flat_params(CFG))
+    write_llmc_tokens(d, np.arange(200) % CFG.vocab_size)
+    adir.mkdir()
+    (adir / "model.safetensors").write_bytes(b"")          # an HF model directory, to debug-state
+    afile.write_text("a file")
+    small = ["-b", 2, "-t", 4, "--backend", "numpy", "--sample-every", 0, "--steps", 1]
+    for args, kind in [(["train", "--model", m, "--train-data", adir, *small], "a file"),
+                       (["train", "--model", m, "--train-data", d, "--val-data", adir, *small],
+                        "a file"),
+                       (["train", "--model", m, "--train-data", tmp_path / "ad*", *small],
+                        "a file"),
+                       (["eval", "--model", m, "--val-data", adir, "-b", 2, "-t", 4], "a file"),
+                       (["eval", "--model", m, "--hellaswag-data", adir, "-b", 2, "-t", 4],
+                        "an llm.c eval file"),
+                       (["test-model", m, adir, "--steps", 0], "an llm.c debug state file"),
+                       (["debug-state", adir], "an llm.c model file")]:
+        assert_one_line_error(cli(*args), f"{adir}: is a directory, not {kind}")
+    for args in (["train", "--model", m, "--train-data", d, "--run-dir", afile, *small],
+                 ["prepro", "hellaswag", "--input", tmp_path / "hs.jsonl", "--out", afile],
+                 ["convert", m, afile]):
+        assert_one_line_error(cli(*args), f"{afile}: is a file, not a directory")

@@ -271,6 +271,8 @@ def bad_inputs(tmp_path, enc):
          "empty.txt: empty file"),
         (["prepro", "tinystories", "--input", tmp_path / "afile", "--out", out],
          "afile: not a tar or tar.gz archive"),
+        (text + [tmp_path / "small.txt", "--out", out, "--workers", -1],
+         "--workers must be at least 0 (got -1)"),
     ]
 
 

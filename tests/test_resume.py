@@ -260,6 +260,18 @@ def test_checkpoint_of_another_model_size(run4, capsys, files, tmp_path):
     assert "ckpt_00000004" in msg and "C=8" in msg and "C=16" in msg
 
 
+@pytest.mark.parametrize("flags", [["--model", "tiny"], ["-b", "4"]])
+def test_refused_resume_keeps_the_run_config(run4, capsys, flags):
+    """A --resume that the checkpoint refuses (another model, another batch shape) leaves
+    config.json as it was, so that a plain --resume still continues the run."""
+    run_dir, _ = run4
+    config = (run_dir / "config.json").read_bytes()
+    cli_error(capsys, ["train", "--run-dir", str(run_dir), "--resume", *flags])
+    assert (run_dir / "config.json").read_bytes() == config
+    assert cli.main(["train", "--run-dir", str(run_dir), "--resume", "--steps", "5"]) == 0
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4, 5]
+
+
 def test_resume_with_another_batch_shape(run4, capsys):
     run_dir, args = run4
     msg = cli_error(capsys, args + ["--resume", "-b", "4"])

@@ -10,9 +10,9 @@ from llmpy.checkpoint import read_model
 from llmpy.config import GPT2Config, preset
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT2, load_params
-from llmpy.sample import Decoder, generate, generate_recompute, generate_rows
+from llmpy.sample import Decoder, generate, generate_recompute, generate_rows, sample_next
 from llmpy.tokenizer import EOT
-from test_cli import assert_one_line_error, llmpy
+from test_cli import assert_one_line_error, cli, llmpy
 from test_gpt2 import CFG, random_weights, rel_err, write_llmc_model
 
 TOL = 1e-5
@@ -76,6 +76,18 @@ def test_generate_checks_the_token_ids():
         list(generate(model, [1, CFG.vocab_size], 2, np.random.default_rng(0)))
     with pytest.raises(LlmpyError, match=r"start \(<\|endoftext\|>\) token id 50256"):
         list(generate(model, [], 2, np.random.default_rng(0)))
+    with pytest.raises(LlmpyError, match="out of range"):   # at the call: before any output
+        generate(model, [CFG.vocab_size], 2, np.random.default_rng(0))
+
+
+def test_sample_next_nonfinite_logits_and_tiny_temperatures():
+    rng = np.random.default_rng(0)
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(LlmpyError, match="logits are not finite"):
+            sample_next(np.array([0.0, bad, 1.0]), rng)
+    # logits / 1e-310 overflowed to inf, and inf - inf is NaN; the limit is greedy
+    logits = np.array([1.0, 3.0, 2.0])
+    assert [sample_next(logits, rng, t) for t in (1e-310, 5e-324)] == [1, 1]
 
 
 def test_greedy_generate_matches_transformers():
@@ -141,3 +153,31 @@ def test_cli_samples_several_rows_at_once(gpt2_vocab_model):
 def test_cli_sample_too_long(gpt2_vocab_model):
     r = llmpy("sample", "--model", gpt2_vocab_model, "--prompt", "The king", "--tokens", 40)
     assert_one_line_error(r, "max_seq_len 32")
+    assert r.stdout == ""                     # the prompt is echoed only once it is checked
+
+
+def test_cli_sample_bad_flags_and_weights(gpt2_vocab_model, tmp_path):
+    """Out-of-range flags, a prompt out of the model's vocabulary, and NaN or inf weights:
+    one line each, nothing on stdout."""
+    m = gpt2_vocab_model
+    for flags, words in [(["--temperature", "nan"], ["--temperature", "finite"]),
+                         (["--temperature", -1], ["--temperature", "at least 0"]),
+                         (["--tokens", -5], ["--tokens"]), (["--top-k", -1], ["--top-k"]),
+                         (["--seed", -1], ["--seed"])]:
+        r = cli("sample", "--model", m, *flags)
+        assert_one_line_error(r, *words)
+        assert r.stdout == ""
+    write_llmc_model(tmp_path / "small.bin", CFG, random_weights(CFG))     # V=100
+    r = cli("sample", "--model", tmp_path / "small.bin", "--prompt", "hi")
+    assert_one_line_error(r, "small.bin", "prompt token id", "vocab size 100")
+    assert r.stdout == ""
+    cfg, params = read_model(m)
+    for bad in (np.nan, np.inf):
+        broken = params.copy()
+        broken[cfg.padded_vocab_size * cfg.channels + 5] = bad       # one weight of wpe
+        write_llmc_model(tmp_path / "bad.bin", cfg, broken)
+        for rows in (1, 2):
+            r = cli("sample", "--model", tmp_path / "bad.bin", "--prompt", "Hi", "--tokens", 4,
+                    "--num-samples", rows)
+            assert_one_line_error(r, "bad.bin", "logits are not finite")
+            assert r.stdout == ""

@@ -199,6 +199,22 @@ def test_plot(files, tmp_path):
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_bad_logs(tmp_path):
+    """A log that is not train's: one line naming it (and the line), and no PNG."""
+    from test_cli import assert_one_line_error
+    from test_cli import cli as run_cli
+    cases = {
+        "binary.bin": (b"\xc6\x00\x01", "not a log.jsonl (not UTF-8 text)"),
+        "list.jsonl": (b'{"step": 1, "train_loss": 2.0}\n[1, 2]\n', "line 2 is not a JSON object"),
+        "nostep.jsonl": (b'{"train_loss": 2.0}\n', 'line 1: "step" is missing'),
+        "strloss.jsonl": (b'{"step":1,"train_loss":"a"}\n', "line 1: train_loss is not a number"),
+        "nolosses.jsonl": (b'{"step": 1}\n{"step": 2, "val_loss": null}\n', "no losses to plot")}
+    for name, (data, words) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert_one_line_error(run_cli("plot", tmp_path / name), f"{name}: {words}")
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_mfu_per_step_where_the_backend_knows_its_peak(files, monkeypatch, capsys):
     from llmpy.backends import numpy as numpy_backend
     _, log = run(files[0], steps=2)

@@ -34,7 +34,12 @@ def _dataset(datasets, name, func, help, description):
     s.add_argument("--workers", type=int, default=0,
                    help="at most N tokenizer processes (default: 0, one per core); "
                         "a corpus under about 1 MB per process is tokenized in one")
-    s.set_defaults(func=func)
+
+    def run(args):                  # --workers checked before any work
+        from ..config import check_range
+        check_range("workers", args.workers, least=0)
+        func(args)
+    s.set_defaults(func=run)
     return s
 
 

@@ -4,7 +4,7 @@ import json
 import os
 
 from ..errors import LlmpyError
-from ..evals import write_evalfile
+from ..evals import NUM_COMPLETIONS, write_evalfile
 from ..files import ensure_dir
 from .common import download, progress, read_text, tokenizer
 
@@ -12,10 +12,25 @@ URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_
 SPLITS = ("val", "train")   # the test split has no labels
 
 
+def check(example):
+    """Why a jsonl record is not a HellaSwag example that llm.c's eval file can hold, or None."""
+    if not isinstance(example, dict):
+        return "not a JSON object"
+    ctx, label, endings = (example.get(k) for k in ("ctx", "label", "endings"))
+    if not isinstance(ctx, str) or not ctx:
+        return '"ctx" is not a non-empty string'
+    if type(label) is not int or not 0 <= label < NUM_COMPLETIONS:
+        return f"label {label!r} not in 0..{NUM_COMPLETIONS - 1}"
+    if not (isinstance(endings, list) and len(endings) == NUM_COMPLETIONS and
+            all(isinstance(e, str) and e for e in endings)):
+        return f'"endings" is not a list of {NUM_COMPLETIONS} non-empty strings'
+    return None
+
+
 def render(example, tok):
-    """One jsonl record -> (label, context tokens, [ending tokens] * 4)."""
+    """One checked jsonl record -> (label, context tokens, [ending tokens] * 4)."""
     ctx = tok.encode(example["ctx"])
-    return int(example["label"]), ctx, [tok.encode(" " + e) for e in example["endings"]]
+    return example["label"], ctx, [tok.encode(" " + e) for e in example["endings"]]
 
 
 def prepro(input=None, out="hellaswag", split="val"):
@@ -29,16 +44,22 @@ def prepro(input=None, out="hellaswag", split="val"):
             print(f"{input} already exists, skipping the download")
         else:
             download(URL.format(split=split), input)
-    lines = [line for line in read_text(input).splitlines() if line.strip()]
+    lines = [(i + 1, line) for i, line in enumerate(read_text(input).splitlines())
+             if line.strip()]
+    if not lines:
+        raise LlmpyError(f"{input}: no HellaSwag records")
     tok = tokenizer()
     examples = []
     with progress(total=len(lines), desc="HellaSwag", unit="example") as bar:
-        for i, line in enumerate(lines):
+        for n, line in lines:
             try:
-                examples.append(render(json.loads(line), tok))
-            except (ValueError, KeyError, TypeError) as e:
-                raise LlmpyError(f"{input}: line {i + 1} is not a HellaSwag record: "
-                                 f"{e!r}") from None
+                example = json.loads(line)
+            except ValueError as e:
+                raise LlmpyError(f"{input}: line {n} is not JSON: {e}") from None
+            problem = check(example)
+            if problem:
+                raise LlmpyError(f"{input}: line {n}: {problem}")
+            examples.append(render(example, tok))
             bar.update()
     path = os.path.join(out, f"hellaswag_{split}.bin")
     print(f"writing {len(examples):,} examples to {path}")
