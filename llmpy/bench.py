@@ -433,7 +433,8 @@ def add_parsers(bench):
                          "(where torch and transformers are installed).")
     c.add_argument("--model", default="d12", help="a preset (default: d12, GPT-2 124M with "
                    "random weights)")
-    s.add_argument("--model", default="d12", help="a preset or an llm.c .bin (default: d12)")
+    s.add_argument("--model", default="d12", help="as sample's --model (default: d12, random "
+                   "weights: the time per token does not depend on them)")
     c.add_argument("-b", "--batch-size", type=int, default=4, help="B (default: 4)")
     c.add_argument("-t", "--seq-len", type=int, default=64, help="T (default: 64)")
     s.add_argument("-b", "--batch-size", type=int, default=4,
