@@ -166,8 +166,9 @@ def test_gelu(case):
 
 
 # (B, T, C, NH): T over several blocks with a ragged last one, and a head size (6) that is not
-# a power of two; on a GPU also GPT-2's head size 64 at a length that fills the tuned blocks.
-ATTENTION_SHAPES = [(2, 37, 12, 2)] + ([(2, 300, 256, 4)] if CUDA else [])
+# a power of two; on a GPU also GPT-2's head size 64 at a length that fills the blocks, and at
+# one long enough (>= 512) to take the autotuned blocks that training at T=1024 takes in bf16.
+ATTENTION_SHAPES = [(2, 37, 12, 2)] + ([(2, 300, 256, 4), (1, 640, 128, 2)] if CUDA else [])
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "B{}T{}C{}NH{}".format(*s))

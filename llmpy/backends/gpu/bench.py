@@ -19,6 +19,7 @@ kernel must do: half of the full T*T).
 """
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -124,7 +125,9 @@ def baseline(cfg, flat, data, warmup):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                              {"params": no_decay, "weight_decay": 0.0}], lr=LR,
                             betas=(0.9, 0.95), fused=True)
-    compiled = torch.compile(model)
+    # dynamic=False: a retry at a smaller B after running out of memory compiles anew for
+    # that B, instead of a slower graph with a symbolic batch dimension
+    compiled = torch.compile(model, dynamic=False)
 
     def step(x, y):
         x, y = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
@@ -224,12 +227,13 @@ def attention(B, T, NH, hs):
     for name, fn, flops in (("ours_fwd", ours_fwd, fwd_flops), ("sdpa_fwd", sdpa_fwd, fwd_flops),
                             ("ours_fwd_bwd", ours_fwd_bwd, 3.5 * fwd_flops),
                             ("sdpa_fwd_bwd", sdpa_fwd_bwd, 3.5 * fwd_flops)):
-        result[name] = survive(timing, fn, flops)
+        result[name] = survive(timing, fn, flops, [leaf] if fn is sdpa_fwd_bwd else None)
     return result
 
 
-def timing(fn, flops):
-    ms = do_bench(fn, return_mode="median")
+def timing(fn, flops, grads=None):
+    # grad_to_none: otherwise every timed backward also adds into the leaf's .grad
+    ms = do_bench(fn, grad_to_none=grads, return_mode="median")
     return {"ms": ms, "tflops": flops / ms / 1e9}
 
 
@@ -281,9 +285,11 @@ def bench_gpu(model="d12", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, war
         raise LlmpyError("bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     cfg = preset(model, max_seq_len=seq_len)
     r = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-         "commit": (git_commit() or "unknown")[:7], "torch": torch.__version__,
+         "commit": (os.environ.get("LLMPY_COMMIT") or git_commit() or "unknown")[:7], "torch": torch.__version__,
          "triton": triton.__version__, "model": model}
     r["training"] = training(cfg, batch_sizes, seq_len, steps, warmup)
+    # kept on stderr at once: the attention timings below may not finish in a device session
+    print(f"bench gpu: training: {json.dumps(r['training'])}", file=sys.stderr, flush=True)
     r["attention"] = attention(r["training"]["B"], seq_len, cfg.num_heads,
                                cfg.channels // cfg.num_heads)
     print(json.dumps(r, indent=1) if as_json else summary(r))
