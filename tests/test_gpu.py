@@ -211,6 +211,17 @@ def test_fused_classifier(case):
     case.check(logits, dlogits64, "classifier dlogits in place of the logits")
 
 
+@pytest.mark.skipif(CUDA, reason="a GPU compiles them itself, in the tests above")
+def test_kernels_compile_for_an_h100():
+    """tests/gpu_compile.py: every kernel at GPT-2 124M's bf16 launch constants, and every
+    autotune config of flash attention, compiled for sm_90 without a GPU: what the interpreter
+    cannot check (block shapes, dtypes and shared memory the GPU compiler refuses)."""
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "gpu_compile.py")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(": ok (" in line for line in r.stdout.splitlines()), r.stdout
+
+
 @pytest.mark.parametrize("name,peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12),

@@ -1,0 +1,115 @@
+"""Compile every Triton kernel of the gpu backend for an H100 (sm_90), without a GPU, as GPT-2
+124M trains in bf16: the launch constants the backend uses on a GPU and every autotune config
+of flash attention. Catches what Triton's interpreter cannot: block shapes a GPU refuses,
+dtype mixes the GPU compiler rejects, shared memory beyond the H100's 227 KB.
+
+Run by tests/test_gpu.py in a subprocess: the kernels must be imported without
+TRITON_INTERPRET (which would make them interpreted functions) and as if a GPU were there (so
+that the GPU's launch sizes and configs are chosen); nothing is launched.
+Prints one line per compile and exits 1 if any fails."""
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+import torch  # noqa: E402
+
+torch.cuda.is_available = lambda: True          # the GPU's launch sizes; nothing runs
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from llmpy.backends.gpu import adamw, attention, classifier, encoder, gelu, layernorm  # noqa: E402
+from llmpy.backends.gpu.interpreter import ELEMENTS, ROWS  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY = 227 * 1024                      # an H100's most per block
+C, V, HS = 768, 50257, 64                       # GPT-2 124M
+P, F, I, X = "*bf16", "*fp32", "*i64", "i32"    # bf16 / float32 / token pointers, an int
+
+
+def kernels():
+    """(kernel, {argument: type}, {constexpr: value}, num_warps), for every launch."""
+    ln, head = layernorm._launch(C), dict(HS=HS, HS_PAD=HS, PREC="tf32")
+    for residual in (False, True):
+        yield (layernorm._layernorm_forward_kernel,
+               dict(out=P, mean=F, rstd=F, inp=P, weight=P, bias=P, residual=P, inp2=P, N=X,
+                    C=X, eps="fp32"), dict(RESIDUAL=residual, ROWS=ln["ROWS"],
+                                           BLOCK_C=ln["BLOCK_C"]), ln["num_warps"], 3)
+    yield (layernorm._layernorm_backward_kernel,
+           dict(dinp=P, dw_part=F, db_part=F, dout=P, inp=P, weight=P, mean=F, rstd=F, N=X, C=X),
+           dict(ROWS=ln["ROWS"], BLOCK_C=ln["BLOCK_C"]), ln["num_warps"], 3)
+    yield (encoder._encoder_forward_kernel, dict(out=P, inp=I, wte=P, wpe=P, N=X, T=X, C=X),
+           dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
+    yield (encoder._wte_backward_kernel, dict(dwte=P, dout=P, ids=I, rows=I, N=X, C=X),
+           dict(SEG=16, BLOCK_C=min(triton.next_power_of_2(C), 256)), 4, 3)
+    yield (encoder._wpe_backward_kernel, dict(dwpe=P, dout=P, B=X, T=X, C=X),
+           dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
+    yield gelu._gelu_forward_kernel, dict(out=P, inp=P, N=X), dict(BLOCK=ELEMENTS), 4, 3
+    yield (gelu._gelu_backward_kernel, dict(dinp=P, inp=P, dout=P, N=X), dict(BLOCK=ELEMENTS),
+           4, 3)
+    meta = classifier._meta(V)
+    cls = dict(ROWS=meta["ROWS"], BLOCK=meta["BLOCK"])
+    yield (classifier._classifier_forward_kernel,
+           dict(losses=F, lse=F, logits=P, targets=I, N=X, V=X, Vp=X), cls, meta["num_warps"], 3)
+    yield (classifier._classifier_backward_kernel,
+           dict(dlogits=P, dlosses=F, logits=P, lse=F, targets=I, N=X, V=X, Vp=X), cls,
+           meta["num_warps"], 3)
+    scalars = {k: "fp32" for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "bc1",
+                                    "bc2_sqrt", "grad_scale")}
+    yield (adamw._adamw_kernel, dict(params=P, grads=P, m=F, v=F, master=F, N=X, **scalars),
+           dict(HAS_MASTER=True, BLOCK=ELEMENTS), 4, 3)
+    yield (adamw._sum_squares_kernel, dict(partials=F, x=P, N=X), dict(BLOCK=ELEMENTS), 4, 3)
+    yield (attention._delta_kernel, dict(delta=F, out=P, dout=P, T=X, NH=X, C=X),
+           dict(HS=HS, HS_PAD=HS, BLOCK_M=64), 4, 3)
+    for config in attention._attention_forward_kernel.configs:
+        yield (attention._attention_forward_kernel,
+               dict(out=P, lse=F, qkv=P, T=X, NH=X, C=X, qk_scale="fp32"),
+               {**head, **config.kwargs}, config.num_warps, config.num_stages)
+    for config in attention._attention_backward_kernel.configs:
+        yield (attention._attention_backward_kernel,
+               dict(dinp=P, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X, qk_scale="fp32",
+                    scale="fp32"), {**head, **config.kwargs}, config.num_warps, config.num_stages)
+
+
+def jit_function(kernel):
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def compile_one(kernel, types, constants, num_warps, num_stages):
+    fn = jit_function(kernel)
+    signature = {name: "constexpr" if name in constants else types[name]
+                 for name in fn.arg_names}
+    # pointers 16-byte aligned, as torch allocates them
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*")}
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=TARGET,
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    if compiled.metadata.shared > SHARED_MEMORY:
+        raise ValueError(f"{compiled.metadata.shared} bytes of shared memory")
+
+
+def main():
+    failed, seen = 0, set()
+    for kernel, types, constants, num_warps, num_stages in kernels():
+        name = jit_function(kernel).__name__
+        seen.add(name)
+        t0 = time.perf_counter()
+        try:
+            compile_one(kernel, types, constants, num_warps, num_stages)
+            status = "ok"
+        except Exception as e:                  # noqa: BLE001 (each failure is reported)
+            failed += 1
+            status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"{name} {constants} warps={num_warps} stages={num_stages}: {status} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    every = {name for module in (adamw, attention, classifier, encoder, gelu, layernorm)
+             for name in dir(module) if name.endswith("_kernel")}
+    for name in sorted(every - seen):
+        failed += 1
+        print(f"{name}: FAILED: not compiled here (add it to kernels())")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
