@@ -4,6 +4,8 @@ import os
 import numpy as np
 import pytest
 
+from llmpy import backends
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the large (124M) checks")
@@ -34,7 +36,7 @@ def configure_gpu_backend():
 def available_backends():
     """Every backend whose dependencies import here; each runs the same op tests."""
     out = []
-    for name in ("numpy", "cpu", "gpu"):
+    for name in backends.BACKENDS:
         try:
             out.append(importlib.import_module(f"llmpy.backends.{name}"))
         except ImportError:

@@ -10,10 +10,10 @@ weight decay on the 2-D tensors, and the loss read back to the host every step.
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included). MFU counts 6 FLOPs per
-parameter per token (the embedding lookups excluded) plus 12*L*C*T for attention, nanoGPT's
-and PaLM's convention (model.flops_per_token), against the GPU's dense bf16 peak
-(gpu.peak_flops; none for a GPU not in its table). B is the
-largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
+weight that multiplies per token (the classifier's and the layers' matrices; biases,
+layernorms and the embedding lookups left out) plus 12*L*C*T for attention, as PaLM and
+nanoGPT count attention (model.flops_per_token), against the GPU's dense bf16 peak
+(gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
 F.scaled_dot_product_attention at GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal
 kernel must do: half of the full T*T).
 """
