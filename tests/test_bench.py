@@ -42,11 +42,11 @@ def test_bench_gpu_ours_and_summary():
     bench = pytest.importorskip("llmpy.backends.gpu.bench", reason="needs torch and triton")
     # GPT-2's vocabulary (the data's token ids), everything else small: the interpreter is slow
     cfg, B, T = GPT2Config(max_seq_len=16, num_layers=2, num_heads=2, channels=32), 2, 16
-    data = bench.batches(cfg, B, T, 3)
+    data = bench.batches(cfg, B, T, 2)          # one untimed step and one timed
     host = bench.GPT2(cfg, bench.numpy_backend)
     bench.init_weights(host, 0)
     seconds, losses, extra = bench.ours(cfg, host.params.buf, data, warmup=1)
-    assert seconds > 0 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert seconds > 0 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
     ops = extra["ops"]
     assert ops["attention_backward"][0] == cfg.num_layers
     assert ops["residual_layernorm_forward"][0] == 2 * cfg.num_layers

@@ -106,6 +106,8 @@ def test_bad_data_files(files):
     assert_one_line_error(train(files, data="short.bin"), "short.bin", "500 tokens")
     (files / "empty.bin").write_bytes(b"")
     assert_one_line_error(train(files, data="empty.bin"), "empty.bin", "empty")
+    np.r_[np.arange(20), -3].astype("<i4").tofile(files / "legacy.bin")   # headerless int32
+    assert_one_line_error(train(files, data="legacy.bin"), "legacy.bin", "negative token id")
 
 
 def test_bad_shapes(files):

@@ -130,7 +130,7 @@ def test_zero1_matches_data_parallel(files, dp, zero):
     for moment in ("adamw_m.bin", "adamw_v.bin"):
         z, p = (np.fromfile(files / run / "ckpt_00000010" / moment, dtype="<f4")
                 for run in ("zero_run", "dp_run"))
-        assert z.shape == p.shape and rel_err(z, p) < 1e-4, moment
+        assert z.shape == p.shape and rel_err(z, p) < 1e-5, moment      # measured ~4e-7
 
 
 def test_zero1_resume_is_exact(files, zero):

@@ -76,13 +76,18 @@ def test_evalfile_matches_independent_writer(tmp_path):
     assert read_evalfile(tmp_path / "theirs.bin") == examples
 
 
-@pytest.mark.parametrize("B,T,ctx_len", [(4, 32, (3, 10)), (8, 32, (3, 10)), (6, 32, (3, 10)),
-                                         (8, 8, (5, 12))])
-def test_accuracy_matches_torch(B, T, ctx_len):
+@pytest.mark.parametrize("B,T,ctx_len,end_len", [(4, 32, (3, 10), (1, 6)),
+                                                 (8, 32, (3, 10), (1, 6)),
+                                                 (6, 32, (3, 10), (1, 6)),
+                                                 (8, 8, (5, 12), (1, 6)),
+                                                 (4, 8, (3, 6), (5, 12))])
+def test_accuracy_matches_torch(B, T, ctx_len, end_len):
     """Half the labels are the reference's prediction, half are not: accuracy exactly 1/2.
-    (8, 8, ...) has rows longer than T, (6, ...) a batch of 4 rows that differs from B."""
+    (8, 8, ...) has rows longer than T, the last case completions longer than T too (the row
+    keeps only the completion's tail, its first token scored from within the completion),
+    (6, ...) a batch of 4 rows that differs from B."""
     flat = random_weights(CFG, seed=3)
-    examples = random_examples(9, seed=B + T, ctx_len=ctx_len)
+    examples = random_examples(9, seed=B + T, ctx_len=ctx_len, end_len=end_len)
     preds = torch_predictions(flat, examples, T)
     examples = [((p if i % 2 else p + 1) % 4, ctx, ends)
                 for i, (p, (_, ctx, ends)) in enumerate(zip(preds, examples))]

@@ -82,25 +82,39 @@ def test_dataloader_order_like_llmc(tmp_path):
 
 
 def test_dataloader_shuffle_and_shards(tmp_path):
+    """Shuffled: each epoch visits every window once, one shard at a time; the shard order is
+    drawn anew every epoch, and the window order anew for every (epoch, shard). Three epochs
+    of 3 shards of 5 windows: the same order drawn every time has odds 1/36 for the shards
+    and 1/120**2 for a shard's windows, so "not all the same" is what a correct loader shows
+    (seed 7 does) and a loader that ignores the epoch or the shard never does."""
     for i in range(3):
         write_tokens(tmp_path / f"s_train_{i:06d}.bin", np.arange(41) + 100 * i)
-    B, T = 2, 4                                # 5 windows per shard
-    seen = []
+    B, T, epochs = 2, 4, 3                     # 5 windows per shard, 15 per epoch
     loader = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
-    for _ in range(15):
-        seen.append(int(loader.next_batch()[0][0, 0]))
-    starts = sorted(100 * s + 8 * w for s in range(3) for w in range(5))
-    assert sorted(seen) == starts and seen != starts    # one epoch: every window once
+    seen = [int(loader.next_batch()[0][0, 0]) for _ in range(15 * epochs)]
+    # (epoch, position in the epoch's shard order, position in the shard) -> (shard, window)
+    order = np.array([(x // 100, x % 100 // 8) for x in seen]).reshape(epochs, 3, 5, 2)
+    for e in order:
+        assert sorted(map(tuple, e.reshape(15, 2))) == [(s, w) for s in range(3) for w in range(5)]
+        assert (e[:, :, 0] == e[:, :1, 0]).all()                  # one shard at a time
+    shards = order[:, :, 0, 0]                                    # (epochs,3) shard orders
+    # (epochs,shard,5) each shard's window order, by shard id
+    windows = np.take_along_axis(order[..., 1], np.argsort(shards)[..., None], 1)
+    assert len({tuple(s) for s in shards}) > 1                    # drawn per epoch
+    assert all(len({tuple(w) for w in windows[:, s]}) > 1 for s in range(3))   # per epoch
+    assert all(len({tuple(w) for w in windows[e]}) > 1 for e in range(epochs))  # per shard
     again = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
-    assert [int(again.next_batch()[0][0, 0]) for _ in range(15)] == seen
-    # resuming from a saved position continues identically
-    again.reset()
-    for _ in range(6):
-        again.next_batch()
-    state = again.state()
-    resumed = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
-    resumed.load_state(state)
-    assert [int(resumed.next_batch()[0][0, 0]) for _ in range(9)] == seen[6:]
+    assert [int(again.next_batch()[0][0, 0]) for _ in range(15 * epochs)] == seen
+    # resuming from a saved position, in the first epoch or in the middle of the second,
+    # continues identically
+    for done in (6, 22):
+        again.reset()
+        for _ in range(done):
+            again.next_batch()
+        resumed = DataLoader(str(tmp_path / "s_train_*.bin"), B, T, shuffle=True, seed=7)
+        resumed.load_state(again.state())
+        assert [int(resumed.next_batch()[0][0, 0]) for _ in range(15 * epochs - done)] == \
+            seen[done:]
 
 
 def test_dataloader_ranks_are_disjoint(tmp_path):

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+import llmpy.resume
 import llmpy.train
 from conftest import BACKENDS
 from llmpy import cli
@@ -217,6 +218,28 @@ def test_model_from_a_run_directory_takes_the_master_weights(run4, capsys):
     (ckpt / "adamw_master.bin").write_bytes(bytes(8))
     msg = cli_error(capsys, ["sample", "--model", str(run_dir)])
     assert str(ckpt / "adamw_master.bin") in msg and "8 bytes" in msg
+
+
+def test_debris_of_crashed_writes_and_deletes(run4, capsys, monkeypatch):
+    """A checkpoint directory without its manifest is debris: a write that died before the
+    manifest (which goes last), or a delete that died after the manifest (which goes first).
+    --resume neither loads it nor keeps it."""
+    run_dir, args = run4
+    (run_dir / "ckpt_00000005").mkdir()                # a dead write, newer than step 4
+    shutil.copy(run_dir / "ckpt_00000004" / "model.bin", run_dir / "ckpt_00000005")
+
+    def rmtree_dies(path):                             # a process killed inside the delete
+        os.remove(os.path.join(path, "model.bin"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(llmpy.resume.shutil, "rmtree", rmtree_dies)
+    with pytest.raises(KeyboardInterrupt):
+        llmpy.resume._remove(str(run_dir / "ckpt_00000002"))
+    monkeypatch.undo()
+    assert sorted(llmpy.resume.checkpoints(run_dir)) == [4]
+    assert cli.main(args + ["--resume", "--steps", "6"]) == 0
+    assert f"resuming from {run_dir / 'ckpt_00000004'} (step 4)" in capsys.readouterr().out
+    assert sorted(d.name for d in run_dir.iterdir() if d.name.startswith("ckpt_")) == \
+        ["ckpt_00000004", "ckpt_00000006"]
 
 
 def test_unreadable_run_config(run4, capsys):

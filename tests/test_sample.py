@@ -90,6 +90,24 @@ def test_sample_next_nonfinite_logits_and_tiny_temperatures():
     assert [sample_next(logits, rng, t) for t in (1e-310, 5e-324)] == [1, 1]
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_sample_next_draws_softmax_over_the_top_k(top_k):
+    """Only the top_k largest logits are ever drawn, each with its softmax(logits / T)
+    probability renormalized over those k: every count within 4 standard errors of n * p
+    (a binomial's sqrt(n p (1 - p))); ties avoided so that the top k is one set."""
+    logits = np.array([0.3, 2.0, -1.0, 1.6, 0.9, 2.4, 1.1])   # top 3: ids 5, 1, 3
+    T, n = 0.7, 4000
+    rng = np.random.default_rng(0)
+    counts = np.bincount([sample_next(logits, rng, T, top_k) for _ in range(n)],
+                         minlength=logits.size)
+    top = np.argsort(logits)[-top_k:]
+    p = np.zeros(logits.size)
+    p[top] = np.exp(logits[top] / T) / np.exp(logits[top] / T).sum()
+    assert (counts[p == 0] == 0).all(), counts
+    assert np.all(np.abs(counts - n * p) <= 4 * np.sqrt(n * p * (1 - p)) + 1e-9), (counts, n * p)
+    assert sample_next(logits, rng, 0.0, top_k) == 5                  # temperature 0: argmax
+
+
 def test_greedy_generate_matches_transformers():
     """`llmpy bench sample`'s baseline, transformers' GPT2LMHeadModel.generate built by
     bench.hf_model from the same weights, picks the same tokens as generate() where no random
