@@ -131,7 +131,8 @@ def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay
     opt = AdamW(model, AdamWConfig(lr=lr, weight_decay=weight_decay))
     results = []
     loss = model.forward(state.x, state.y)
-    logits = backend.to_host(model.acts.logits)[..., :V].copy()   # the gpu backward overwrites them
+    # a copy: the gpu backend's backward writes dlogits over them
+    logits = backend.to_host(model.acts.logits)[..., :V].copy()
     model.zero_grad()
     model.backward()
     results.append(compare("logits", logits, state.logits, tol))

@@ -89,10 +89,11 @@ def read_evalfile(path, vocab_size=None):
             example, pos = parse_example(data, pos, i)
         except ValueError as e:
             raise LlmpyError(f"{path}: example {i} of {n}: {e}") from None
-        top = max(max(example[1]), *map(max, example[2]))          # the largest token id
-        if vocab_size is not None and top >= vocab_size:
-            raise LlmpyError(f"{path}: example {i}: token id {top} is out of range for the "
-                             f"model's vocab size {vocab_size}")
+        if vocab_size is not None:
+            top = max(max(example[1]), *map(max, example[2]))      # the largest token id
+            if top >= vocab_size:
+                raise LlmpyError(f"{path}: example {i}: token id {top} is out of range for "
+                                 f"the model's vocab size {vocab_size}")
         examples.append(example)
     if pos != len(data):
         raise LlmpyError(f"{path}: {2 * (len(data) - pos)} trailing bytes after {n} examples")

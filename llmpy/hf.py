@@ -36,13 +36,13 @@ NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOCAL_SUFFIXES = (".bin", ".safetensors", ".json")   # a file's name, never a hub model's
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
 
 
 def is_hf_dir(path):
     """Whether path is a Hugging Face model directory: one holding its weights file."""
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
                                        for f in HF_WEIGHTS)
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
 
 
 # ----------------------------------------------------------------------------- config

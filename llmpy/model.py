@@ -234,9 +234,10 @@ class GPT2:
     def backward(self, layer_done=None, scale=1.0):
         """Accumulates d(scale * mean loss)/d(params) into self.grads (call zero_grad first):
         scale 1/n makes n backward passes, on micro-batches or ranks, add up to the gradient of
-        the mean of their losses, as llm.c scales its seed. layer_done(l), if given, is called as soon as layer l's gradients are complete (from
-        l = L-1 down to 0): data-parallel training starts reducing them there, while the layers
-        below still run (distributed.py)."""
+        the mean of their losses, as llm.c scales its seed. layer_done(l), if given, is called
+        as soon as layer l's gradients are complete (from l = L-1 down to 0): data-parallel
+        training starts reducing them there, while the layers below still run
+        (distributed.py)."""
         if self.mean_loss is None:
             raise LlmpyError("backward() needs a forward() with targets first")
         be, cfg, p, g, a = self.backend, self.config, self.params, self.grads, self.acts

@@ -33,6 +33,11 @@ def sample_next(logits, rng, temperature=1.0, top_k=0):
     return int(rng.choice(p.size, p=p / p.sum()))
 
 
+def sample_rows(logits, rng, temperature, top_k):
+    """logits: (rows,V) -> (rows,) token ids, one sample_next per row."""
+    return np.array([sample_next(row, rng, temperature, top_k) for row in logits])
+
+
 class Decoder:
     """Runs one position at a time for `rows` sequences with a KV cache, on the host, with the
     model's backend ops (where the backend's arrays are not host arrays, as on a GPU, the
@@ -119,7 +124,7 @@ def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     for pos, tok in enumerate(seq[:-1]):
         decoder.step(np.full(rows, tok), pos, logits=False)
     logits = decoder.step(np.full(rows, seq[-1]), len(seq) - 1)     # (rows,V)
-    first = np.array([sample_next(row, rng, temperature, top_k) for row in logits])
+    first = sample_rows(logits, rng, temperature, top_k)
     return decode(decoder, first, len(seq), n, rng, temperature, top_k)
 
 
@@ -128,7 +133,7 @@ def decode(decoder, nxt, pos, n, rng, temperature, top_k):
     yield nxt
     for i in range(1, n):
         logits = decoder.step(nxt, pos + i - 1)                     # (rows,V)
-        nxt = np.array([sample_next(row, rng, temperature, top_k) for row in logits])
+        nxt = sample_rows(logits, rng, temperature, top_k)
         yield nxt
 
 

@@ -134,6 +134,11 @@ def cut_text(text, size):
     return pieces
 
 
+def worker_count(workers):
+    """--workers N (at least 1), or 0 for one process per core."""
+    return max(1, workers or os.cpu_count() or 1)
+
+
 def ordered_map(fn, items, workers):
     """fn(item) for each item of an iterable, in order, in `workers` processes (1: in this
     process). At most 2 items per process are in flight, so a stream of any length runs in
@@ -156,7 +161,7 @@ def parallel_map(fn, items, workers, desc, sizes=None, unit="it"):
     """[fn(item) for item in items] in order, in `workers` processes (1: in this process), with a
     progress bar that advances by each item's size."""
     sizes = sizes or [1] * len(items)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
+    workers = max(1, min(worker_count(workers), len(items)))
     out = []
     with progress(total=sum(sizes), desc=desc, unit=unit, unit_scale=True) as bar:
         for r, size in zip(ordered_map(fn, items, workers), sizes):
@@ -185,7 +190,7 @@ def encode_documents(documents, workers, desc="tokenizing"):
     them, in up to `workers` processes (0: one per core). Large documents are cut (cut_text)
     so that every process gets a share."""
     total = sum(map(len, documents))
-    workers = max(1, min(workers or os.cpu_count() or 1, total // MIN_WORK_CHARS))
+    workers = max(1, min(worker_count(workers), total // MIN_WORK_CHARS))
     size = total // (4 * workers) + 1       # 4 items per process even out their loads
     items = list(group_pieces(documents, size))
     arrays = parallel_map(encode_pieces, [item for item, _ in items], workers, desc,
@@ -197,7 +202,7 @@ def encode_stream(documents, workers):
     """The tokens of a stream of documents (any iterable), as encode_documents makes them, as a
     stream of (n,) uint16 arrays of about STREAM_ITEM_CHARS characters' tokens each."""
     items = (item for item, _ in group_pieces(documents, STREAM_ITEM_CHARS))
-    return ordered_map(encode_pieces, items, max(1, workers or os.cpu_count() or 1))
+    return ordered_map(encode_pieces, items, worker_count(workers))
 
 
 def partial_path(path):

@@ -116,6 +116,11 @@ def documents(pa, files, skip=0):
             raise LlmpyError(f"{path}: cannot read past row {row}: {first_line(e)}") from None
 
 
+def numbered_shard(out, name, index):
+    """Shard `index`'s path: shard 0 is val, the others train (llm.c's fineweb.py)."""
+    return shard_path(out, name, "val" if index == 0 else "train", index)
+
+
 def drop_tokens(arrays, n):
     """A stream of token arrays without its first n tokens."""
     for tokens in arrays:
@@ -149,12 +154,12 @@ def shards(arrays, shard_tokens, out, name, at, save):
             bar.update(take)
             if n == shard_tokens:
                 bar.close()
-                yield shard_path(out, name, "val" if index == 0 else "train", index), buf
+                yield numbered_shard(out, name, index), buf
                 n, index, bar = 0, index + 1, None
     if bar is not None:
         bar.close()
     if n:
-        yield shard_path(out, name, "val" if index == 0 else "train", index), buf[:n]
+        yield numbered_shard(out, name, index), buf[:n]
     save({"tokens": index * shard_tokens + n, "document": docs, "offset": 0, "complete": True})
 
 
@@ -201,7 +206,7 @@ def kept_shards(out, name, shard_tokens, at, state):
     may be in place already (it was killed while renaming)."""
     renamed, staged = [], []
     for index in range(-(-at["tokens"] // shard_tokens)):
-        path = shard_path(out, name, "val" if index == 0 else "train", index)
+        path = numbered_shard(out, name, index)
         done = at["complete"] and not os.path.exists(partial_path(path))
         (renamed if done else staged).append(path)
         f = path if done else partial_path(path)
