@@ -13,7 +13,7 @@ from .interpreter import ELEMENTS as BLOCK
 
 
 @triton.jit
-def _adamw_kernel(params, grads, m, v, master, N, lr, beta1, beta2, eps, weight_decay, bc1,
+def _adamw_kernel(weights, grads, m, v, master, N, lr, beta1, beta2, eps, weight_decay, bc1,
                   bc2_sqrt, grad_scale, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = o < N
@@ -21,7 +21,7 @@ def _adamw_kernel(params, grads, m, v, master, N, lr, beta1, beta2, eps, weight_
     if HAS_MASTER:
         p = tl.load(master + o, mask=mask)
     else:
-        p = tl.load(params + o, mask=mask).to(tl.float32)
+        p = tl.load(weights + o, mask=mask).to(tl.float32)
     # the order of operations of torch.optim.AdamW and of the reference backend
     p *= 1.0 - lr * weight_decay
     mm = tl.load(m + o, mask=mask)
@@ -32,7 +32,7 @@ def _adamw_kernel(params, grads, m, v, master, N, lr, beta1, beta2, eps, weight_
     tl.store(v + o, vv, mask=mask)
     if HAS_MASTER:
         tl.store(master + o, p, mask=mask)
-    tl.store(params + o, p.to(params.dtype.element_ty), mask=mask)
+    tl.store(weights + o, p.to(weights.dtype.element_ty), mask=mask)
 
 
 @triton.jit
