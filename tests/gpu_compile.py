@@ -3,6 +3,9 @@
 of flash attention. Catches what Triton's interpreter cannot: block shapes a GPU refuses,
 dtype mixes the GPU compiler rejects, shared memory beyond the H100's 227 KB.
 
+Also checks that no kernel argument takes a name that Triton's argument binder uses for itself:
+such a kernel fails at every launch on a GPU, yet runs in the interpreter (adamw's `params` did).
+
 Run by tests/test_gpu.py in a subprocess: the kernels must be imported without
 TRITON_INTERPRET (which would make them interpreted functions) and as if a GPU were there (so
 that the GPU's launch sizes and configs are chosen); nothing is launched.
@@ -18,6 +21,7 @@ torch.cuda.is_available = lambda: True          # the GPU's launch sizes; nothin
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from llmpy.backends.gpu import adamw, attention, classifier, encoder, gelu, layernorm  # noqa: E402
 from llmpy.backends.gpu.interpreter import ELEMENTS, ROWS  # noqa: E402
@@ -30,34 +34,39 @@ P, F, I, X = "*bf16", "*fp32", "*i64", "i32"    # bf16 / float32 / token pointer
 
 def kernels():
     """(kernel, {argument: type}, {constexpr: value}, num_warps), for every launch."""
-    ln, head = layernorm._launch(C), dict(HS=HS, HS_PAD=HS, PREC="tf32")
+    head = dict(HS=HS, HS_PAD=HS, PREC="tf32")
     for residual in (False, True):
-        yield (layernorm._layernorm_forward_kernel,
-               dict(out=P, mean=F, rstd=F, inp=P, weight=P, bias=P, residual=P, inp2=P, N=X,
-                    C=X, eps="fp32"), dict(RESIDUAL=residual, ROWS=ln["ROWS"],
-                                           BLOCK_C=ln["BLOCK_C"]), ln["num_warps"], 3)
-    yield (layernorm._layernorm_backward_kernel,
-           dict(dinp=P, dw_part=F, db_part=F, dout=P, inp=P, weight=P, mean=F, rstd=F, N=X, C=X),
-           dict(ROWS=ln["ROWS"], BLOCK_C=ln["BLOCK_C"]), ln["num_warps"], 3)
+        for config in layernorm._layernorm_forward_kernel.configs:
+            yield (layernorm._layernorm_forward_kernel,
+                   dict(out=P, mean=F, rstd=F, inp=P, weight=P, bias=P, residual=P, inp2=P, N=X,
+                        C=X, eps="fp32"),
+                   dict(RESIDUAL=residual, BLOCK_C=triton.next_power_of_2(C), **config.kwargs),
+                   config.num_warps, config.num_stages)
+    for config in layernorm._layernorm_backward_kernel.configs:
+        yield (layernorm._layernorm_backward_kernel,
+               dict(dinp=P, dw_part=F, db_part=F, dout=P, inp=P, weight=P, mean=F, rstd=F, N=X,
+                    C=X), dict(SPAN=layernorm.SPAN, BLOCK_C=triton.next_power_of_2(C),
+                               **config.kwargs), config.num_warps, config.num_stages)
     yield (encoder._encoder_forward_kernel, dict(out=P, inp=I, wte=P, wpe=P, N=X, T=X, C=X),
            dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
     yield (encoder._wte_backward_kernel, dict(dwte=P, dout=P, ids=I, rows=I, N=X, C=X),
            dict(SEG=16, BLOCK_C=min(triton.next_power_of_2(C), 256)), 4, 3)
     yield (encoder._wpe_backward_kernel, dict(dwpe=P, dout=P, B=X, T=X, C=X),
            dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
-    yield gelu._gelu_forward_kernel, dict(out=P, inp=P, N=X), dict(BLOCK=ELEMENTS), 4, 3
-    yield (gelu._gelu_backward_kernel, dict(dinp=P, inp=P, dout=P, N=X), dict(BLOCK=ELEMENTS),
-           4, 3)
-    meta = classifier._meta(V)
-    cls = dict(ROWS=meta["ROWS"], BLOCK=meta["BLOCK"])
-    yield (classifier._classifier_forward_kernel,
-           dict(losses=F, lse=F, logits=P, targets=I, N=X, V=X, Vp=X), cls, meta["num_warps"], 3)
+    for kernel, types in ((gelu._gelu_forward_kernel, dict(out=P, inp=P, N=X)),
+                          (gelu._gelu_backward_kernel, dict(dinp=P, inp=P, dout=P, N=X))):
+        for config in kernel.configs:
+            yield kernel, types, config.kwargs, config.num_warps, config.num_stages
+    types = dict(losses=F, lse=F, logits=P, targets=I, N=X, V=X, Vp=X)
+    for config in classifier._classifier_forward_kernel.configs:
+        yield (classifier._classifier_forward_kernel, types, dict(ROWS=ROWS, **config.kwargs),
+               config.num_warps, config.num_stages)
     yield (classifier._classifier_backward_kernel,
-           dict(dlogits=P, dlosses=F, logits=P, lse=F, targets=I, N=X, V=X, Vp=X), cls,
-           meta["num_warps"], 3)
+           dict(dlogits=P, dlosses=F, logits=P, lse=F, targets=I, N=X, V=X, Vp=X),
+           dict(ROWS=ROWS, BLOCK=classifier.BLOCK), 8, 3)
     scalars = {k: "fp32" for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "bc1",
                                     "bc2_sqrt", "grad_scale")}
-    yield (adamw._adamw_kernel, dict(params=P, grads=P, m=F, v=F, master=F, N=X, **scalars),
+    yield (adamw._adamw_kernel, dict(weights=P, grads=P, m=F, v=F, master=F, N=X, **scalars),
            dict(HAS_MASTER=True, BLOCK=ELEMENTS), 4, 3)
     yield (adamw._sum_squares_kernel, dict(partials=F, x=P, N=X), dict(BLOCK=ELEMENTS), 4, 3)
     yield (attention._delta_kernel, dict(delta=F, out=P, dout=P, T=X, NH=X, C=X),
@@ -89,10 +98,26 @@ def compile_one(kernel, types, constants, num_warps, num_stages):
         raise ValueError(f"{compiled.metadata.shared} bytes of shared memory")
 
 
+@triton.jit
+def _probe(x):
+    pass
+
+
+def binder_names():
+    """The names of the function Triton generates to bind a kernel's arguments at each GPU
+    launch, its arguments aside (options, params, specialization, backend, ...)."""
+    code = create_function_from_signature(_probe.signature, _probe.params, None).__code__
+    return (set(code.co_varnames) | set(code.co_names)) - set(_probe.arg_names)
+
+
 def main():
-    failed, seen = 0, set()
+    failed, seen, reserved = 0, set(), binder_names()
     for kernel, types, constants, num_warps, num_stages in kernels():
         name = jit_function(kernel).__name__
+        if name not in seen and reserved & set(jit_function(kernel).arg_names):
+            failed += 1
+            print(f"{name}: FAILED: arguments named as Triton's binder's own "
+                  f"{sorted(reserved & set(jit_function(kernel).arg_names))}")
         seen.add(name)
         t0 = time.perf_counter()
         try:

@@ -152,14 +152,14 @@ def test_matmul(case):
 
 
 def test_gelu(case):
-    x, x64 = case.randn(3, 5, 48, scale=2.0)
-    out, want = case.zeros(3, 5, 48), np.zeros((3, 5, 48))
+    x, x64 = case.randn(3, 5, 1200, scale=2.0)
+    out, want = case.zeros(3, 5, 1200), np.zeros((3, 5, 1200))
     gpu.gelu_forward(out, x)
     ref.gelu_forward(want, x64)
     case.check(out, want, "gelu out")
-    dout, dout64 = case.randn(3, 5, 48)
-    dx, _ = case.randn(3, 5, 48)                # written over, not added to
-    dx64 = np.zeros((3, 5, 48))
+    dout, dout64 = case.randn(3, 5, 1200)
+    dx, _ = case.randn(3, 5, 1200)                # written over, not added to
+    dx64 = np.zeros((3, 5, 1200))
     gpu.gelu_backward(dx, x, dout)
     ref.gelu_backward(dx64, x64, dout64)
     case.check(dx, dx64, "gelu dinp")
@@ -209,6 +209,24 @@ def test_fused_classifier(case):
     case.check(dlogits, dlogits64, "classifier dlogits")
     gpu.crossentropy_backward(logits, dlosses, logits, lse, tgt, V)    # in place, as the model
     case.check(logits, dlogits64, "classifier dlogits in place of the logits")
+
+
+@needs_cuda
+@pytest.mark.parametrize("test", [test_layernorm, test_residual_layernorm, test_gelu,
+                                  test_fused_classifier])
+def test_every_tuned_config(test, monkeypatch):
+    """Autotuning times its configs only at large shapes and keeps the fastest, so the tests
+    above, at small shapes, see one config of each row-wise or elementwise kernel; here each
+    config of each runs them, in bf16 (the interpreter has one config)."""
+    from llmpy.backends.gpu import classifier, gelu, layernorm
+    tuned = [layernorm._layernorm_forward_kernel, layernorm._layernorm_backward_kernel,
+             gelu._gelu_forward_kernel, gelu._gelu_backward_kernel,
+             classifier._classifier_forward_kernel]
+    every = {kernel: kernel.configs for kernel in tuned}
+    for i in range(max(map(len, every.values()))):
+        for kernel, configs in every.items():
+            monkeypatch.setattr(kernel, "configs", [configs[min(i, len(configs) - 1)]])
+        test(Case(torch.bfloat16))
 
 
 @pytest.mark.skipif(CUDA, reason="a GPU compiles them itself, in the tests above")

@@ -20,38 +20,32 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter import configs
+
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-def _configs(cuda_configs, interpreter_config):
-    """Block sizes tuned on a GPU on first use, per (T, head size); one small config in the
-    interpreter, which cannot time them."""
-    if not torch.cuda.is_available():
-        return [triton.Config(interpreter_config)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in cuda_configs]
 
 
 def _tuning(small_fp32):
     """Autotuning per (T, head size): short sequences take the last config untimed, as tuning
     them would only cost compiles. So does float32 on a GPU, which only the tests run there:
     small_fp32, since its large blocks take up to ~30 s each to compile."""
-    def prune(configs, named_args, **kwargs):
+    def prune(candidates, named_args, **kwargs):
         if torch.cuda.is_available() and named_args["qkv"].dtype == torch.float32:
             return [small_fp32]
-        return configs if named_args["T"] >= 512 else configs[-1:]
+        return candidates if named_args["T"] >= 512 else candidates[-1:]
     return dict(key=["T", "HS_PAD"], prune_configs_by={"early_config_prune": prune})
 
 
 # Candidates around FlashAttention-2's Triton settings for head size 64 (deeper pipelines suit
 # Hopper); the first use at each (T, head size) times them all (a few seconds of compiling).
-_FWD = _configs([(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=64), 4, 3),
-                 (dict(BLOCK_M=128, BLOCK_N=64), 4, 4), (dict(BLOCK_M=128, BLOCK_N=128), 8, 3),
-                 (dict(BLOCK_M=64, BLOCK_N=64), 4, 4), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
-                dict(BLOCK_M=16, BLOCK_N=16))
-_BWD = _configs([(dict(BLOCK=128, STEP=32), 4, 3), (dict(BLOCK=128, STEP=32), 4, 5),
-                 (dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
-                 (dict(BLOCK=128, STEP=64), 8, 2), (dict(BLOCK=64, STEP=64), 4, 2)],
-                dict(BLOCK=16, STEP=16))
+_FWD = configs([(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=64), 4, 3),
+               (dict(BLOCK_M=128, BLOCK_N=64), 4, 4), (dict(BLOCK_M=128, BLOCK_N=128), 8, 3),
+               (dict(BLOCK_M=64, BLOCK_N=64), 4, 4), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
+               dict(BLOCK_M=16, BLOCK_N=16))
+_BWD = configs([(dict(BLOCK=128, STEP=32), 4, 3), (dict(BLOCK=128, STEP=32), 4, 5),
+               (dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
+               (dict(BLOCK=128, STEP=64), 8, 2), (dict(BLOCK=64, STEP=64), 4, 2)],
+               dict(BLOCK=16, STEP=16))
 
 
 @triton.jit

@@ -9,11 +9,15 @@ logsumexps take 64 KB. Only the first V (real) logits take part; the padded ones
 Unlike the other backward ops, the backward *writes* dlogits instead of adding into it: the
 model passes the logits buffer itself as dlogits (llm.c's fused classifier does the same), and
 each block of a row is read before it is overwritten.
+
+The forward's block width is timed on a GPU on first use: each step of its loop waits on two
+reductions, so wider blocks keep more of a row in flight. The backward is not timed, as its
+timing runs would overwrite the logits (it streams at close to the memory's speed anyway).
 """
 import triton
 import triton.language as tl
 
-from .interpreter import ROWS
+from .interpreter import ROWS, configs, tuning
 
 BLOCK = 1024
 
@@ -26,6 +30,10 @@ def _rows(N, ROWS: tl.constexpr):
     return tl.minimum(rows, N - 1).to(tl.int64), rows < N
 
 
+@triton.autotune(configs=configs([(dict(BLOCK=2048), 8, 1), (dict(BLOCK=4096), 8, 1),
+                                  (dict(BLOCK=4096), 16, 1), (dict(BLOCK=8192), 16, 1),
+                                  (dict(BLOCK=BLOCK), 8, 1)], dict(BLOCK=BLOCK)),
+                 **tuning("V", "Vp"))
 @triton.jit
 def _classifier_forward_kernel(losses, lse, logits, targets, N, V, Vp, ROWS: tl.constexpr,
                                BLOCK: tl.constexpr):
@@ -63,20 +71,18 @@ def _classifier_backward_kernel(dlogits, dlosses, logits, lse, targets, N, V, Vp
                  mask=ok[:, None] & (cols[None, :] < Vp))
 
 
-def _meta(V):
-    return dict(ROWS=ROWS, BLOCK=min(BLOCK, triton.next_power_of_2(V)), num_warps=8)
-
-
 def crossentropy_forward(losses, lse, logits, targets, V):
     # losses: (B,T), lse: (B,T) float32, logits: (B,T,Vp), targets: (B,T) int, V: real vocab size
     N, Vp = losses.numel(), logits.shape[-1]
     _classifier_forward_kernel[(triton.cdiv(N, ROWS),)](losses, lse, logits, targets, N, V, Vp,
-                                                        **_meta(V))
+                                                        ROWS=ROWS)
 
 
 def crossentropy_backward(dlogits, dlosses, logits, lse, targets, V):
     # dlogits: (B,T,Vp), written (it may be logits itself), dlosses: (B,T), logits: (B,T,Vp),
     # lse: (B,T) float32, targets: (B,T) int
     N, Vp = dlosses.numel(), logits.shape[-1]
+    block = min(BLOCK, triton.next_power_of_2(V))
     _classifier_backward_kernel[(triton.cdiv(N, ROWS),)](dlogits, dlosses, logits, lse, targets,
-                                                         N, V, Vp, **_meta(V))
+                                                         N, V, Vp, ROWS=ROWS, BLOCK=block,
+                                                         num_warps=8)

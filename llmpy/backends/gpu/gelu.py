@@ -1,17 +1,22 @@
 """GELU (tanh approximation, as GPT-2), forward and backward, elementwise in float32.
 
 0.5 * x * (1 + tanh(u)) == x * sigmoid(2u): Triton has sigmoid, and no tanh that the
-interpreter also runs."""
+interpreter also runs. Elements per program, and warps, are timed on a GPU on first use per
+size: wider blocks keep more bytes in flight per thread."""
 import math
 
 import triton
 import triton.language as tl
 
-from .interpreter import ELEMENTS as BLOCK
+from .interpreter import ELEMENTS, configs, tuning
 
 GELU_SCALE = tl.constexpr(math.sqrt(2.0 / math.pi))
+# (BLOCK, num_warps): the last, untimed, for small tensors
+_CONFIGS = configs([(dict(BLOCK=2048), 4, 1), (dict(BLOCK=4096), 4, 1), (dict(BLOCK=4096), 8, 1),
+                    (dict(BLOCK=8192), 8, 1), (dict(BLOCK=1024), 4, 1)], dict(BLOCK=ELEMENTS))
 
 
+@triton.autotune(configs=_CONFIGS, **tuning(least=1 << 20))
 @triton.jit
 def _gelu_forward_kernel(out, inp, N, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -21,6 +26,7 @@ def _gelu_forward_kernel(out, inp, N, BLOCK: tl.constexpr):
     tl.store(out + o, (x * tl.sigmoid(2.0 * u)).to(out.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(configs=_CONFIGS, **tuning(least=1 << 20))
 @triton.jit
 def _gelu_backward_kernel(dinp, inp, dout, N, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -37,10 +43,10 @@ def _gelu_backward_kernel(dinp, inp, dout, N, BLOCK: tl.constexpr):
 def gelu_forward(out, inp):
     # out, inp: matching shapes, e.g. (B,T,4C)
     N = inp.numel()
-    _gelu_forward_kernel[(triton.cdiv(N, BLOCK),)](out, inp, N, BLOCK=BLOCK)
+    _gelu_forward_kernel[lambda m: (triton.cdiv(N, m["BLOCK"]),)](out, inp, N)
 
 
 def gelu_backward(dinp, inp, dout):
     # dinp, inp, dout: matching shapes
     N = inp.numel()
-    _gelu_backward_kernel[(triton.cdiv(N, BLOCK),)](dinp, inp, dout, N, BLOCK=BLOCK)
+    _gelu_backward_kernel[lambda m: (triton.cdiv(N, m["BLOCK"]),)](dinp, inp, dout, N)

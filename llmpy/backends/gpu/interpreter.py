@@ -1,6 +1,7 @@
 """Triton's CPU interpreter (TRITON_INTERPRET=1), which runs the kernels when there is no GPU:
-the launch sizes that suit it, and a fix for it."""
+the launch sizes that suit it (and the GPU's, which it cannot time), and a fix for it."""
 import torch
+import triton
 from triton.runtime import interpreter
 
 # Rows per program for the row-wise kernels: one on a GPU (a row of 768 already fills the
@@ -8,6 +9,22 @@ from triton.runtime import interpreter
 ROWS = 1 if torch.cuda.is_available() else 16
 # Elements per program for the elementwise kernels.
 ELEMENTS = 1024 if torch.cuda.is_available() else 16384
+
+
+def configs(cuda_configs, interpreter_config):
+    """Autotune candidates, (constexprs, num_warps, num_stages) each, timed on a GPU on first
+    use; in the interpreter, which cannot time them, the one config that suits it."""
+    if not torch.cuda.is_available():
+        return [triton.Config(interpreter_config)]
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in cuda_configs]
+
+
+def tuning(*key, least=8192):
+    """Autotuning per (N, *key) for a kernel over N rows or elements: an N under `least` (the
+    tests' shapes) takes the last config untimed, as timing them would only cost compiles."""
+    def prune(candidates, named_args, **kwargs):
+        return candidates if named_args["N"] >= least else candidates[-1:]
+    return dict(key=["N", *key], prune_configs_by={"early_config_prune": prune})
 
 
 def fix_loop_bounds():

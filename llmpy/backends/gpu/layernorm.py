@@ -1,18 +1,27 @@
 """LayerNorm forward (alone, or fused with the residual add before it) and backward: each program
-normalises a block of ROWS rows of C, with the statistics in float32.
+normalises blocks of ROWS rows of C, with the statistics in float32. How many rows a program
+takes at once, and with how many warps, is timed on a GPU on first use per (rows, C).
 
 The weight and bias gradients are sums over all B*T rows. Each program of the backward sums its
-share of rows into its own float32 partial, and the partials are added up afterwards in a fixed
+SPAN rows into its own float32 partial, and the partials are added up afterwards in a fixed
 order: deterministic, and no atomics.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .interpreter import ROWS
+from .interpreter import ROWS, configs, tuning
 from .matmul import add_column_sums
 
+# Rows per backward program: enough programs to fill the GPU many times over (latency is hidden
+# by other programs, not within one), few enough that the partials stay small (B*T/SPAN x C).
+SPAN = 32 if torch.cuda.is_available() else 4 * ROWS
 
+
+# (ROWS, num_warps): the last is one row a program, the launch that small problems take
+@triton.autotune(configs=configs([(dict(ROWS=1), 8, 1), (dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1),
+                                  (dict(ROWS=4), 8, 1), (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS)),
+                 **tuning("C", "RESIDUAL"))
 @triton.jit
 def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2, N, C, eps,
                               RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -39,16 +48,21 @@ def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2
     tl.store(rstd + rows, rs.to(rstd.dtype.element_ty), mask=rows < N)
 
 
+# dinp is added into, so the timing runs restore it
+@triton.autotune(configs=configs([(dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1), (dict(ROWS=4), 4, 1),
+                                  (dict(ROWS=4), 8, 1), (dict(ROWS=8), 8, 1), (dict(ROWS=1), 8, 1),
+                                  (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS)),
+                 restore_value=["dinp"], **tuning("C"))
 @triton.jit
 def _layernorm_backward_kernel(dinp, dw_part, db_part, dout, inp, weight, mean, rstd, N, C,
-                               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dw_part, db_part: (programs, C) float32, this program's sums over its rows
+                               SPAN: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dw_part, db_part: (programs, C) float32, this program's sums over its SPAN rows
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     w = tl.load(weight + cols, mask=cols < C).to(tl.float32)
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(pid * ROWS, N, tl.num_programs(0) * ROWS):
+    for start in range(pid * SPAN, pid * SPAN + SPAN, ROWS):
         rows = start + tl.arange(0, ROWS)
         mask = (rows[:, None] < N) & (cols[None, :] < C)
         o = rows[:, None] * C + cols[None, :]                   # (ROWS,BLOCK_C)
@@ -69,45 +83,37 @@ def _layernorm_backward_kernel(dinp, dw_part, db_part, dout, inp, weight, mean, 
     tl.store(db_part + pid * C + cols, db, mask=cols < C)
 
 
-def _launch(C):
-    return dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 1024 else 8)
+def _rows(inp):
+    """C, and N = B*T rows of it."""
+    C = inp.shape[-1]
+    return C, inp.numel() // C
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
     # out: (B,T,C), mean: (B,T), rstd: (B,T), inp: (B,T,C), weight: (C,), bias: (C,)
-    C = inp.shape[-1]
-    N = inp.numel() // C
-    _layernorm_forward_kernel[(triton.cdiv(N, ROWS),)](out, mean, rstd, inp, weight, bias, inp,
-                                                       inp, N, C, eps, RESIDUAL=False,
-                                                       **_launch(C))
+    C, N = _rows(inp)
+    grid = lambda m: (triton.cdiv(N, m["ROWS"]),)  # noqa: E731
+    _layernorm_forward_kernel[grid](out, mean, rstd, inp, weight, bias, inp, inp, N, C, eps,
+                                    RESIDUAL=False, BLOCK_C=triton.next_power_of_2(C))
 
 
 def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,
                                eps=1e-5):
     # residual: (B,T,C) = inp1 + inp2; out: (B,T,C), mean, rstd: (B,T) its layernorm with
     # weight, bias: (C,). One kernel: the sum is normalised without a trip through memory.
-    C = inp1.shape[-1]
-    N = inp1.numel() // C
-    _layernorm_forward_kernel[(triton.cdiv(N, ROWS),)](out, mean, rstd, inp1, weight, bias,
-                                                       residual, inp2, N, C, eps,
-                                                       RESIDUAL=True, **_launch(C))
+    C, N = _rows(inp1)
+    grid = lambda m: (triton.cdiv(N, m["ROWS"]),)  # noqa: E731
+    _layernorm_forward_kernel[grid](out, mean, rstd, inp1, weight, bias, residual, inp2, N, C,
+                                    eps, RESIDUAL=True, BLOCK_C=triton.next_power_of_2(C))
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     # dinp: (B,T,C), dweight: (C,), dbias: (C,), dout: (B,T,C), inp: (B,T,C), weight: (C,),
     # mean: (B,T), rstd: (B,T)
-    C = inp.shape[-1]
-    N = inp.numel() // C
-    G = min(triton.cdiv(N, ROWS), _programs(inp.device))
+    C, N = _rows(inp)
+    G = triton.cdiv(N, SPAN)
     parts = torch.empty((2, G, C), dtype=torch.float32, device=inp.device)
     _layernorm_backward_kernel[(G,)](dinp, parts[0], parts[1], dout, inp, weight, mean, rstd,
-                                     N, C, **_launch(C))
+                                     N, C, SPAN=SPAN, BLOCK_C=triton.next_power_of_2(C))
     add_column_sums(dweight, parts[0])
     add_column_sums(dbias, parts[1])
-
-
-def _programs(device):
-    """Enough programs to fill the GPU, each with a long run of rows."""
-    if device.type != "cuda":
-        return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
