@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -56,10 +57,14 @@ def test_bench_gpu_ours_and_summary():
     r = {
         "device": "cpu", "date": "today", "commit": "abc", "torch": "t", "triton": "t",
         "model": "tiny", "training": {"B": B, "T": T, "ours": {**side, **extra},
-                                      "baseline": side, "speedup": 1.0},
+                                      "ours_stored_gelu": {**side, **extra}, "baseline": side,
+                                      "speedup": 1.0, "speedup_stored_gelu": 1.1},
         "attention": {"B": B, "T": T, "NH": 4, "hs": 32, "ours_fwd": timing,
-                      "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing}}
+                      "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing},
+        "tuned": bench.tuned_configs()}
     report = bench.summary(r)
+    assert "ours_stored_gelu" in report
+    assert "every GELU output kept (--no-recompute-gelu): 1.100x" in report
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report
     assert extra["planned_memory_gib"] > 0 and "the buffers' own sizes" in report
@@ -69,7 +74,7 @@ def test_bench_gpu_ours_and_summary():
     assert bench.survive(torch_oom)["oom"]
     failed = bench.summary({**r, "training": {**r["training"], "baseline": {"error": "E: x"}},
                             "attention": {**r["attention"], "sdpa_fwd": {"error": "E: y"}}})
-    assert "baseline   failed: E: x" in failed and "vs SDPA failed" in failed
+    assert re.search("baseline +failed: E: x", failed) and "vs SDPA failed" in failed
 
 
 def torch_oom():

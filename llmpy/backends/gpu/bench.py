@@ -7,6 +7,9 @@ weight decay on the 2-D tensors, and the loss read back to the host every step.
 - baseline: nanoGPT's recipe: torchref's model with F.scaled_dot_product_attention, bf16
   autocast, torch.compile, fused torch.optim.AdamW; its vocabulary padded to Vp as nanoGPT pads
   it, so both sides multiply the same classifier shapes.
+Ours runs twice: as train.py runs it on a GPU (one layer's GELU output kept, the others
+recomputed in the backward pass, llm.c's -r 1), and with every layer's GELU output kept
+(--no-recompute-gelu: 4C more values a position per layer, one GELU fewer per layer).
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included). MFU counts 6 FLOPs per
@@ -15,8 +18,9 @@ layernorms and the embedding lookups left out) plus 12*L*C*T for attention, as P
 nanoGPT count attention (model.flops_per_token), against the GPU's dense bf16 peak
 (gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
 F.scaled_dot_product_attention at GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal
-kernel must do: half of the full T*T).
+kernel must do: half of the full T*T), and the config autotuning chose for each tuned kernel.
 """
+import functools
 import gc
 import json
 import os
@@ -33,6 +37,7 @@ from torchref.gpt2 import Block, TorchGPT
 
 from .. import gpu
 from .. import numpy as numpy_backend
+from . import attention as attention_kernels, classifier, gelu, layernorm
 from ...config import GPT2Config, preset
 from ...data import DataLoader, bundled_data
 from ...bench import OpTimer, op_table
@@ -68,12 +73,12 @@ def timed(step, data, warmup):
 
 # ----------------------------------------------------------------------------- the two sides
 
-def ours(cfg, flat, data, warmup):
+def ours(cfg, flat, data, warmup, recompute_gelu=True):
     """The timed steps; then, outside the timings, how long the host takes to queue a backward
     pass against how long the GPU takes to run it (a CUDA graph would save only the first,
     and only where it is not hidden behind the second), and one more step op by op (OpTimer,
     synchronising around every op: where the time goes)."""
-    model = GPT2(cfg, gpu, recompute_gelu=True)           # train.py's default on a GPU
+    model = GPT2(cfg, gpu, recompute_gelu)        # True: train.py's default on a GPU
     load_params(model, flat)
     opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
 
@@ -186,9 +191,14 @@ def training(cfg, batch_sizes, T, steps, warmup):
             print(f"bench gpu: B={B}: {name} ran out of memory, trying a smaller batch",
                   file=sys.stderr, flush=True)
             continue
-        if "error" not in result["ours"] and "error" not in result["baseline"]:
-            result["speedup"] = (result["ours"]["tokens_per_s"]
-                                 / result["baseline"]["tokens_per_s"])
+        if "error" not in result["baseline"]:
+            stored = functools.partial(ours, recompute_gelu=False)
+            result["ours_stored_gelu"] = survive(measure, stored, cfg, host.params.buf, data,
+                                                 warmup)
+            for side in ("ours", "ours_stored_gelu"):
+                if "error" not in result[side]:
+                    result[f"speedup{side[4:]}"] = (result[side]["tokens_per_s"]
+                                                    / result["baseline"]["tokens_per_s"])
         return result
     raise LlmpyError(f"bench gpu: no batch size in {batch_sizes} fits in GPU memory")
 
@@ -231,6 +241,14 @@ def attention(B, T, NH, hs):
     return result
 
 
+def tuned_configs():
+    """{kernel and its autotuning key: the config chosen}, for every autotuned kernel so far."""
+    return {f"{name} {key}": str(config)
+            for module in (attention_kernels, classifier, gelu, layernorm)
+            for name, kernel in vars(module).items() if isinstance(kernel, triton.runtime.Autotuner)
+            for key, config in kernel.cache.items()}
+
+
 def timing(fn, flops, grads=None):
     # grad_to_none: otherwise every timed backward also adds into the leaf's .grad
     ms = do_bench(fn, grad_to_none=grads, return_mode="median")
@@ -243,17 +261,22 @@ def summary(r):
     t, a = r["training"], r["attention"]
     lines = [f"{r['device']} | {r['date']} | commit {r['commit']} | torch {r['torch']} | "
              f"triton {r['triton']} | GPT-2 {r['model']} B={t['B']} T={t['T']}",
-             f"{'':10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} "
+             f"{'':16s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} "
              f"{'loss first->last':>18s}"]
-    for side in ("ours", "baseline"):
-        s = t[side]
-        lines.append(f"{side:10s} failed: {s['error']}" if "error" in s else
-                     f"{side:10s} {s['ms_per_step']:9.1f} {s['tokens_per_s']:10.0f} "
+    for side in ("ours", "ours_stored_gelu", "baseline"):
+        s = t.get(side)
+        if s is None:
+            continue
+        lines.append(f"{side:16s} failed: {s['error']}" if "error" in s else
+                     f"{side:16s} {s['ms_per_step']:9.1f} {s['tokens_per_s']:10.0f} "
                      f"{'-' if s['mfu'] is None else format(s['mfu'], '.1%'):>6s} "
                      f"{s['peak_memory_gib']:9.2f} "
                      f"{s['first_loss']:8.4f}->{s['last_loss']:.4f}")
     if "speedup" in t:
         lines.append(f"speedup (tokens/s, ours / torch.compile baseline): {t['speedup']:.3f}x")
+    if "speedup_stored_gelu" in t:
+        lines.append(f"speedup with every GELU output kept (--no-recompute-gelu): "
+                     f"{t['speedup_stored_gelu']:.3f}x")
     tflops = {k: (f"{a[k]['tflops']:.0f}" if "tflops" in a[k] else "failed")
               for k in ("ours_fwd", "sdpa_fwd", "ours_fwd_bwd", "sdpa_fwd_bwd")}
     lines.append(f"attention B={a['B']} T={a['T']} NH={a['NH']} hs={a['hs']}, causal TFLOP/s: "
@@ -266,6 +289,7 @@ def summary(r):
                      f"{t['ours']['backward_queue_ms']:.1f} ms, run by the GPU in "
                      f"{t['ours']['backward_ms']:.1f} ms")
         lines.append(op_table(t["ours"]["ops"], "ours"))
+    lines += [f"tuned: {kernel}: {config}" for kernel, config in r.get("tuned", {}).items()]
     return "\n".join(lines)
 
 
@@ -292,5 +316,6 @@ def bench_gpu(model="d12", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, war
     print(f"bench gpu: training: {json.dumps(r['training'])}", file=sys.stderr, flush=True)
     r["attention"] = attention(r["training"]["B"], seq_len, cfg.num_heads,
                                cfg.channels // cfg.num_heads)
+    r["tuned"] = tuned_configs()
     print(json.dumps(r, indent=1) if as_json else summary(r))
     return r
