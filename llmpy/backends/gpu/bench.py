@@ -16,9 +16,10 @@ step op by op (each op synchronised: launch overhead included). MFU counts 6 FLO
 weight that multiplies per token (the classifier's and the layers' matrices; biases,
 layernorms and the embedding lookups left out) plus 12*L*C*T for attention, as PaLM and
 nanoGPT count attention (model.flops_per_token), against the GPU's dense bf16 peak
-(gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size at which both sides fit. Also: the flash-attention kernels against
-F.scaled_dot_product_attention at GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal
-kernel must do: half of the full T*T), and the config autotuning chose for each tuned kernel.
+(gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size at which
+both sides fit. Also: the flash-attention kernels against F.scaled_dot_product_attention at
+GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal kernel must do: half of the full
+T*T), and the config autotuning chose for each tuned kernel.
 """
 import functools
 import gc
@@ -309,8 +310,8 @@ def bench_gpu(model="d12", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, war
         raise LlmpyError("bench gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     cfg = preset(model, max_seq_len=seq_len)
     r = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-         "commit": (os.environ.get("LLMPY_COMMIT") or git_commit() or "unknown")[:7], "torch": torch.__version__,
-         "triton": triton.__version__, "model": model}
+         "commit": (os.environ.get("LLMPY_COMMIT") or git_commit() or "unknown")[:7],
+         "torch": torch.__version__, "triton": triton.__version__, "model": model}
     r["training"] = training(cfg, batch_sizes, seq_len, steps, warmup)
     # kept on stderr at once: the attention timings below may not finish in a device session
     print(f"bench gpu: training: {json.dumps(r['training'])}", file=sys.stderr, flush=True)
