@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import configs
+from .interpreter import CACHED, configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -28,12 +28,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def _tuning(small_fp32):
     """Autotuning per (T, head size): short sequences take the last config untimed, as tuning
     them would only cost compiles. So does float32 on a GPU, which only the tests run there:
-    small_fp32, since its large blocks take up to ~30 s each to compile."""
+    small_fp32, since its large blocks take up to ~30 s each to compile. See CACHED."""
     def prune(candidates, named_args, **kwargs):
         if torch.cuda.is_available() and named_args["qkv"].dtype == torch.float32:
             return [small_fp32]
         return candidates if named_args["T"] >= 512 else candidates[-1:]
-    return dict(key=["T", "HS_PAD"], prune_configs_by={"early_config_prune": prune})
+    return dict(key=["T", "HS_PAD"], prune_configs_by={"early_config_prune": prune}, **CACHED)
 
 
 # Candidates around FlashAttention-2's Triton settings for head size 64 (deeper pipelines suit

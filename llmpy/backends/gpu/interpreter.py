@@ -19,12 +19,19 @@ def configs(cuda_configs, interpreter_config):
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in cuda_configs]
 
 
+# Each choice is kept in Triton's cache directory: later runs on the machine skip the timing and
+# run the same kernels. Configs that sum in another order round differently, so without this a
+# resumed run could pick others than the run it resumes, and not continue it bit for bit.
+CACHED = dict(cache_results=True)
+
+
 def tuning(*key, least=8192):
     """Autotuning per (N, *key) for a kernel over N rows or elements: an N under `least` (the
-    tests' shapes) takes the last config untimed, as timing them would only cost compiles."""
+    tests' shapes) takes the last config untimed, as timing them would only cost compiles.
+    See CACHED."""
     def prune(candidates, named_args, **kwargs):
         return candidates if named_args["N"] >= least else candidates[-1:]
-    return dict(key=["N", *key], prune_configs_by={"early_config_prune": prune})
+    return dict(key=["N", *key], prune_configs_by={"early_config_prune": prune}, **CACHED)
 
 
 def fix_loop_bounds():
