@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the gpu backend for an H100 (sm_90), without a GPU, as GPT-2
 124M trains in bf16: the launch constants the backend uses on a GPU and every autotune config
-of flash attention. Catches what Triton's interpreter cannot: block shapes a GPU refuses,
+of every tuned kernel. Catches what Triton's interpreter cannot: block shapes a GPU refuses,
 dtype mixes the GPU compiler rejects, shared memory beyond the H100's 227 KB.
 
 Also checks that no kernel argument takes a name that Triton's argument binder uses for itself:

@@ -61,10 +61,11 @@ def test_bench_gpu_ours_and_summary():
                                       "speedup": 1.0, "speedup_stored_gelu": 1.1},
         "attention": {"B": B, "T": T, "NH": 4, "hs": 32, "ours_fwd": timing,
                       "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing},
-        "tuned": bench.tuned_configs()}
+        "tuned": {**bench.tuned_configs(), "_k (64,)": "BLOCK: 64"}}
     report = bench.summary(r)
     assert "ours_stored_gelu" in report
     assert "every GELU output kept (--no-recompute-gelu): 1.100x" in report
+    assert "tuned: _k (64,): BLOCK: 64" in report
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report
     assert extra["planned_memory_gib"] > 0 and "the buffers' own sizes" in report

@@ -26,8 +26,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def _tuning(small_fp32):
-    """Autotuning per (T, head size): short sequences take the last config untimed, as tuning
-    them would only cost compiles. So does float32 on a GPU, which only the tests run there:
+    """Autotuning per (T, head size): short sequences take the last config without comparing, as
+    that would only cost compiles. So does float32 on a GPU, which only the tests run there:
     small_fp32, since its large blocks take up to ~30 s each to compile. See CACHED."""
     def prune(candidates, named_args, **kwargs):
         if torch.cuda.is_available() and named_args["qkv"].dtype == torch.float32:

@@ -7,9 +7,9 @@ weight decay on the 2-D tensors, and the loss read back to the host every step.
 - baseline: nanoGPT's recipe: torchref's model with F.scaled_dot_product_attention, bf16
   autocast, torch.compile, fused torch.optim.AdamW; its vocabulary padded to Vp as nanoGPT pads
   it, so both sides multiply the same classifier shapes.
-Ours runs twice: as train.py runs it on a GPU (one layer's GELU output kept, the others
-recomputed in the backward pass, llm.c's -r 1), and with every layer's GELU output kept
-(--no-recompute-gelu: 4C more values a position per layer, one GELU fewer per layer).
+Ours runs as train.py runs it on a GPU (one layer's GELU output kept, the others recomputed in
+the backward pass, llm.c's -r 1) and, where the baseline ran, again with every layer's GELU
+output kept (--no-recompute-gelu: 4C more values a position per layer, one GELU fewer).
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included). MFU counts 6 FLOPs per

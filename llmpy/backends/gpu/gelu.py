@@ -11,7 +11,7 @@ import triton.language as tl
 from .interpreter import ELEMENTS, configs, tuning
 
 GELU_SCALE = tl.constexpr(math.sqrt(2.0 / math.pi))
-# (BLOCK, num_warps): the last, untimed, for small tensors
+# (BLOCK, num_warps): the last is the one config that small tensors take
 _CONFIGS = configs([(dict(BLOCK=2048), 4, 1), (dict(BLOCK=4096), 4, 1), (dict(BLOCK=4096), 8, 1),
                     (dict(BLOCK=8192), 8, 1), (dict(BLOCK=1024), 4, 1)], dict(BLOCK=ELEMENTS))
 

@@ -4,8 +4,9 @@ import torch
 import triton
 from triton.runtime import interpreter
 
-# Rows per program for the row-wise kernels: one on a GPU (a row of 768 already fills the
-# warps); many in the interpreter, whose cost is per program and per operation, not per element.
+# Rows per program for the encoder and the classifier, and layernorm's in the interpreter: one on
+# a GPU (a row of 768 already fills the warps; layernorm's are tuned there); many in the
+# interpreter, whose cost is per program and per operation, not per element.
 ROWS = 1 if torch.cuda.is_available() else 16
 # Elements per program for the elementwise kernels.
 ELEMENTS = 1024 if torch.cuda.is_available() else 16384
@@ -27,8 +28,8 @@ CACHED = dict(cache_results=True)
 
 def tuning(*key, least=8192):
     """Autotuning per (N, *key) for a kernel over N rows or elements: an N under `least` (the
-    tests' shapes) takes the last config untimed, as timing them would only cost compiles.
-    See CACHED."""
+    tests' shapes) takes the last config without comparing, as that would only cost compiles
+    (Triton still runs its timing on it once, alone). See CACHED."""
     def prune(candidates, named_args, **kwargs):
         return candidates if named_args["N"] >= least else candidates[-1:]
     return dict(key=["N", *key], prune_configs_by={"early_config_prune": prune}, **CACHED)

@@ -18,7 +18,7 @@ from .matmul import add_column_sums
 SPAN = 32 if torch.cuda.is_available() else 4 * ROWS
 
 
-# (ROWS, num_warps): the last is one row a program, the launch that small problems take
+# (ROWS, num_warps): the last is one row a program, the one config that small problems take
 @triton.autotune(configs=configs([(dict(ROWS=1), 8, 1), (dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1),
                                   (dict(ROWS=4), 8, 1), (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS)),
                  **tuning("C", "RESIDUAL"))
@@ -57,6 +57,7 @@ def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2
 def _layernorm_backward_kernel(dinp, dw_part, db_part, dout, inp, weight, mean, rstd, N, C,
                                SPAN: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     # dw_part, db_part: (programs, C) float32, this program's sums over its SPAN rows
+    tl.static_assert(SPAN % ROWS == 0)         # else the last step reads the next span's rows
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     w = tl.load(weight + cols, mask=cols < C).to(tl.float32)
