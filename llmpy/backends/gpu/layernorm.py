@@ -92,20 +92,26 @@ def _rows(inp):
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
     # out: (B,T,C), mean: (B,T), rstd: (B,T), inp: (B,T,C), weight: (C,), bias: (C,)
-    C, N = _rows(inp)
-    grid = lambda m: (triton.cdiv(N, m["ROWS"]),)  # noqa: E731
-    _layernorm_forward_kernel[grid](out, mean, rstd, inp, weight, bias, inp, inp, N, C, eps,
-                                    RESIDUAL=False, BLOCK_C=triton.next_power_of_2(C))
+    _forward(out, mean, rstd, inp, weight, bias, eps)
 
 
 def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,
                                eps=1e-5):
     # residual: (B,T,C) = inp1 + inp2; out: (B,T,C), mean, rstd: (B,T) its layernorm with
     # weight, bias: (C,). One kernel: the sum is normalised without a trip through memory.
-    C, N = _rows(inp1)
+    _forward(out, mean, rstd, inp1, weight, bias, eps, residual, inp2)
+
+
+def _forward(out, mean, rstd, inp, weight, bias, eps, residual=None, inp2=None):
+    """The forward kernel's launch; given residual, it normalises inp + inp2, stored there.
+    (Without, the kernel never touches its residual and inp2 pointers: inp stands in.)"""
+    C, N = _rows(inp)
     grid = lambda m: (triton.cdiv(N, m["ROWS"]),)  # noqa: E731
-    _layernorm_forward_kernel[grid](out, mean, rstd, inp1, weight, bias, residual, inp2, N, C,
-                                    eps, RESIDUAL=True, BLOCK_C=triton.next_power_of_2(C))
+    _layernorm_forward_kernel[grid](out, mean, rstd, inp, weight, bias,
+                                    inp if residual is None else residual,
+                                    inp if inp2 is None else inp2, N, C, eps,
+                                    RESIDUAL=residual is not None,
+                                    BLOCK_C=triton.next_power_of_2(C))
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
