@@ -51,8 +51,11 @@ def test_bench_gpu_ours_and_summary():
     ops = extra["ops"]
     assert ops["attention_backward"][0] == cfg.num_layers
     assert ops["residual_layernorm_forward"][0] == 2 * cfg.num_layers
+    assert extra["kernels"] is None             # no GPU to profile
     side = {"ms_per_step": 1e3 * seconds, "tokens_per_s": B * T / seconds, "mfu": 0.0,
-            "peak_memory_gib": 0.0, "first_loss": losses[0], "last_loss": losses[-1]}
+            "peak_memory_gib": 0.0, "first_loss": losses[0], "last_loss": losses[-1],
+            "kernels": {"nvjet_tst_128x256": [3, 5.0], "_layernorm_forward_kernel": [2, 1.5],
+                        "Memset (Device)": [1, 0.25]}}
     timing = {"ms": 1.0, "tflops": 1.0}
     r = {
         "device": "cpu", "date": "today", "commit": "abc", "torch": "t", "triton": "t",
@@ -68,6 +71,8 @@ def test_bench_gpu_ours_and_summary():
     assert "tuned: _k (64,): BLOCK: 64" in report
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report
+    assert "6.75 ms in kernels, 5.00 ms of them in matmuls" in report
+    assert re.search(r"1.50 ms +2x _layernorm_forward_kernel\n +0.25 ms +1x Memset", report)
     assert extra["planned_memory_gib"] > 0 and "the buffers' own sizes" in report
     # a side that failed on the GPU is reported, and the rest of the report still printed
     assert bench.survive(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero",

@@ -12,9 +12,10 @@ the backward pass, llm.c's -r 1) and, where the baseline ran, again with every l
 output kept (--no-recompute-gelu: 4C more values a position per layer, one GELU fewer).
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
-step op by op (each op synchronised: launch overhead included). MFU counts 6 FLOPs per
-weight that multiplies per token (the classifier's and the layers' matrices; biases,
-layernorms and the embedding lookups left out) plus 12*L*C*T for attention, as PaLM and
+step op by op (each op synchronised: launch overhead included); for each side, one more step
+under torch.profiler: the GPU's own time in each kernel. MFU counts 6 FLOPs per weight that
+multiplies per token (the classifier's and the layers' matrices; biases, layernorms and the
+embedding lookups left out) plus 12*L*C*T for attention, as PaLM and
 nanoGPT count attention (model.flops_per_token), against the GPU's dense bf16 peak
 (gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size at which
 both sides fit. Also: the flash-attention kernels against F.scaled_dot_product_attention at
@@ -91,6 +92,7 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
         return loss
 
     seconds, losses = timed(step, data, warmup)
+    kernels = kernel_times(step, data[-1])
     model.forward(*data[-1])
     model.zero_grad()
     sync()
@@ -108,7 +110,8 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     ops = model.backend.table(time.perf_counter() - t0)
     B, T = data[0][0].shape
     planned = sum(model.memory(B, T).values()) + opt.state_bytes()    # the buffers' own sizes
-    return seconds, losses, {"ops": ops, "planned_memory_gib": planned / 2 ** 30, **host}
+    return seconds, losses, {"ops": ops, "planned_memory_gib": planned / 2 ** 30,
+                             "kernels": kernels, **host}
 
 
 def baseline(cfg, flat, data, warmup):
@@ -145,7 +148,45 @@ def baseline(cfg, flat, data, warmup):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return (*timed(step, data, warmup), {})
+    seconds, losses = timed(step, data, warmup)
+    return seconds, losses, {"kernels": kernel_times(step, data[-1])}
+
+
+def kernel_times(step, xy):
+    """One more step under torch.profiler: {kernel: [launches, GPU ms]}, the GPU's own time in
+    each kernel (cuBLAS's, Triton's, torch.compile's, memcpy and memset), with none of the op
+    table's synchronisations; None in the interpreter."""
+    if gpu.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(*xy)
+        sync()
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            calls, ms = times.get(e.name, (0, 0.0))
+            times[e.name] = [calls + 1, ms + e.time_range.elapsed_us() / 1e3]
+    return times
+
+
+GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "cublas")
+
+
+def kernel_table(kernels, who, top=14):
+    """The lines of kernel_times' results: the matmuls' total, then the other kernels, largest
+    first."""
+    total = sum(ms for _, ms in kernels.values())
+    gemm = sum(ms for name, (_, ms) in kernels.items()
+               if any(g in name.lower() for g in GEMM_NAMES))
+    lines = [f"{who}, GPU time by kernel (one more step, profiled): {total:.2f} ms in kernels, "
+             f"{gemm:.2f} ms of them in matmuls; the others:"]
+    others = sorted(((ms, calls, name) for name, (calls, ms) in kernels.items()
+                     if not any(g in name.lower() for g in GEMM_NAMES)), reverse=True)
+    lines += [f"  {ms:8.2f} ms {calls:4d}x {name[:90]}" for ms, calls, name in others[:top]]
+    if others[top:]:
+        lines.append(f"  {sum(o[0] for o in others[top:]):8.2f} ms in {len(others) - top} more")
+    return lines
 
 
 def measure(side, cfg, flat, data, warmup):
@@ -290,6 +331,9 @@ def summary(r):
                      f"{t['ours']['backward_queue_ms']:.1f} ms, run by the GPU in "
                      f"{t['ours']['backward_ms']:.1f} ms")
         lines.append(op_table(t["ours"]["ops"], "ours"))
+    for side in ("ours", "baseline"):
+        if t.get(side, {}).get("kernels"):
+            lines += kernel_table(t[side]["kernels"], side)
     lines += [f"tuned: {kernel}: {config}" for kernel, config in r.get("tuned", {}).items()]
     return "\n".join(lines)
 
