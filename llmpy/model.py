@@ -122,6 +122,10 @@ class GPT2:
         # the backend's matmul, GELU, attention and classifier backwards write their input's
         # gradient instead of adding into it (llm.c's CUDA contract): no scratch to zero
         self.writes_grads = getattr(backend, "writes_activation_grads", False)
+        # the backend's layernorm, GELU and attention backwards also sum, into a bias gradient,
+        # the gradient they leave for the matmul backward after them: its dout, which that
+        # matmul then does not read again for its bias (a pass over 14C values a position)
+        self.sums_bias_grads = getattr(backend, "sums_bias_grads", False)
         # keep one layer's GELU output instead of L, at the cost of a GELU per layer in the
         # backward pass: 4*C of the 16*C values a layer saves per position
         self.recompute_gelu = recompute_gelu
@@ -261,9 +265,20 @@ class GPT2:
             dlogits = d.logits
             be.crossentropy_backward(dlogits, d.losses, a.probs, self.targets, V)
         be.matmul_backward(d.lnf, g.wte, None, dlogits, a.lnf, p.wte)
+
+        # A bias's gradient is the column sum of its matmul's dout. llm.c's matmul_backward
+        # sums it; a backend with sums_bias_grads sums it in the op that writes that dout.
+        fuse = self.sums_bias_grads
+
+        def by_matmul(dbias):
+            return None if fuse else dbias
+
+        def by_writer(dbias):
+            return {"dsums": dbias} if fuse and dbias is not None else {}
+
         last = a.residual3[L - 1] if L else a.encoded
         be.layernorm_backward(d.residual, g.lnfw, g.lnfb, d.lnf, last, p.lnfw, a.lnf_mean,
-                              a.lnf_rstd)
+                              a.lnf_rstd, **by_writer(g.fcprojb[L - 1] if L else None))
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
             if not self.writes_grads:
@@ -272,22 +287,27 @@ class GPT2:
             fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
             if self.recompute_gelu and l < L - 1:    # the last layer's is still there
                 be.gelu_forward(fch_gelu, a.fch[l])
-            be.matmul_backward(dl.fch_gelu, g.fcprojw[l], g.fcprojb[l], d.residual,
+            be.matmul_backward(dl.fch_gelu, g.fcprojw[l], by_matmul(g.fcprojb[l]), d.residual,
                                fch_gelu, p.fcprojw[l])
-            be.gelu_backward(dl.fch, a.fch[l], dl.fch_gelu)
-            be.matmul_backward(dl.ln2, g.fcw[l], g.fcb[l], dl.fch, a.ln2[l], p.fcw[l])
+            be.gelu_backward(dl.fch, a.fch[l], dl.fch_gelu, **by_writer(g.fcb[l]))
+            be.matmul_backward(dl.ln2, g.fcw[l], by_matmul(g.fcb[l]), dl.fch, a.ln2[l], p.fcw[l])
             be.layernorm_backward(d.residual, g.ln2w[l], g.ln2b[l], dl.ln2, a.residual2[l],
-                                  p.ln2w[l], a.ln2_mean[l], a.ln2_rstd[l])
+                                  p.ln2w[l], a.ln2_mean[l], a.ln2_rstd[l],
+                                  **by_writer(g.attprojb[l]))
             # now d.residual holds d(residual2[l]) = d(attproj[l])
-            be.matmul_backward(dl.atty, g.attprojw[l], g.attprojb[l], d.residual,
+            be.matmul_backward(dl.atty, g.attprojw[l], by_matmul(g.attprojb[l]), d.residual,
                                a.atty[l], p.attprojw[l])
             if self.fused:
-                be.attention_backward(dl.qkv, dl.atty, a.qkv[l], a.atty[l], a.att_lse[l])
+                be.attention_backward(dl.qkv, dl.atty, a.qkv[l], a.atty[l], a.att_lse[l],
+                                      **by_writer(g.qkvb[l]))
             else:
                 be.attention_backward(dl.qkv, dl.preatt, dl.att, dl.atty, a.qkv[l], a.att[l])
-            be.matmul_backward(dl.ln1, g.qkvw[l], g.qkvb[l], dl.qkv, a.ln1[l], p.qkvw[l])
+            be.matmul_backward(dl.ln1, g.qkvw[l], by_matmul(g.qkvb[l]), dl.qkv, a.ln1[l],
+                               p.qkvw[l])
+            # d(residual3[l-1]) is also layer l-1's fcproj dout
             be.layernorm_backward(d.residual, g.ln1w[l], g.ln1b[l], dl.ln1, residual,
-                                  p.ln1w[l], a.ln1_mean[l], a.ln1_rstd[l])
+                                  p.ln1w[l], a.ln1_mean[l], a.ln1_rstd[l],
+                                  **by_writer(g.fcprojb[l - 1] if l else None))
             # now d.residual holds d(residual3[l-1]), or d(encoded) after the first layer
             if layer_done:
                 layer_done(l)

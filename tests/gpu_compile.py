@@ -1,7 +1,8 @@
 """Compile every Triton kernel of the gpu backend for an H100 (sm_90), without a GPU, as GPT-2
 124M trains in bf16: the launch constants the backend uses on a GPU and every autotune config
 of every tuned kernel. Catches what Triton's interpreter cannot: block shapes a GPU refuses,
-dtype mixes the GPU compiler rejects, shared memory beyond the H100's 227 KB.
+dtype mixes the GPU compiler rejects, shared memory beyond the H100's 227 KB, and bf16 tensors
+streamed with scalar loads.
 
 Also checks that no kernel argument takes a name that Triton's argument binder uses for itself:
 such a kernel fails at every launch on a GPU, yet runs in the interpreter (adamw's `params` did).
@@ -24,7 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from llmpy.backends.gpu import adamw, attention, classifier, encoder, gelu, layernorm  # noqa: E402
-from llmpy.backends.gpu.interpreter import ELEMENTS, ROWS  # noqa: E402
+from llmpy.backends.gpu.interpreter import ELEMENTS, ROWS, SPAN  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY = 227 * 1024                      # an H100's most per block
@@ -42,28 +43,35 @@ def kernels():
                         C=X, eps="fp32"),
                    dict(RESIDUAL=residual, BLOCK_C=triton.next_power_of_2(C), **config.kwargs),
                    config.num_warps, config.num_stages)
-    for config in layernorm._layernorm_backward_kernel.configs:
-        yield (layernorm._layernorm_backward_kernel,
-               dict(dinp=P, dw_part=F, db_part=F, dout=P, inp=P, weight=P, mean=F, rstd=F, N=X,
-                    C=X), dict(SPAN=layernorm.SPAN, BLOCK_C=triton.next_power_of_2(C),
-                               **config.kwargs), config.num_warps, config.num_stages)
+    for sums in (False, True):                  # (layer 0's ln1 has no bias to sum for)
+        for config in layernorm._layernorm_backward_kernel.configs:
+            yield (layernorm._layernorm_backward_kernel,
+                   dict(dinp=P, dw_part=F, db_part=F, ds_part=F, dout=P, inp=P, weight=P, mean=F,
+                        rstd=F, N=X, C=X),
+                   dict(SUMS=sums, SPAN=SPAN, BLOCK_C=triton.next_power_of_2(C),
+                        **config.kwargs), config.num_warps, config.num_stages)
     yield (encoder._encoder_forward_kernel, dict(out=P, inp=I, wte=P, wpe=P, N=X, T=X, C=X),
            dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
     yield (encoder._wte_backward_kernel, dict(dwte=P, dout=P, ids=I, rows=I, N=X, C=X),
            dict(SEG=16, BLOCK_C=min(triton.next_power_of_2(C), 256)), 4, 3)
     yield (encoder._wpe_backward_kernel, dict(dwpe=P, dout=P, B=X, T=X, C=X),
            dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
-    for kernel, types in ((gelu._gelu_forward_kernel, dict(out=P, inp=P, N=X)),
-                          (gelu._gelu_backward_kernel, dict(dinp=P, inp=P, dout=P, N=X))):
-        for config in kernel.configs:
-            yield kernel, types, config.kwargs, config.num_warps, config.num_stages
+    for config in gelu._gelu_forward_kernel.configs:
+        yield (gelu._gelu_forward_kernel, dict(out=P, inp=P, N=X), config.kwargs,
+               config.num_warps, config.num_stages)
+    for sums in (False, True):
+        for config in gelu._gelu_backward_kernel.configs:
+            yield (gelu._gelu_backward_kernel,
+                   dict(dinp=P, ds_part=F, inp=P, dout=P, N=X, C=X),
+                   dict(SUMS=sums, SPAN=SPAN, **config.kwargs), config.num_warps,
+                   config.num_stages)
     types = dict(losses=F, lse=F, logits=P, targets=I, N=X, V=X, Vp=X)
     for config in classifier._classifier_forward_kernel.configs:
         yield (classifier._classifier_forward_kernel, types, dict(ROWS=ROWS, **config.kwargs),
                config.num_warps, config.num_stages)
     yield (classifier._classifier_backward_kernel,
            dict(dlogits=P, dlosses=F, logits=P, lse=F, targets=I, N=X, V=X, Vp=X),
-           dict(ROWS=ROWS, BLOCK=classifier.BLOCK), 8, 3)
+           dict(ROWS=ROWS, BLOCK=classifier.BACKWARD_BLOCK), 8, 3)
     scalars = {k: "fp32" for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "bc1",
                                     "bc2_sqrt", "grad_scale")}
     yield (adamw._adamw_kernel, dict(weights=P, grads=P, m=F, v=F, master=F, N=X, **scalars),
@@ -75,14 +83,29 @@ def kernels():
         yield (attention._attention_forward_kernel,
                dict(out=P, lse=F, qkv=P, T=X, NH=X, C=X, qk_scale="fp32"),
                {**head, **config.kwargs}, config.num_warps, config.num_stages)
-    for config in attention._attention_backward_kernel.configs:
+    for config in attention._attention_backward_kernel.configs:   # as training runs it
         yield (attention._attention_backward_kernel,
-               dict(dinp=P, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X, qk_scale="fp32",
-                    scale="fp32"), {**head, **config.kwargs}, config.num_warps, config.num_stages)
+               dict(dinp=P, ds_part=F, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X,
+                    qk_scale="fp32", scale="fp32"),
+               {**head, "SUMS": True, **config.kwargs}, config.num_warps, config.num_stages)
 
 
 def jit_function(kernel):
     return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+# The integer arguments that are multiples of 16 at GPT-2 124M, B=64, T=1024 (rows, channels,
+# Vp, T; not V = 50257 nor NH = 12): Triton specializes such an argument at launch, and its
+# loads and stores can then be vectors.
+DIVISIBLE = {"N", "C", "Vp", "T"}
+# Kernels that stream bf16 tensors: their loads must be vectors. A scalar 2-byte load
+# (ld.global.b16) is allowed only for single values (the classifier's target logit): one masked
+# at a bound that is not a multiple of 16 (the real V) loads each element on its own, at ~60%
+# of the memory's speed (the classifier's forward did, before 2026-11-27).
+SCALAR_LOADS = {"_layernorm_forward_kernel": 0, "_layernorm_backward_kernel": 0,
+                "_gelu_forward_kernel": 0, "_gelu_backward_kernel": 0,
+                "_classifier_forward_kernel": 1, "_classifier_backward_kernel": 0,
+                "_adamw_kernel": 0}
 
 
 def compile_one(kernel, types, constants, num_warps, num_stages):
@@ -91,11 +114,15 @@ def compile_one(kernel, types, constants, num_warps, num_stages):
                  for name in fn.arg_names}
     # pointers 16-byte aligned, as torch allocates them
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*")}
+             if signature[name].startswith("*") or name in DIVISIBLE}
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=TARGET,
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     if compiled.metadata.shared > SHARED_MEMORY:
         raise ValueError(f"{compiled.metadata.shared} bytes of shared memory")
+    scalar = compiled.asm["ptx"].count("ld.global.b16")
+    if scalar > SCALAR_LOADS.get(fn.__name__, scalar):
+        raise ValueError(f"{scalar} scalar bf16 loads (ld.global.b16), "
+                         f"{SCALAR_LOADS[fn.__name__]} allowed")
 
 
 @triton.jit

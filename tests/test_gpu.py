@@ -105,11 +105,20 @@ def test_layernorm(case):
     dx, dx64 = case.randn(B, T, C)
     dw, dw64 = case.randn(C)
     db, db64 = case.randn(C)
-    gpu.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd)
+    ds, ds64 = case.randn(C)
+    gpu.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, dsums=ds)
     ref.layernorm_backward(dx64, dw64, db64, dout64, x64, w64, mean64, rstd64)
     case.check(dx, dx64, "layernorm dinp")
     case.check(dw, dw64, "layernorm dweight")
     case.check(db, db64, "layernorm dbias")
+    check_sums(case, ds, ds64, dx, "layernorm")
+
+
+def check_sums(case, dsums, start64, dinp, what):
+    """dsums: start64 plus the column sums of dinp as the kernel left it (the next matmul's bias
+    gradient, sums_bias_grads)."""
+    case.check(dsums, start64 + dinp.double().cpu().numpy().reshape(-1, dinp.shape[-1]).sum(0),
+               f"{what} dsums")
 
 
 def test_residual_layernorm(case):
@@ -161,9 +170,14 @@ def test_gelu(case):
     dout, dout64 = case.randn(3, 5, 1200)
     dx, _ = case.randn(3, 5, 1200)              # written over, not added to
     dx64 = np.zeros((3, 5, 1200))
-    gpu.gelu_backward(dx, x, dout)
+    ds, ds64 = case.randn(1200)
+    gpu.gelu_backward(dx, x, dout, dsums=ds)
     ref.gelu_backward(dx64, x64, dout64)
     case.check(dx, dx64, "gelu dinp")
+    check_sums(case, ds, ds64, dx, "gelu")
+    again = case.zeros(3, 5, 1200)
+    gpu.gelu_backward(again, x, dout)           # without dsums
+    assert torch.equal(again, dx)
 
 
 # (B, T, C, NH): T over several blocks with a ragged last one, and a head size (6) that is not
@@ -187,9 +201,14 @@ def test_flash_attention(case, shape):
     dout, dout64 = case.randn(B, T, C)
     dqkv, _ = case.randn(B, T, 3 * C)           # written over, not added to
     dqkv64 = np.zeros((B, T, 3 * C))
-    gpu.attention_backward(dqkv, dout, qkv, out, lse)
+    ds, ds64 = case.randn(3 * C)
+    gpu.attention_backward(dqkv, dout, qkv, out, lse, dsums=ds)
     ref.attention_backward(dqkv64, np.zeros_like(att), np.zeros_like(att), dout64, qkv64, att)
     case.check(dqkv, dqkv64, "attention dinp")
+    check_sums(case, ds, ds64, dqkv, "attention")
+    again = case.zeros(B, T, 3 * C)
+    gpu.attention_backward(again, dout, qkv, out, lse)     # without dsums
+    assert torch.equal(again, dqkv)
 
 
 def test_fused_classifier(case):

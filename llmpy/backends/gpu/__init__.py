@@ -29,6 +29,10 @@ Mixed precision, the way llm.c's train_gpt2.cu does it, in the backend-neutral m
   T=1024 in bf16, 8.4 GB of traffic a step). The parameters' gradients still accumulate, and
   so does the residual stream's (layernorm's dinp). The classifier writes dlogits over the
   logits, which have no other reader.
+- `sums_bias_grads = True`: layernorm's, GELU's and attention's backwards take `dsums` and sum
+  into it, over the rows, the gradient they leave, which is the dout of the matmul backward
+  that comes next: the model gives them that matmul's bias gradient, and the matmul None. Each
+  dout is then read once instead of twice (at GPT-2 124M, B=64, T=1024: 10.9 GB a step).
 """
 import os
 
@@ -54,6 +58,7 @@ from .matmul import matmul_backward, matmul_forward  # noqa: E402,F401
 name = "gpu"
 fused = True
 writes_activation_grads = True
+sums_bias_grads = True
 # The shared op tests compare with float64 at float32 tolerance; tests/test_gpu.py checks
 # float16 (interpreter) and bf16 (GPU) with their own tolerances.
 test_dtypes = (np.float32,)

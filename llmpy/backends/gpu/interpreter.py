@@ -10,6 +10,11 @@ from triton.runtime import interpreter
 ROWS = 1 if torch.cuda.is_available() else 16
 # Elements per program for the elementwise kernels.
 ELEMENTS = 1024 if torch.cuda.is_available() else 16384
+# Rows per program of the backward kernels that also sum over rows (layernorm's weight and bias
+# gradients, GELU's column sums): enough programs to fill the GPU many times over (latency is
+# hidden by other programs, not within one), few enough that their float32 partial sums, one
+# row of them per program, stay small. The interpreter's ROWS divides it.
+SPAN = 32 if torch.cuda.is_available() else 4 * ROWS
 
 
 def configs(cuda_configs, interpreter_config):

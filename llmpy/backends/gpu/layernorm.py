@@ -4,18 +4,16 @@ takes at once, and with how many warps, is timed on a GPU on first use per (rows
 
 The weight and bias gradients are sums over all B*T rows. Each program of the backward sums its
 SPAN rows into its own float32 partial, and the partials are added up afterwards in a fixed
-order: deterministic, and no atomics.
+order: deterministic, and no atomics. Given dsums, the backward also sums the dinp it leaves
+(the residual stream's gradient, as rounded there) into it: the bias gradient of the matmul
+that reads that gradient next (the backend's sums_bias_grads).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .interpreter import ROWS, configs, tuning
-from .matmul import add_column_sums
-
-# Rows per backward program: enough programs to fill the GPU many times over (latency is hidden
-# by other programs, not within one), few enough that the partials stay small (B*T/SPAN x C).
-SPAN = 32 if torch.cuda.is_available() else 4 * ROWS
+from .interpreter import ROWS, SPAN, configs, tuning
+from .matmul import add_partial_sums
 
 
 # (ROWS, num_warps): the last is one row a program, the one config that small problems take
@@ -52,17 +50,20 @@ def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2
 @triton.autotune(configs=configs([(dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1), (dict(ROWS=4), 4, 1),
                                   (dict(ROWS=4), 8, 1), (dict(ROWS=8), 8, 1), (dict(ROWS=1), 8, 1),
                                   (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS)),
-                 restore_value=["dinp"], **tuning("C"))
+                 restore_value=["dinp"], **tuning("C", "SUMS"))
 @triton.jit
-def _layernorm_backward_kernel(dinp, dw_part, db_part, dout, inp, weight, mean, rstd, N, C,
-                               SPAN: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dw_part, db_part: (programs, C) float32, this program's sums over its SPAN rows
+def _layernorm_backward_kernel(dinp, dw_part, db_part, ds_part, dout, inp, weight, mean, rstd,
+                               N, C, SUMS: tl.constexpr, SPAN: tl.constexpr, ROWS: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+    # dw_part, db_part, ds_part (if SUMS): (programs, C) float32, this program's sums over its
+    # SPAN rows of dweight's and dbias's terms, and of dinp as stored
     tl.static_assert(SPAN % ROWS == 0)         # else the last step reads the next span's rows
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     w = tl.load(weight + cols, mask=cols < C).to(tl.float32)
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ds = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(pid * SPAN, pid * SPAN + SPAN, ROWS):
         rows = start + tl.arange(0, ROWS)
         mask = (rows[:, None] < N) & (cols[None, :] < C)
@@ -79,9 +80,14 @@ def _layernorm_backward_kernel(dinp, dw_part, db_part, dout, inp, weight, mean, 
         dx = (dnorm - tl.sum(dnorm, axis=1)[:, None] / C
               - norm * (tl.sum(dnorm * norm, axis=1)[:, None] / C)) * rs
         dx += tl.load(dinp + o, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dinp + o, dx.to(dinp.dtype.element_ty), mask=mask)
+        dx = dx.to(dinp.dtype.element_ty)
+        tl.store(dinp + o, dx, mask=mask)
+        if SUMS:
+            ds += tl.sum(tl.where(mask, dx.to(tl.float32), 0.0), axis=0)
     tl.store(dw_part + pid * C + cols, dw, mask=cols < C)
     tl.store(db_part + pid * C + cols, db, mask=cols < C)
+    if SUMS:
+        tl.store(ds_part + pid * C + cols, ds, mask=cols < C)
 
 
 def _rows(inp):
@@ -114,13 +120,14 @@ def _forward(out, mean, rstd, inp, weight, bias, eps, residual=None, inp2=None):
                                     BLOCK_C=triton.next_power_of_2(C))
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dsums=None):
     # dinp: (B,T,C), dweight: (C,), dbias: (C,), dout: (B,T,C), inp: (B,T,C), weight: (C,),
-    # mean: (B,T), rstd: (B,T)
+    # mean: (B,T), rstd: (B,T); dsums: (C,) or None, += the column sums of dinp as left here
     C, N = _rows(inp)
     G = triton.cdiv(N, SPAN)
-    parts = torch.empty((2, G, C), dtype=torch.float32, device=inp.device)
-    _layernorm_backward_kernel[(G,)](dinp, parts[0], parts[1], dout, inp, weight, mean, rstd,
-                                     N, C, SPAN=SPAN, BLOCK_C=triton.next_power_of_2(C))
-    add_column_sums(dweight, parts[0])
-    add_column_sums(dbias, parts[1])
+    dsts = [dweight, dbias] + ([] if dsums is None else [dsums])
+    parts = torch.empty((len(dsts), G, C), dtype=torch.float32, device=inp.device)
+    _layernorm_backward_kernel[(G,)](dinp, parts[0], parts[1], parts[-1], dout, inp, weight,
+                                     mean, rstd, N, C, SUMS=dsums is not None, SPAN=SPAN,
+                                     BLOCK_C=triton.next_power_of_2(C))
+    add_partial_sums(dsts, parts)

@@ -1,14 +1,18 @@
 """Matmul + bias through cuBLAS (torch.addmm): the bias add rides in the GEMM's epilogue and the
 weight gradient's `+=` in its beta=1 accumulate, so neither costs a pass of its own. dinp is
 written, not added to (the backend's writes_activation_grads). The bias gradient is a column sum
-of dout, accumulated in float32. In fp32, torch leaves TF32 off by default, so
+of dout, accumulated in float32; in the model, the op that writes dout sums it instead
+(the backend's sums_bias_grads), and matmul_backward gets dbias=None. In fp32, torch leaves TF32
+off by default, so
 these are full fp32 products; in bf16, cuBLAS accumulates in fp32."""
 import torch
 
 
-def add_column_sums(dst, x):
-    # dst: (OC,) += the float32 sum over the rows of x: (N,OC)
-    dst += torch.sum(x, dim=0, dtype=torch.float32)
+def add_partial_sums(dsts, parts):
+    """dsts[i]: (C,) += the float32 sum over the rows of parts[i]; parts: (n,G,C), a kernel's
+    partial sums (one row per program) or the rows themselves. One reduction for all n."""
+    for dst, sums in zip(dsts, torch.sum(parts, dim=1, dtype=torch.float32)):
+        dst += sums
 
 
 def matmul_forward(out, inp, weight, bias):
@@ -29,4 +33,4 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
     torch.mm(dout2, weight, out=dinp.view(-1, C))              # written: one reader
     dweight.addmm_(dout2.t(), inp.view(-1, C))
     if dbias is not None:
-        add_column_sums(dbias, dout2)
+        add_partial_sums([dbias], dout2[None])
