@@ -122,9 +122,9 @@ class GPT2:
         # the backend's matmul, GELU, attention and classifier backwards write their input's
         # gradient instead of adding into it (llm.c's CUDA contract): no scratch to zero
         self.writes_grads = getattr(backend, "writes_activation_grads", False)
-        # the backend's layernorm, GELU and attention backwards also sum, into a bias gradient,
-        # the gradient they leave for the matmul backward after them: its dout, which that
-        # matmul then does not read again for its bias (a pass over 14C values a position)
+        # the backend's layernorm and GELU backwards also sum, into a bias gradient, the
+        # gradient they leave for the matmul backward after them: its dout, which that matmul
+        # then does not read again for its bias (a pass over 6C values a position a layer)
         self.sums_bias_grads = getattr(backend, "sums_bias_grads", False)
         # keep one layer's GELU output instead of L, at the cost of a GELU per layer in the
         # backward pass: 4*C of the 16*C values a layer saves per position
@@ -267,7 +267,9 @@ class GPT2:
         be.matmul_backward(d.lnf, g.wte, None, dlogits, a.lnf, p.wte)
 
         # A bias's gradient is the column sum of its matmul's dout. llm.c's matmul_backward
-        # sums it; a backend with sums_bias_grads sums it in the op that writes that dout.
+        # sums it; a backend with sums_bias_grads sums it in the layernorm or GELU backward
+        # that writes that dout (attention's backward leaves qkv's bias to its matmul: its
+        # kernel's cost of summing measured as much as the pass it saves).
         fuse = self.sums_bias_grads
 
         def by_matmul(dbias):
@@ -298,12 +300,10 @@ class GPT2:
             be.matmul_backward(dl.atty, g.attprojw[l], by_matmul(g.attprojb[l]), d.residual,
                                a.atty[l], p.attprojw[l])
             if self.fused:
-                be.attention_backward(dl.qkv, dl.atty, a.qkv[l], a.atty[l], a.att_lse[l],
-                                      **by_writer(g.qkvb[l]))
+                be.attention_backward(dl.qkv, dl.atty, a.qkv[l], a.atty[l], a.att_lse[l])
             else:
                 be.attention_backward(dl.qkv, dl.preatt, dl.att, dl.atty, a.qkv[l], a.att[l])
-            be.matmul_backward(dl.ln1, g.qkvw[l], by_matmul(g.qkvb[l]), dl.qkv, a.ln1[l],
-                               p.qkvw[l])
+            be.matmul_backward(dl.ln1, g.qkvw[l], g.qkvb[l], dl.qkv, a.ln1[l], p.qkvw[l])
             # d(residual3[l-1]) is also layer l-1's fcproj dout
             be.layernorm_backward(d.residual, g.ln1w[l], g.ln1b[l], dl.ln1, residual,
                                   p.ln1w[l], a.ln1_mean[l], a.ln1_rstd[l],

@@ -83,11 +83,10 @@ def kernels():
         yield (attention._attention_forward_kernel,
                dict(out=P, lse=F, qkv=P, T=X, NH=X, C=X, qk_scale="fp32"),
                {**head, **config.kwargs}, config.num_warps, config.num_stages)
-    for config in attention._attention_backward_kernel.configs:   # as training runs it
+    for config in attention._attention_backward_kernel.configs:
         yield (attention._attention_backward_kernel,
-               dict(dinp=P, ds_part=F, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X,
-                    qk_scale="fp32", scale="fp32"),
-               {**head, "SUMS": True, **config.kwargs}, config.num_warps, config.num_stages)
+               dict(dinp=P, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X, qk_scale="fp32",
+                    scale="fp32"), {**head, **config.kwargs}, config.num_warps, config.num_stages)
 
 
 def jit_function(kernel):

@@ -201,14 +201,9 @@ def test_flash_attention(case, shape):
     dout, dout64 = case.randn(B, T, C)
     dqkv, _ = case.randn(B, T, 3 * C)           # written over, not added to
     dqkv64 = np.zeros((B, T, 3 * C))
-    ds, ds64 = case.randn(3 * C)
-    gpu.attention_backward(dqkv, dout, qkv, out, lse, dsums=ds)
+    gpu.attention_backward(dqkv, dout, qkv, out, lse)
     ref.attention_backward(dqkv64, np.zeros_like(att), np.zeros_like(att), dout64, qkv64, att)
     case.check(dqkv, dqkv64, "attention dinp")
-    check_sums(case, ds, ds64, dqkv, "attention")
-    again = case.zeros(B, T, 3 * C)
-    gpu.attention_backward(again, dout, qkv, out, lse)     # without dsums
-    assert torch.equal(again, dqkv)
 
 
 def test_fused_classifier(case):

@@ -8,9 +8,7 @@ backward recomputes each block of probabilities from q, k and that logsumexp:
 Each backward program owns one block of keys (for dK, dV) and one block of queries (for dQ),
 so every gradient element is written by exactly one program: deterministic, no atomics. The
 gradient is written, not added (the backend's writes_activation_grads): the qkv matmul's
-backward is its only reader. Given dsums, each program also sums its rows of dq, dk and dv, as
-stored, into a float32 partial: the qkv bias gradient, added up afterwards in a fixed order (the
-backend's sums_bias_grads).
+backward is its only reader.
 
 Layouts: qkv (B,T,3C) holds q, k, v for all heads, head h at channels h*hs..(h+1)*hs of each;
 out (B,T,C); lse (B,NH,T) float32, natural log. The exponentials use exp2, so scores are kept
@@ -23,7 +21,6 @@ import triton
 import triton.language as tl
 
 from .interpreter import CACHED, configs
-from .matmul import add_partial_sums
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -165,17 +162,12 @@ def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, offs_m, lo, hi, T, C, qk_scal
     return dq
 
 
-_SMALL_FP32_BWD = triton.Config(dict(BLOCK=32, STEP=16), num_warps=4, num_stages=2)
-_NARROWEST = min(c.kwargs["BLOCK"] for c in _BWD + [_SMALL_FP32_BWD])
-
-
-@triton.autotune(configs=_BWD, **_tuning(_SMALL_FP32_BWD))
+@triton.autotune(configs=_BWD, **_tuning(triton.Config(dict(BLOCK=32, STEP=16), num_warps=4,
+                                                     num_stages=2)))
 @triton.jit
-def _attention_backward_kernel(dinp, ds_part, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
+def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
                                HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
-                               SUMS: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):
-    # ds_part (if SUMS): (B*cdiv(T,BLOCK), 3C) float32; row b*cdiv(T,BLOCK) + program_id(0)
-    # gets this program's sums over its BLOCK rows of dq, dk, dv (head h: channels h*HS..)
+                               BLOCK: tl.constexpr, STEP: tl.constexpr):
     start = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     b, h = (bh // NH).to(tl.int64), bh % NH
@@ -198,15 +190,8 @@ def _attention_backward_kernel(dinp, ds_part, dout, qkv, lse, delta, T, NH, C, q
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs,
                          start + BLOCK, T, T, C, qk_scale, HS, HS_PAD, STEP, False, PREC)
     ty = dinp.dtype.element_ty
-    dk, dv = (dk * scale).to(ty), dv.to(ty)
-    tl.store(dq_base + C + qkv_offs, dk, mask=mask)
-    tl.store(dq_base + 2 * C + qkv_offs, dv, mask=mask)
-    part = ds_part + (b * tl.cdiv(T, BLOCK) + tl.program_id(0)) * 3 * C + h * HS + offs_d
-    if SUMS:
-        tl.store(part + C, tl.sum(tl.where(mask, dk.to(tl.float32), 0.0), axis=0),
-                 mask=offs_d < HS)
-        tl.store(part + 2 * C, tl.sum(tl.where(mask, dv.to(tl.float32), 0.0), axis=0),
-                 mask=offs_d < HS)
+    tl.store(dq_base + C + qkv_offs, (dk * scale).to(ty), mask=mask)
+    tl.store(dq_base + 2 * C + qkv_offs, dv.to(ty), mask=mask)
 
     # dQ for the queries start..start+BLOCK: the key blocks below the diagonal, then the diagonal
     q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)
@@ -218,10 +203,7 @@ def _attention_backward_kernel(dinp, ds_part, dout, qkv, lse, delta, T, NH, C, q
                    qk_scale, HS, HS_PAD, STEP, False, PREC)
     dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, start, start + BLOCK,
                    T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
-    dq = (dq * scale).to(ty)
-    tl.store(dq_base + qkv_offs, dq, mask=mask)
-    if SUMS:
-        tl.store(part, tl.sum(tl.where(mask, dq.to(tl.float32), 0.0), axis=0), mask=offs_d < HS)
+    tl.store(dq_base + qkv_offs, (dq * scale).to(ty), mask=mask)
 
 
 def _shapes(inp, lse):
@@ -242,22 +224,13 @@ def attention_forward(out, lse, inp):
     _attention_forward_kernel[grid](out, lse, inp, T, NH, C, scale * math.log2(math.e), **meta)
 
 
-def attention_backward(dinp, dout, inp, out, lse, dsums=None):
+def attention_backward(dinp, dout, inp, out, lse):
     # dinp: (B,T,3C), dout: (B,T,C), inp: (B,T,3C), out: (B,T,C) the forward's output,
-    # lse: (B,NH,T) float32 the forward's logsumexp; dsums: (3C,) or None, += the column sums
-    # of dinp
+    # lse: (B,NH,T) float32 the forward's logsumexp
     B, NH, T, C, scale, meta = _shapes(inp, lse)
     delta = torch.empty((B, NH, T), dtype=torch.float32, device=inp.device)   # D, per row
     _delta_kernel[(triton.cdiv(T, 64), B * NH)](delta, out, dout, T, NH, C, HS=meta["HS"],
                                                 HS_PAD=meta["HS_PAD"], BLOCK_M=64)
-    # room for a row of partials per BLOCK rows at the narrowest BLOCK autotuning may choose;
-    # the rows the chosen BLOCK fills are summed
-    rows = B * triton.cdiv(T, _NARROWEST) if dsums is not None else 1
-    parts = torch.empty((1, rows, 3 * C), dtype=torch.float32, device=inp.device)
     grid = lambda m: (triton.cdiv(T, m["BLOCK"]), B * NH)  # noqa: E731
-    _attention_backward_kernel[grid](dinp, parts, dout, inp, lse, delta, T, NH, C,
-                                     scale * math.log2(math.e), scale, SUMS=dsums is not None,
-                                     **meta)
-    if dsums is not None:
-        BLOCK = _attention_backward_kernel.best_config.kwargs["BLOCK"]
-        add_partial_sums([dsums], parts[:, :B * triton.cdiv(T, BLOCK)])
+    _attention_backward_kernel[grid](dinp, dout, inp, lse, delta, T, NH, C,
+                                     scale * math.log2(math.e), scale, **meta)
