@@ -139,11 +139,13 @@ class GPT2:
     def num_parameters(self):
         return len(self.params)
 
-    def memory(self, B, T):
+    def memory(self, B, T, recompute_gelu=None):
         """Bytes of the model's buffers at batch shape (B,T), from their shapes alone (llm.c
         prints the same at startup): parameters, gradients, activations, and the backward
-        pass's scratch (activation gradients)."""
+        pass's scratch (activation gradients); with recompute_gelu, if given, instead of the
+        model's own."""
         item = self.params.buf.itemsize                         # 4 (float32) or 2 (bf16)
+        recompute = self.recompute_gelu if recompute_gelu is None else recompute_gelu
 
         def size(shapes):
             return sum(int(np.prod(shape)) * (4 if name in STATS else item)
@@ -151,7 +153,7 @@ class GPT2:
         whole, layer = grad_activation_shapes(self.config, B, T, self.fused)
         return {"parameters": self.params.buf.nbytes, "gradients": self.grads.buf.nbytes,
                 "activations": size(activation_shapes(self.config, B, T, self.fused,
-                                                      self.recompute_gelu)),
+                                                      recompute)),
                 "activation gradients": size(whole) + size(layer)}
 
     def _ensure_activations(self, B, T):

@@ -32,6 +32,28 @@ from .tokenizer import EOT, Tokenizer
 MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
 
 
+# Room kept beyond the buffers' own sizes (GPT2.memory, AdamW.state_bytes) before a run keeps
+# every GELU output: cuBLAS's workspace, the allocator's rounding, the kernels' temporaries
+# (0.2 GiB over 27.9 measured at GPT-2 124M, B=64, T=1024 on an H200: bench/RESULTS.md).
+MEMORY_MARGIN = 1.1, 2 ** 30            # (times the plan, plus bytes)
+
+
+def default_recompute_gelu(model, opt, backend, B, T):
+    """--recompute-gelu's default. On a GPU: recompute GELU in the backward pass (llm.c's -r 1)
+    only when keeping every layer's output would not fit in the GPU's free memory, as keeping
+    them saves a GELU a layer (1-2 ms a step at GPT-2 124M, B=64 on an H200). On the gpu backend
+    in Triton's interpreter, which has no GPU memory to fill: recompute, as llm.c does by
+    default. On the CPU: keep them (memory is rarely the limit there)."""
+    if backend.name != "gpu":
+        return False
+    free = getattr(backend, "free_memory", lambda: None)()
+    if free is None:
+        return True
+    scale, extra = MEMORY_MARGIN
+    need = sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes()
+    return need * scale + extra > free
+
+
 def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
     """A model from an llm.c .bin path, a Hugging Face model directory (as `llmpy convert`
     writes one), a run directory (its newest checkpoint), OpenAI's GPT-2 by its hub name
@@ -242,10 +264,8 @@ def train(cfg, explicit=None):
         raise LlmpyError("--train-data is required when --model is given")
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
-    if cfg.recompute_gelu is None:        # config.json then records what ran
-        cfg.recompute_gelu = backend.name == "gpu"
     model = build_model(cfg.model or "tiny", backend, seed=cfg.seed,
-                        recompute_gelu=cfg.recompute_gelu)
+                        recompute_gelu=bool(cfg.recompute_gelu))
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len
     check_seq_len(T, mc)
@@ -256,6 +276,11 @@ def train(cfg, explicit=None):
                              f"<|endoftext|> ({EOT}) and decode with GPT-2's tokenizer, but the "
                              f"model's vocabulary has {mc.vocab_size} tokens: pass "
                              "--sample-every 0")
+    opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
+                decayed=DECAYED, shard=dist.shard(model.num_parameters()))
+    if cfg.recompute_gelu is None:        # config.json then records what ran
+        cfg.recompute_gelu = default_recompute_gelu(model, opt, backend, B, T)
+        model.recompute_gelu = cfg.recompute_gelu   # before the first forward sizes the buffers
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
           f"parameters | backend {backend.name}"
@@ -271,8 +296,6 @@ def train(cfg, explicit=None):
     hella = (read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_every and main
              else None)
     tokenizer = Tokenizer() if cfg.sample_every and main else None
-    opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
-                decayed=DECAYED, shard=dist.shard(model.num_parameters()))
     mem = {**model.memory(B, T), "AdamW state": opt.state_bytes()}
     print("memory: " + ", ".join(f"{k} {v / 2 ** 20:,.1f}" for k, v in mem.items())
           + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")

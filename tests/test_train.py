@@ -5,6 +5,7 @@ the outlier guard (a NaN gradient, a z-score outlier); --overfit-single-batch; t
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from llmpy import cli
 from llmpy.config import GPT2Config, TrainConfig
 from llmpy.errors import LlmpyError
 from llmpy.model import GPT2, flops_per_token
-from llmpy.optim import OutlierDetector, get_lr
-from llmpy.train import train
+from llmpy.optim import AdamW, OutlierDetector, get_lr
+from llmpy.train import MEMORY_MARGIN, default_recompute_gelu, train
 from test_gpt2 import (key_bias, key_bias_bound, random_weights, rel_err, write_llmc_model,
                        write_llmc_tokens)
 from test_resume import records
@@ -294,3 +295,24 @@ def test_mfu_per_step_where_the_backend_knows_its_peak(files, monkeypatch, capsy
     for rec, line in zip(log, lines, strict=True):
         assert rec["mfu"] == pytest.approx(flops_per_token(CFG, 8) * rec["tokens_per_s"] / 1e9)
         assert line.endswith(f" | {rec['mfu']:.1%} MFU")
+
+
+def test_gelu_recomputed_by_default_only_where_keeping_it_would_not_fit():
+    """--recompute-gelu's default: on a GPU, keep every GELU output where the buffers' own sizes
+    with them, plus the margin, fit in the free memory; else recompute. In Triton's interpreter
+    (no free-memory figure) recompute, as llm.c; on the CPU keep them."""
+    from llmpy.backends import numpy as backend
+    model = GPT2(GPT2Config(max_seq_len=16, vocab_size=64, num_layers=2, num_heads=2,
+                            channels=16), backend)
+    opt, B, T = AdamW(model), 4, 16
+    keep = sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes()
+    assert keep > sum(model.memory(B, T, recompute_gelu=True).values()) + opt.state_bytes()
+    needed = keep * MEMORY_MARGIN[0] + MEMORY_MARGIN[1]
+
+    def gpu(free):
+        return types.SimpleNamespace(name="gpu", free_memory=lambda: free)
+    assert default_recompute_gelu(model, opt, gpu(int(needed) + 1), B, T) is False
+    assert default_recompute_gelu(model, opt, gpu(int(needed) - 1), B, T) is True
+    assert default_recompute_gelu(model, opt, gpu(None), B, T) is True
+    assert default_recompute_gelu(model, opt, backend, B, T) is False
+    assert model.recompute_gelu is False                # the plan is not the model's setting

@@ -90,6 +90,11 @@ def peak_flops():
 
 # ----------------------------------------------------------------------------- memory
 
+def free_memory():
+    """Bytes free on the GPU now, or None in the interpreter (CPU tensors: no GPU to fill)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def zeros(n, dtype=None):
     """(n,) zeros in the compute dtype, or float32 when asked for np.float32."""
     return torch.zeros(n, dtype=torch.float32 if dtype == np.float32 else compute_dtype,

@@ -7,9 +7,10 @@ weight decay on the 2-D tensors, and the loss read back to the host every step.
 - baseline: nanoGPT's recipe: torchref's model with F.scaled_dot_product_attention, bf16
   autocast, torch.compile, fused torch.optim.AdamW; its vocabulary padded to Vp as nanoGPT pads
   it, so both sides multiply the same classifier shapes.
-Ours runs as train.py runs it on a GPU (one layer's GELU output kept, the others recomputed in
-the backward pass, llm.c's -r 1) and, where the baseline ran, again with every layer's GELU
-output kept (--no-recompute-gelu: 4C more values a position per layer, one GELU fewer).
+Ours runs with GELU recomputed in the backward pass (one layer's output kept, llm.c's -r 1)
+and, where the baseline ran, again with every layer's GELU output kept (--no-recompute-gelu: 4C
+more values a position per layer, one GELU fewer); the report says which of the two train.py
+runs by default at this B on this GPU (the second where it fits: default_recompute_gelu).
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included); for each side, one more step
@@ -47,6 +48,7 @@ from ...errors import LlmpyError, first_line
 from ...model import GPT2, flops_per_token, init_weights, load_params
 from ...optim import DECAYED, AdamW, AdamWConfig, clip_scale, global_norm
 from ...resume import git_commit
+from ...train import default_recompute_gelu
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
 
@@ -80,7 +82,7 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     pass against how long the GPU takes to run it (a CUDA graph would save only the first,
     and only where it is not hidden behind the second), and one more step op by op (OpTimer,
     synchronising around every op: where the time goes)."""
-    model = GPT2(cfg, gpu, recompute_gelu)        # True: train.py's default on a GPU
+    model = GPT2(cfg, gpu, recompute_gelu)
     load_params(model, flat)
     opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
 
@@ -91,6 +93,8 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
         opt.update(grad_scale=clip_scale(global_norm(model.grads.buf, gpu), GRAD_CLIP))
         return loss
 
+    B, T = data[0][0].shape
+    keeps_gelu = not default_recompute_gelu(model, opt, gpu, B, T)   # as train decides
     seconds, losses = timed(step, data, warmup)
     kernels = kernel_times(step, data[-1])
     model.forward(*data[-1])
@@ -108,10 +112,9 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     step(*data[-1])
     sync()
     ops = model.backend.table(time.perf_counter() - t0)
-    B, T = data[0][0].shape
     planned = sum(model.memory(B, T).values()) + opt.state_bytes()    # the buffers' own sizes
     return seconds, losses, {"ops": ops, "planned_memory_gib": planned / 2 ** 30,
-                             "kernels": kernels, **host}
+                             "kernels": kernels, "train_keeps_gelu": keeps_gelu, **host}
 
 
 def baseline(cfg, flat, data, warmup):
@@ -319,6 +322,11 @@ def summary(r):
     if "speedup_stored_gelu" in t:
         lines.append(f"speedup with every GELU output kept (--no-recompute-gelu): "
                      f"{t['speedup_stored_gelu']:.3f}x")
+        keeps = t["ours"].get("train_keeps_gelu")
+        if keeps is not None:
+            lines.append("llmpy train's default at this B on this GPU: " + (
+                f"every GELU output kept (they fit): {t['speedup_stored_gelu']:.3f}x" if keeps
+                else f"GELU recomputed: {t['speedup']:.3f}x"))
     tflops = {k: (f"{a[k]['tflops']:.0f}" if "tflops" in a[k] else "failed")
               for k in ("ours_fwd", "sdpa_fwd", "ours_fwd_bwd", "sdpa_fwd_bwd")}
     lines.append(f"attention B={a['B']} T={a['T']} NH={a['NH']} hs={a['hs']}, causal TFLOP/s: "
