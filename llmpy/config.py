@@ -113,8 +113,9 @@ class TrainConfig:
     recompute_gelu: bool = _f(None, "keep one layer's GELU output instead of every layer's, and "
                               "recompute it in the backward pass (llm.c's -r 1): 4C fewer of "
                               "the 16C values a layer keeps per position, for one more GELU "
-                              "per layer (default: with --backend gpu, on only when keeping "
-                              "them would not fit in the GPU's free memory; off on the CPU)")
+                              "per layer (default: with --backend gpu, on where keeping them "
+                              "would not fit in the GPU's memory, and in Triton's interpreter; "
+                              "off on the CPU)")
     log_jsonl: str = _f("", "write one JSON object per step to this file")
     save: str = _f("", "write the final model to this llm.c .bin")
     run_dir: str = _f("", "run directory: log.jsonl, config.json and checkpoints")

@@ -40,18 +40,19 @@ MEMORY_MARGIN = 1.1, 2 ** 30            # (times the plan, plus bytes)
 
 def default_recompute_gelu(model, opt, backend, B, T):
     """--recompute-gelu's default. On a GPU: recompute GELU in the backward pass (llm.c's -r 1)
-    only when keeping every layer's output would not fit in the GPU's free memory, as keeping
-    them saves a GELU a layer (1-2 ms a step at GPT-2 124M, B=64 on an H200). On the gpu backend
-    in Triton's interpreter, which has no GPU memory to fill: recompute, as llm.c does by
-    default. On the CPU: keep them (memory is rarely the limit there)."""
+    only when the memory plan with every layer's output kept would not fit in what the GPU has
+    for this process, as keeping them saves a GELU a layer (1-2 ms a step at GPT-2 124M, B=64 on
+    an H200). On the gpu backend in Triton's interpreter, which has no GPU memory to fill:
+    recompute, as llm.c does by default. On the CPU: keep them (memory is rarely the limit).
+    Each rank of a distributed run decides for its own GPU; both ways give the same numbers."""
     if backend.name != "gpu":
         return False
-    free = getattr(backend, "free_memory", lambda: None)()
-    if free is None:
+    available = getattr(backend, "available_memory", lambda: None)()
+    if available is None:
         return True
     scale, extra = MEMORY_MARGIN
     need = sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes()
-    return need * scale + extra > free
+    return need * scale + extra > available
 
 
 def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):

@@ -69,8 +69,11 @@ def test_bench_gpu_ours_and_summary():
     report = bench.summary(r)
     assert "ours_stored_gelu" in report
     assert "every GELU output kept (--no-recompute-gelu): 1.100x" in report
-    # the interpreter has no GPU memory to fill: train.py recomputes there, as llm.c by default
-    assert "train's default at this B on this GPU: GELU recomputed: 1.000x" in report
+    # the interpreter has no GPU memory to fill: train.py recomputes there, as llm.c by default;
+    # on a GPU this small model fits with every GELU output kept
+    assert ("train's default at this B on this GPU: every GELU output kept (they fit): 1.100x"
+            if bench.gpu.device.type == "cuda" else
+            "train's default at this B on this GPU: GELU recomputed: 1.000x") in report
     assert "tuned: _k (64,): BLOCK: 64" in report
     assert "attention_backward" in report and "(outside the ops)" in report
     assert "queued by the host" in report

@@ -335,7 +335,7 @@ def test_model_matches_numpy(model_dtype, monkeypatch):
 @needs_cuda
 def test_bf16_training_tracks_fp32(monkeypatch):
     """20 AdamW steps of the tiny preset on Shakespeare: bf16 on the GPU (fp32 master weights,
-    GELU recomputed, clipping fused into AdamW: train.py's GPU defaults) against the float32
+    GELU recomputed, clipping fused into AdamW, as train.py can run) against the float32
     NumPy model. Each step's loss within 2% of float32's, and both learn."""
     cfg = preset("tiny", max_seq_len=64)
     np_model, gpu_model = numpy_and_gpu_models(cfg, torch.bfloat16, monkeypatch,

@@ -299,8 +299,8 @@ def test_mfu_per_step_where_the_backend_knows_its_peak(files, monkeypatch, capsy
 
 def test_gelu_recomputed_by_default_only_where_keeping_it_would_not_fit():
     """--recompute-gelu's default: on a GPU, keep every GELU output where the buffers' own sizes
-    with them, plus the margin, fit in the free memory; else recompute. In Triton's interpreter
-    (no free-memory figure) recompute, as llm.c; on the CPU keep them."""
+    with them, plus the margin, fit in the memory the GPU has for the process; else recompute.
+    In Triton's interpreter (no such figure) recompute, as llm.c; on the CPU keep them."""
     from llmpy.backends import numpy as backend
     model = GPT2(GPT2Config(max_seq_len=16, vocab_size=64, num_layers=2, num_heads=2,
                             channels=16), backend)
@@ -310,7 +310,7 @@ def test_gelu_recomputed_by_default_only_where_keeping_it_would_not_fit():
     needed = keep * MEMORY_MARGIN[0] + MEMORY_MARGIN[1]
 
     def gpu(free):
-        return types.SimpleNamespace(name="gpu", free_memory=lambda: free)
+        return types.SimpleNamespace(name="gpu", available_memory=lambda: free)
     assert default_recompute_gelu(model, opt, gpu(int(needed) + 1), B, T) is False
     assert default_recompute_gelu(model, opt, gpu(int(needed) - 1), B, T) is True
     assert default_recompute_gelu(model, opt, gpu(None), B, T) is True

@@ -90,9 +90,13 @@ def peak_flops():
 
 # ----------------------------------------------------------------------------- memory
 
-def free_memory():
-    """Bytes free on the GPU now, or None in the interpreter (CPU tensors: no GPU to fill)."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+def available_memory():
+    """Bytes that this process's buffers can take in all: the GPU's free memory plus what torch's
+    allocator already holds here (the buffers made so far among them); None in the interpreter
+    (CPU tensors: no GPU to fill)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
 
 
 def zeros(n, dtype=None):
