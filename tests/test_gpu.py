@@ -267,6 +267,16 @@ def test_dense_peak_by_device_name(name, peak):
     assert gpu.dense_peak(name) == peak
 
 
+def test_available_memory():
+    """What train's GELU default compares its plan with: on a GPU the free memory plus this
+    process's own (its buffers so far are part of the plan); none in the interpreter."""
+    if not CUDA:
+        assert gpu.available_memory() is None
+        return
+    held = torch.zeros(1 << 20, device=gpu.device)             # 4 MiB of this process's own
+    assert gpu.available_memory() >= torch.cuda.mem_get_info()[0] + held.nbytes
+
+
 def test_sum_squares(case):
     # float32 accumulation: 100003 ones would stop at 256 in bf16 (2048 in fp16)
     assert gpu.sum_squares(case.zeros(100003) + 1) == 100003
