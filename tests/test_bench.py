@@ -53,10 +53,14 @@ def test_bench_gpu_ours_and_summary():
     assert ops["residual_layernorm_forward"][0] == 2 * cfg.num_layers
     # the GPU's time per kernel; none in the interpreter
     assert (extra["kernels"] is None) == (bench.gpu.device.type != "cuda")
+    # three kernels, one overlapping another, and two gaps: 2 us after a, 5 us after b
+    gaps = bench.idle_gaps([(12, 20, "b"), (0, 10, "a"), (15, 18, "c"), (25, 30, "d")])
+    assert gaps == {"span_ms": 0.03, "idle_ms": 0.007,
+                    "largest": [[0.005, "b", "d"], [0.002, "a", "b"]]}
     side = {"ms_per_step": 1e3 * seconds, "tokens_per_s": B * T / seconds, "mfu": 0.0,
             "peak_memory_gib": 0.0, "first_loss": losses[0], "last_loss": losses[-1],
             "kernels": {"nvjet_tst_128x256": [3, 5.0], "_layernorm_forward_kernel": [2, 1.5],
-                        "Memset (Device)": [1, 0.25]}}
+                        "Memset (Device)": [1, 0.25]}, "gaps": gaps}
     timing = {"ms": 1.0, "tflops": 1.0}
     r = {
         "device": "cpu", "date": "today", "commit": "abc", "torch": "t", "triton": "t",
@@ -79,6 +83,8 @@ def test_bench_gpu_ours_and_summary():
     assert "queued by the host" in report
     assert "6.75 ms in kernels, 5.00 ms of them in matmuls" in report
     assert re.search(r"1.50 ms +2x _layernorm_forward_kernel\n +0.25 ms +1x Memset", report)
+    assert "idle between its kernels: 0.01 ms of the 0.03 ms" in report
+    assert re.search(r"0.005 ms after b \| before d\n +0.002 ms after a \| before b", report)
     assert extra["planned_memory_gib"] > 0 and "the buffers' own sizes" in report
     # a side that failed on the GPU is reported, and the rest of the report still printed
     assert bench.survive(lambda: 1 / 0) == {"error": "ZeroDivisionError: division by zero",

@@ -14,7 +14,8 @@ runs by default at this B on this GPU (the second where it fits: default_recompu
 Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memory; for ours
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included); for each side, one more step
-under torch.profiler: the GPU's own time in each kernel. MFU counts 6 FLOPs per weight that
+under torch.profiler: the GPU's own time in each kernel, and where the GPU sat idle between
+kernels. MFU counts 6 FLOPs per weight that
 multiplies per token (the classifier's and the layers' matrices; biases, layernorms and the
 embedding lookups left out) plus 12*L*C*T for attention, as PaLM and
 nanoGPT count attention (model.flops_per_token), against the GPU's dense bf16 peak
@@ -96,7 +97,7 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     B, T = data[0][0].shape
     keeps_gelu = not default_recompute_gelu(model, opt, gpu, B, T)   # as train decides
     seconds, losses = timed(step, data, warmup)
-    kernels = kernel_times(step, data[-1])
+    kernels, gaps = kernel_times(step, data[-1])
     model.forward(*data[-1])
     model.zero_grad()
     sync()
@@ -114,7 +115,8 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     ops = model.backend.table(time.perf_counter() - t0)
     planned = sum(model.memory(B, T).values()) + opt.state_bytes()    # the buffers' own sizes
     return seconds, losses, {"ops": ops, "planned_memory_gib": planned / 2 ** 30,
-                             "kernels": kernels, "train_keeps_gelu": keeps_gelu, **host}
+                             "kernels": kernels, "gaps": gaps, "train_keeps_gelu": keeps_gelu,
+                             **host}
 
 
 def baseline(cfg, flat, data, warmup):
@@ -152,25 +154,45 @@ def baseline(cfg, flat, data, warmup):
         return loss.item()
 
     seconds, losses = timed(step, data, warmup)
-    return seconds, losses, {"kernels": kernel_times(step, data[-1])}
+    kernels, gaps = kernel_times(step, data[-1])
+    return seconds, losses, {"kernels": kernels, "gaps": gaps}
 
 
 def kernel_times(step, xy):
     """One more step under torch.profiler: {kernel: [launches, GPU ms]}, the GPU's own time in
     each kernel (cuBLAS's, Triton's, torch.compile's, memcpy and memset), with none of the op
-    table's synchronisations; None in the interpreter."""
+    table's synchronisations, and idle_gaps of the same kernels; None, None in the
+    interpreter."""
     if gpu.device.type != "cuda":
-        return None
+        return None, None
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(*xy)
         sync()
-    times = {}
+    times, spans = {}, []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             calls, ms = times.get(e.name, (0, 0.0))
             times[e.name] = [calls + 1, ms + e.time_range.elapsed_us() / 1e3]
-    return times
+            spans.append((e.time_range.start, e.time_range.end, e.name))
+    return times, idle_gaps(spans)
+
+
+def idle_gaps(spans, top=5):
+    """Where the GPU ran no kernel, between the first kernel's start and the last one's end, from
+    each kernel's (start us, end us, name): {"span_ms", "idle_ms", "largest": [[ms, the kernel
+    before, the kernel after], ...]}. A step's wall time beyond its kernels' sum is here (or
+    before its first kernel or after its last)."""
+    spans = sorted(spans)
+    idle, gaps, end, before = 0.0, [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            idle += start - end
+            gaps.append([(start - end) / 1e3, before, name])
+        if stop > end:
+            end, before = stop, name
+    return {"span_ms": (end - spans[0][0]) / 1e3, "idle_ms": idle / 1e3,
+            "largest": sorted(gaps, reverse=True)[:top]}
 
 
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "cublas")
@@ -342,6 +364,12 @@ def summary(r):
     for side in ("ours", "baseline"):
         if t.get(side, {}).get("kernels"):
             lines += kernel_table(t[side]["kernels"], side)
+        if t.get(side, {}).get("gaps"):
+            g = t[side]["gaps"]
+            lines.append(f"  idle between its kernels: {g['idle_ms']:.2f} ms of the "
+                         f"{g['span_ms']:.2f} ms from the first to the last; the longest:")
+            lines += [f"  {ms:8.3f} ms after {before[:50]} | before {after[:50]}"
+                      for ms, before, after in g["largest"]]
     lines += [f"tuned: {kernel}: {config}" for kernel, config in r.get("tuned", {}).items()]
     return "\n".join(lines)
 
