@@ -15,12 +15,11 @@ Reported per side: ms/step (mean over the timed steps), tokens/s, MFU, peak memo
 also the host's time to queue a backward pass against the GPU's time to run it, and one more
 step op by op (each op synchronised: launch overhead included); for each side, one more step
 under torch.profiler: the GPU's own time in each kernel, and where the GPU sat idle between
-kernels. MFU counts 6 FLOPs per weight that
-multiplies per token (the classifier's and the layers' matrices; biases, layernorms and the
-embedding lookups left out) plus 12*L*C*T for attention, as PaLM and
-nanoGPT count attention (model.flops_per_token), against the GPU's dense bf16 peak
-(gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size at which
-both sides fit. Also: the flash-attention kernels against F.scaled_dot_product_attention at
+kernels. MFU counts 6 FLOPs per weight that multiplies per token (the classifier's and the
+layers' matrices; biases, layernorms and the embedding lookups left out) plus 12*L*C*T for
+attention, as PaLM and nanoGPT count attention (model.flops_per_token), against the GPU's dense
+bf16 peak (gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size
+at which both sides fit. Also: the flash-attention kernels against F.scaled_dot_product_attention at
 GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal kernel must do: half of the full
 T*T), and the config autotuning chose for each tuned kernel.
 """

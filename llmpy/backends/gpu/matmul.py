@@ -1,10 +1,10 @@
 """Matmul + bias through cuBLAS (torch.addmm): the bias add rides in the GEMM's epilogue and the
 weight gradient's `+=` in its beta=1 accumulate, so neither costs a pass of its own. dinp is
 written, not added to (the backend's writes_activation_grads). The bias gradient is a column sum
-of dout, accumulated in float32; in the model, the op that writes dout sums it instead
-(the backend's sums_bias_grads), and matmul_backward gets dbias=None. In fp32, torch leaves TF32
-off by default, so
-these are full fp32 products; in bf16, cuBLAS accumulates in fp32."""
+of dout, accumulated in float32; for attproj, fc and fcproj the model has the layernorm or GELU
+backward that writes dout sum it instead (the backend's sums_bias_grads), and gives
+matmul_backward dbias=None. In fp32, torch leaves TF32 off by default, so these are full fp32
+products; in bf16, cuBLAS accumulates in fp32."""
 import torch
 
 
