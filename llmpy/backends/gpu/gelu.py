@@ -77,7 +77,8 @@ def gelu_backward(dinp, inp, dout, dsums=None):
     # dinp, inp, dout: matching shapes (...,C); dsums: (C,) or None, += the sums of dinp over
     # all but its last dimension
     C = inp.shape[-1]
-    N, G = inp.numel() // C, triton.cdiv(inp.numel() // C, SPAN)
+    N = inp.numel() // C                                        # rows
+    G = triton.cdiv(N, SPAN)                                    # programs over the rows
     parts = torch.empty((1, G, C) if dsums is not None else (1, 1, 1), dtype=torch.float32,
                         device=inp.device)
     _gelu_backward_kernel[lambda m: (G, triton.cdiv(C, m["BLOCK_C"]))](
