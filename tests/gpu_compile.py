@@ -85,8 +85,8 @@ def kernels():
                {**head, **config.kwargs}, config.num_warps, config.num_stages)
     for config in attention._attention_backward_kernel.configs:
         yield (attention._attention_backward_kernel,
-               dict(dinp=P, dq_part=F, counts="*i32", dout=P, qkv=P, lse=F, delta=F, T=X, NH=X,
-                    C=X, qk_scale="fp32", scale="fp32"), {**head, **config.kwargs}, config.num_warps, config.num_stages)
+               dict(dinp=P, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X, qk_scale="fp32",
+                    scale="fp32"), {**head, **config.kwargs}, config.num_warps, config.num_stages)
 
 
 def jit_function(kernel):

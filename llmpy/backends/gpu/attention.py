@@ -5,12 +5,10 @@ softmax (running max m and running sum l per query row) and saves one logsumexp 
 backward recomputes each block of probabilities from q, k and that logsumexp:
     P = exp(q k^T * scale - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),
     dQ = dS K * scale,  dK = dS^T Q * scale,  with D = rowsum(dO * O).
-Each backward program owns one block of keys: it sums their dK and dV over the queries, five
-matmuls per block of queries, and adds its share of those queries' dQ to a float32 partial sum
-that the key blocks take turns at, in a fixed order (a count per block of queries), so the sum
-and the gradient are the same on every run (atomic adds would sum in any order). The gradient
-is written, not added (the backend's writes_activation_grads): the qkv matmul's backward is its
-only reader.
+Each backward program owns one block of keys (for dK, dV) and one block of queries (for dQ),
+so every gradient element is written by exactly one program: deterministic, no atomics. The
+gradient is written, not added (the backend's writes_activation_grads): the qkv matmul's
+backward is its only reader.
 
 Layouts: qkv (B,T,3C) holds q, k, v for all heads, head h at channels h*hs..(h+1)*hs of each;
 out (B,T,C); lse (B,NH,T) float32, natural log. The exponentials use exp2, so scores are kept
@@ -44,10 +42,9 @@ _FWD = configs([(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_
                (dict(BLOCK_M=128, BLOCK_N=64), 4, 4), (dict(BLOCK_M=128, BLOCK_N=128), 8, 3),
                (dict(BLOCK_M=64, BLOCK_N=64), 4, 4), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
                dict(BLOCK_M=16, BLOCK_N=16))
-# The backward's BLOCK (keys) is a multiple of its STEP (queries).
-_BWD = configs([(dict(BLOCK=128, STEP=64), 8, 2), (dict(BLOCK=128, STEP=64), 8, 3),
+_BWD = configs([(dict(BLOCK=128, STEP=32), 4, 3), (dict(BLOCK=128, STEP=32), 4, 5),
                (dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
-               (dict(BLOCK=64, STEP=32), 4, 4), (dict(BLOCK=64, STEP=64), 4, 2)],
+               (dict(BLOCK=128, STEP=64), 8, 2), (dict(BLOCK=64, STEP=64), 4, 2)],
                dict(BLOCK=16, STEP=16))
 
 
@@ -120,20 +117,11 @@ def _delta_kernel(delta, out, dout, T, NH, C, HS: tl.constexpr, HS_PAD: tl.const
     tl.store(delta + bh * T + offs_m, d, mask=offs_m < T)
 
 
-@triton.jit(noinline=True)
-def _signal(count):
-    # every thread's stores before the count (one thread's atomic) goes up; a call, as Triton
-    # does not pipeline the loads of a loop that has a barrier in it
-    tl.debug_barrier()
-    tl.atomic_add(count, 1, sem="release")
-
-
 @triton.jit
-def _backward_inner(dk, dv, k, v, q_base, do_base, dq_base, dq_part, counts, lse_base,
-                    delta_base, offs_n, j, lo, hi, T, C, qk_scale, scale, HS: tl.constexpr,
-                    HS_PAD: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr,
-                    CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr):
-    # key block j against the queries lo..hi, STEP at a time; works transposed: (keys, queries)
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, hi, T, C,
+                qk_scale, HS: tl.constexpr, HS_PAD: tl.constexpr, STEP: tl.constexpr,
+                CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr):
+    # one block of keys against the query blocks lo..hi; works transposed: (keys, queries)
     offs_d = tl.arange(0, HS_PAD)
     for start_m in range(lo, hi, STEP):
         offs_m = start_m + tl.arange(0, STEP)
@@ -148,41 +136,39 @@ def _backward_inner(dk, dv, k, v, q_base, do_base, dq_base, dq_part, counts, lse
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = (pT * (dpT - Di[None, :])).to(q.dtype)
-        dk = tl.dot(dsT, q, dk, input_precision=PREC)
-        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)    # (STEP,HS_PAD): key block j's share
-        # The shares of these queries' dQ are added in a fixed order, key block `last` (the
-        # diagonal one) first and block 0 last: deterministic. counts[start_m] says how many
-        # are in the float32 sum dq_part so far; block 0 writes the total, and resets the count
-        # for the next launch (autotuning reruns this kernel on the same buffers).
-        last = start_m // BLOCK
-        count = counts + start_m
-        part = dq_part + offs_m[:, None] * HS_PAD + offs_d[None, :]
-        if j < last:
-            while tl.atomic_add(count, 0, sem="acquire") < last - j:
-                pass
-            dq += tl.load(part, mask=m_mask, other=0.0, cache_modifier=".cg")
-        if j > 0:
-            tl.store(part, dq, mask=m_mask)
-            _signal(count)
-        else:
-            tl.store(dq_base + offs_m[:, None] * 3 * C + offs_d[None, :],
-                     (dq * scale).to(dq_base.dtype.element_ty), mask=m_mask)
-            if last > 0:
-                tl.atomic_xchg(count, 0)
+        dsT = pT * (dpT - Di[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, offs_m, lo, hi, T, C, qk_scale,
+              HS: tl.constexpr, HS_PAD: tl.constexpr, STEP: tl.constexpr,
+              CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr):
+    # one block of queries against the key blocks lo..hi
+    offs_d = tl.arange(0, HS_PAD)
+    for start_n in range(lo, hi, STEP):
+        offs_n = start_n + tl.arange(0, STEP)
+        kv = offs_n[:, None] * 3 * C + offs_d[None, :]
+        kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < HS)
+        k = tl.load(k_base + kv, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv, mask=kv_mask, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse2[:, None])
+        if CAUSAL_MASK:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - Di[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
 
 
 @triton.autotune(configs=_BWD, **_tuning(triton.Config(dict(BLOCK=32, STEP=16), num_warps=4,
                                                      num_stages=2)))
 @triton.jit
-def _attention_backward_kernel(dinp, dq_part, counts, dout, qkv, lse, delta, T, NH, C, qk_scale,
-                               scale, HS: tl.constexpr, HS_PAD: tl.constexpr,
-                               PREC: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):
-    # Key blocks in reverse order of program id: a program waits only for later key blocks of
-    # its head, which were launched before it and so are running or done.
-    j = tl.num_programs(0) - 1 - tl.program_id(0)
-    start = j * BLOCK
+def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
+                               HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
+                               BLOCK: tl.constexpr, STEP: tl.constexpr):
+    start = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     b, h = (bh // NH).to(tl.int64), bh % NH
     q_base = qkv + b * T * 3 * C + h * HS                       # k at +C, v at +2C
@@ -193,20 +179,31 @@ def _attention_backward_kernel(dinp, dq_part, counts, dout, qkv, lse, delta, T, 
     offs_d = tl.arange(0, HS_PAD)
     mask = (offs[:, None] < T) & (offs_d[None, :] < HS)
     qkv_offs = offs[:, None] * 3 * C + offs_d[None, :]
+
+    # dK, dV for the keys start..start+BLOCK: the diagonal query blocks (masked), then the rest
     k = tl.load(q_base + C + qkv_offs, mask=mask, other=0.0)
     v = tl.load(q_base + 2 * C + qkv_offs, mask=mask, other=0.0)
     dk = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
-    # the diagonal query blocks (masked), then the rest
-    args = (q_base, do_base, dq_base, dq_part + bh.to(tl.int64) * T * HS_PAD, counts + bh * T,
-            lse_base, delta_base, offs, j)
-    dk, dv = _backward_inner(dk, dv, k, v, *args, start, start + BLOCK, T, C, qk_scale, scale,
-                             HS, HS_PAD, BLOCK, STEP, True, PREC)
-    dk, dv = _backward_inner(dk, dv, k, v, *args, start + BLOCK, T, T, C, qk_scale, scale, HS,
-                             HS_PAD, BLOCK, STEP, False, PREC)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs, start,
+                         start + BLOCK, T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs,
+                         start + BLOCK, T, T, C, qk_scale, HS, HS_PAD, STEP, False, PREC)
     ty = dinp.dtype.element_ty
     tl.store(dq_base + C + qkv_offs, (dk * scale).to(ty), mask=mask)
     tl.store(dq_base + 2 * C + qkv_offs, dv.to(ty), mask=mask)
+
+    # dQ for the queries start..start+BLOCK: the key blocks below the diagonal, then the diagonal
+    q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)
+    do = tl.load(do_base + offs[:, None] * C + offs_d[None, :], mask=mask, other=0.0)
+    lse2 = tl.load(lse_base + offs, mask=offs < T, other=float("inf")) * LOG2E
+    Di = tl.load(delta_base + offs, mask=offs < T, other=0.0)
+    dq = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, 0, start, T, C,
+                   qk_scale, HS, HS_PAD, STEP, False, PREC)
+    dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, start, start + BLOCK,
+                   T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
+    tl.store(dq_base + qkv_offs, (dq * scale).to(ty), mask=mask)
 
 
 def _shapes(inp, lse):
@@ -234,10 +231,6 @@ def attention_backward(dinp, dout, inp, out, lse):
     delta = torch.empty((B, NH, T), dtype=torch.float32, device=inp.device)   # D, per row
     _delta_kernel[(triton.cdiv(T, 64), B * NH)](delta, out, dout, T, NH, C, HS=meta["HS"],
                                                 HS_PAD=meta["HS_PAD"], BLOCK_M=64)
-    # dQ's float32 partial sums, and how many key blocks each row's sum has so far (zeros: the
-    # kernel leaves them zero again)
-    dq_part = torch.empty((B * NH, T, meta["HS_PAD"]), dtype=torch.float32, device=inp.device)
-    counts = torch.zeros((B * NH, T), dtype=torch.int32, device=inp.device)
     grid = lambda m: (triton.cdiv(T, m["BLOCK"]), B * NH)  # noqa: E731
-    _attention_backward_kernel[grid](dinp, dq_part, counts, dout, inp, lse, delta, T, NH, C,
+    _attention_backward_kernel[grid](dinp, dout, inp, lse, delta, T, NH, C,
                                      scale * math.log2(math.e), scale, **meta)
