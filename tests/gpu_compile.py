@@ -77,16 +77,16 @@ def kernels():
     yield (adamw._adamw_kernel, dict(weights=P, grads=P, m=F, v=F, master=F, N=X, **scalars),
            dict(HAS_MASTER=True, BLOCK=ELEMENTS), 4, 3)
     yield (adamw._sum_squares_kernel, dict(partials=F, x=P, N=X), dict(BLOCK=ELEMENTS), 4, 3)
-    yield (attention._delta_kernel, dict(delta=F, out=P, dout=P, T=X, NH=X, C=X),
-           dict(HS=HS, HS_PAD=HS, BLOCK_M=64), 4, 3)
     for config in attention._attention_forward_kernel.configs:
         yield (attention._attention_forward_kernel,
                dict(out=P, lse=F, qkv=P, T=X, NH=X, C=X, qk_scale="fp32"),
                {**head, **config.kwargs}, config.num_warps, config.num_stages)
-    for config in attention._attention_backward_kernel.configs:
-        yield (attention._attention_backward_kernel,
-               dict(dinp=P, dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X, qk_scale="fp32",
-                    scale="fp32"), {**head, **config.kwargs}, config.num_warps, config.num_stages)
+    backward = dict(dout=P, qkv=P, lse=F, delta=F, T=X, NH=X, C=X, qk_scale="fp32",
+                    scale="fp32")
+    for kernel, types in ((attention._attention_dq_kernel, dict(dinp=P, out=P, **backward)),
+                          (attention._attention_dkdv_kernel, dict(dinp=P, **backward))):
+        for config in kernel.configs:
+            yield kernel, types, {**head, **config.kwargs}, config.num_warps, config.num_stages
 
 
 def jit_function(kernel):

@@ -5,10 +5,12 @@ softmax (running max m and running sum l per query row) and saves one logsumexp 
 backward recomputes each block of probabilities from q, k and that logsumexp:
     P = exp(q k^T * scale - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),
     dQ = dS K * scale,  dK = dS^T Q * scale,  with D = rowsum(dO * O).
-Each backward program owns one block of keys (for dK, dV) and one block of queries (for dQ),
-so every gradient element is written by exactly one program: deterministic, no atomics. The
-gradient is written, not added (the backend's writes_activation_grads): the qkv matmul's
-backward is its only reader.
+The backward is two kernels, each program owning one block: of queries, for D and dQ (three
+matmuls per block of keys), then of keys, for dK and dV (four per block of queries). So every
+gradient element is written by exactly one program: deterministic, no atomics, where
+FlashAttention-2 does five matmuls and adds dQ atomically (in any order; adding it in a fixed
+order instead measured slower than these seven). The gradient is written, not added (the
+backend's writes_activation_grads): the qkv matmul's backward is its only reader.
 
 Layouts: qkv (B,T,3C) holds q, k, v for all heads, head h at channels h*hs..(h+1)*hs of each;
 out (B,T,C); lse (B,NH,T) float32, natural log. The exponentials use exp2, so scores are kept
@@ -42,10 +44,17 @@ _FWD = configs([(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_
                (dict(BLOCK_M=128, BLOCK_N=64), 4, 4), (dict(BLOCK_M=128, BLOCK_N=128), 8, 3),
                (dict(BLOCK_M=64, BLOCK_N=64), 4, 4), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
                dict(BLOCK_M=16, BLOCK_N=16))
-_BWD = configs([(dict(BLOCK=128, STEP=32), 4, 3), (dict(BLOCK=128, STEP=32), 4, 5),
-               (dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
-               (dict(BLOCK=128, STEP=64), 8, 2), (dict(BLOCK=64, STEP=64), 4, 2)],
-               dict(BLOCK=16, STEP=16))
+# The backwards' BLOCK (the rows a program owns) is a multiple of their STEP (the rows they walk
+# at a time), as a step must not straddle the diagonal block. Each kernel is timed on its own.
+_DQ = configs([(dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=128, STEP=64), 8, 2),
+               (dict(BLOCK=128, STEP=64), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
+               (dict(BLOCK=64, STEP=64), 4, 3), (dict(BLOCK=64, STEP=64), 4, 2)],
+              dict(BLOCK=16, STEP=16))
+_DKDV = configs([(dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=128, STEP=64), 8, 2),
+                 (dict(BLOCK=128, STEP=64), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
+                 (dict(BLOCK=64, STEP=64), 4, 3), (dict(BLOCK=64, STEP=64), 4, 2)],
+                dict(BLOCK=16, STEP=16))
+_SMALL_FP32 = triton.Config(dict(BLOCK=32, STEP=16), num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -103,21 +112,6 @@ def _attention_forward_kernel(out, lse, qkv, T, NH, C, qk_scale, HS: tl.constexp
 
 
 @triton.jit
-def _delta_kernel(delta, out, dout, T, NH, C, HS: tl.constexpr, HS_PAD: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
-    # delta: (B,NH,T) float32 = rowsum(dout * out) per head
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b, h = (bh // NH).to(tl.int64), bh % NH
-    offs_d = tl.arange(0, HS_PAD)
-    o = b * T * C + h * HS + offs_m[:, None] * C + offs_d[None, :]
-    mask = (offs_m[:, None] < T) & (offs_d[None, :] < HS)
-    d = tl.sum(tl.load(out + o, mask=mask, other=0.0).to(tl.float32) *
-               tl.load(dout + o, mask=mask, other=0.0).to(tl.float32), axis=1)
-    tl.store(delta + bh * T + offs_m, d, mask=offs_m < T)
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, hi, T, C,
                 qk_scale, HS: tl.constexpr, HS_PAD: tl.constexpr, STEP: tl.constexpr,
                 CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr):
@@ -162,25 +156,56 @@ def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, offs_m, lo, hi, T, C, qk_scal
     return dq
 
 
-@triton.autotune(configs=_BWD, **_tuning(triton.Config(dict(BLOCK=32, STEP=16), num_warps=4,
-                                                     num_stages=2)))
 @triton.jit
-def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
-                               HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
-                               BLOCK: tl.constexpr, STEP: tl.constexpr):
+def _block(qkv, dinp, lse, delta, T, NH, C, HS: tl.constexpr, HS_PAD: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """This program's head's bases, its block of rows, their offsets into (B,T,3C) and into
+    (B,T,C) from the head's base there, and their mask."""
     start = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     b, h = (bh // NH).to(tl.int64), bh % NH
     q_base = qkv + b * T * 3 * C + h * HS                       # k at +C, v at +2C
     dq_base = dinp + b * T * 3 * C + h * HS
-    do_base = dout + b * T * C + h * HS
-    lse_base, delta_base = lse + bh * T, delta + bh * T
     offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HS_PAD)
     mask = (offs[:, None] < T) & (offs_d[None, :] < HS)
-    qkv_offs = offs[:, None] * 3 * C + offs_d[None, :]
+    return (start, q_base, dq_base, b * T * C + h * HS, lse + bh * T, delta + bh * T, offs,
+            offs[:, None] * 3 * C + offs_d[None, :], offs[:, None] * C + offs_d[None, :], mask)
 
+
+@triton.autotune(configs=_DQ, **_tuning(_SMALL_FP32))
+@triton.jit
+def _attention_dq_kernel(dinp, delta, dout, qkv, out, lse, T, NH, C, qk_scale, scale,
+                         HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK: tl.constexpr, STEP: tl.constexpr):
+    # D = rowsum(dO * O) and dQ for the queries start..start+BLOCK: the key blocks below the
+    # diagonal, then the diagonal; D is kept for the dK, dV kernel
+    start, q_base, dq_base, head, lse_base, delta_base, offs, qkv_offs, o_offs, mask = _block(
+        qkv, dinp, lse, delta, T, NH, C, HS, HS_PAD, BLOCK)
+    do_base = dout + head
+    do = tl.load(do_base + o_offs, mask=mask, other=0.0)
+    o = tl.load(out + head + o_offs, mask=mask, other=0.0)
+    Di = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(delta_base + offs, Di, mask=offs < T)
+    q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)
+    lse2 = tl.load(lse_base + offs, mask=offs < T, other=float("inf")) * LOG2E
+    dq = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, 0, start, T, C,
+                   qk_scale, HS, HS_PAD, STEP, False, PREC)
+    dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, start, start + BLOCK,
+                   T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
+    tl.store(dq_base + qkv_offs, (dq * scale).to(dinp.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_DKDV, **_tuning(_SMALL_FP32))
+@triton.jit
+def _attention_dkdv_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
+                           HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
+                           BLOCK: tl.constexpr, STEP: tl.constexpr):
     # dK, dV for the keys start..start+BLOCK: the diagonal query blocks (masked), then the rest
+    start, q_base, dq_base, head, lse_base, delta_base, offs, qkv_offs, _, mask = _block(
+        qkv, dinp, lse, delta, T, NH, C, HS, HS_PAD, BLOCK)
+    do_base = dout + head
     k = tl.load(q_base + C + qkv_offs, mask=mask, other=0.0)
     v = tl.load(q_base + 2 * C + qkv_offs, mask=mask, other=0.0)
     dk = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
@@ -192,18 +217,6 @@ def _attention_backward_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, 
     ty = dinp.dtype.element_ty
     tl.store(dq_base + C + qkv_offs, (dk * scale).to(ty), mask=mask)
     tl.store(dq_base + 2 * C + qkv_offs, dv.to(ty), mask=mask)
-
-    # dQ for the queries start..start+BLOCK: the key blocks below the diagonal, then the diagonal
-    q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)
-    do = tl.load(do_base + offs[:, None] * C + offs_d[None, :], mask=mask, other=0.0)
-    lse2 = tl.load(lse_base + offs, mask=offs < T, other=float("inf")) * LOG2E
-    Di = tl.load(delta_base + offs, mask=offs < T, other=0.0)
-    dq = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, 0, start, T, C,
-                   qk_scale, HS, HS_PAD, STEP, False, PREC)
-    dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, start, start + BLOCK,
-                   T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
-    tl.store(dq_base + qkv_offs, (dq * scale).to(ty), mask=mask)
 
 
 def _shapes(inp, lse):
@@ -229,8 +242,8 @@ def attention_backward(dinp, dout, inp, out, lse):
     # lse: (B,NH,T) float32 the forward's logsumexp
     B, NH, T, C, scale, meta = _shapes(inp, lse)
     delta = torch.empty((B, NH, T), dtype=torch.float32, device=inp.device)   # D, per row
-    _delta_kernel[(triton.cdiv(T, 64), B * NH)](delta, out, dout, T, NH, C, HS=meta["HS"],
-                                                HS_PAD=meta["HS_PAD"], BLOCK_M=64)
     grid = lambda m: (triton.cdiv(T, m["BLOCK"]), B * NH)  # noqa: E731
-    _attention_backward_kernel[grid](dinp, dout, inp, lse, delta, T, NH, C,
-                                     scale * math.log2(math.e), scale, **meta)
+    qk_scale = scale * math.log2(math.e)
+    _attention_dq_kernel[grid](dinp, delta, dout, inp, out, lse, T, NH, C, qk_scale, scale,
+                               **meta)
+    _attention_dkdv_kernel[grid](dinp, dout, inp, lse, delta, T, NH, C, qk_scale, scale, **meta)
