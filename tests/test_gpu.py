@@ -209,6 +209,21 @@ def test_flash_attention(case, shape):
     assert torch.equal(again, dqkv)
 
 
+@pytest.mark.skipif(CUDA, reason="a GPU compiles every config (gpu_compile.py) and runs the one "
+                                   "autotuning chose, in the test above")
+@pytest.mark.parametrize("dq,dkdv", [((64, 32), (32, 16)), ((32, 16), (64, 32))])
+def test_flash_attention_blocks(dq, dkdv, monkeypatch):
+    """The interpreter's one config walks whole blocks (STEP = BLOCK), the same in both backward
+    kernels. Here: steps under a block (the unmasked loop, then the diagonal block in several
+    steps), over a ragged last block, and other blocks in each kernel."""
+    import triton
+    from llmpy.backends.gpu import attention
+    for kernel, (block, step) in ((attention._attention_dq_kernel, dq),
+                                  (attention._attention_dkdv_kernel, dkdv)):
+        monkeypatch.setattr(kernel, "configs", [triton.Config(dict(BLOCK=block, STEP=step))])
+    test_flash_attention(Case(torch.float32), (2, 70, 12, 2))
+
+
 def test_fused_classifier(case):
     B, T, V, Vp = 2, 5, 9000, 9216         # V spans blocks of every tuned width (1024-8192)
     logits, logits64 = case.randn(B, T, Vp, scale=3.0)

@@ -44,16 +44,12 @@ _FWD = configs([(dict(BLOCK_M=128, BLOCK_N=64), 8, 3), (dict(BLOCK_M=128, BLOCK_
                (dict(BLOCK_M=128, BLOCK_N=64), 4, 4), (dict(BLOCK_M=128, BLOCK_N=128), 8, 3),
                (dict(BLOCK_M=64, BLOCK_N=64), 4, 4), (dict(BLOCK_M=64, BLOCK_N=64), 4, 3)],
                dict(BLOCK_M=16, BLOCK_N=16))
-# The backwards' BLOCK (the rows a program owns) is a multiple of their STEP (the rows they walk
-# at a time), as a step must not straddle the diagonal block. Each kernel is timed on its own.
-_DQ = configs([(dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=128, STEP=64), 8, 2),
+# Candidates for both backward kernels, each timed on its own. BLOCK (the rows a program owns) is
+# a multiple of STEP (the rows it walks at a time), as a step must not straddle the diagonal.
+_BWD = configs([(dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=128, STEP=64), 8, 2),
                (dict(BLOCK=128, STEP=64), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
                (dict(BLOCK=64, STEP=64), 4, 3), (dict(BLOCK=64, STEP=64), 4, 2)],
-              dict(BLOCK=16, STEP=16))
-_DKDV = configs([(dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=128, STEP=64), 8, 2),
-                 (dict(BLOCK=128, STEP=64), 8, 3), (dict(BLOCK=64, STEP=32), 4, 3),
-                 (dict(BLOCK=64, STEP=64), 4, 3), (dict(BLOCK=64, STEP=64), 4, 2)],
-                dict(BLOCK=16, STEP=16))
+               dict(BLOCK=16, STEP=16))
 _SMALL_FP32 = triton.Config(dict(BLOCK=32, STEP=16), num_warps=4, num_stages=2)
 
 
@@ -159,55 +155,55 @@ def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, offs_m, lo, hi, T, C, qk_scal
 @triton.jit
 def _block(qkv, dinp, lse, delta, T, NH, C, HS: tl.constexpr, HS_PAD: tl.constexpr,
            BLOCK: tl.constexpr):
-    """This program's head's bases, its block of rows, their offsets into (B,T,3C) and into
-    (B,T,C) from the head's base there, and their mask."""
+    """This program's first row, its head's bases in qkv and dinp (B,T,3C), its head's offset in
+    (B,T,C), its lse and delta rows (T,), its rows offs (BLOCK,), their offsets from the head's
+    base in (B,T,3C) and in (B,T,C), and their mask, each (BLOCK,HS_PAD)."""
     start = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     b, h = (bh // NH).to(tl.int64), bh % NH
     q_base = qkv + b * T * 3 * C + h * HS                       # k at +C, v at +2C
-    dq_base = dinp + b * T * 3 * C + h * HS
+    dinp_base = dinp + b * T * 3 * C + h * HS
     offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HS_PAD)
     mask = (offs[:, None] < T) & (offs_d[None, :] < HS)
-    return (start, q_base, dq_base, b * T * C + h * HS, lse + bh * T, delta + bh * T, offs,
+    return (start, q_base, dinp_base, b * T * C + h * HS, lse + bh * T, delta + bh * T, offs,
             offs[:, None] * 3 * C + offs_d[None, :], offs[:, None] * C + offs_d[None, :], mask)
 
 
-@triton.autotune(configs=_DQ, **_tuning(_SMALL_FP32))
+@triton.autotune(configs=_BWD, **_tuning(_SMALL_FP32))
 @triton.jit
 def _attention_dq_kernel(dinp, delta, dout, qkv, out, lse, T, NH, C, qk_scale, scale,
                          HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
                          BLOCK: tl.constexpr, STEP: tl.constexpr):
     # D = rowsum(dO * O) and dQ for the queries start..start+BLOCK: the key blocks below the
     # diagonal, then the diagonal; D is kept for the dK, dV kernel
-    start, q_base, dq_base, head, lse_base, delta_base, offs, qkv_offs, o_offs, mask = _block(
+    start, q_base, dinp_base, head, lse_base, delta_base, offs, qkv_offs, o_offs, mask = _block(
         qkv, dinp, lse, delta, T, NH, C, HS, HS_PAD, BLOCK)
-    do_base = dout + head
-    do = tl.load(do_base + o_offs, mask=mask, other=0.0)
-    o = tl.load(out + head + o_offs, mask=mask, other=0.0)
-    Di = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    do = tl.load(dout + head + o_offs, mask=mask, other=0.0)            # (BLOCK,HS_PAD)
+    o = tl.load(out + head + o_offs, mask=mask, other=0.0)              # (BLOCK,HS_PAD)
+    Di = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)          # (BLOCK,)
     tl.store(delta_base + offs, Di, mask=offs < T)
-    q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)
+    q = tl.load(q_base + qkv_offs, mask=mask, other=0.0)                # (BLOCK,HS_PAD)
     lse2 = tl.load(lse_base + offs, mask=offs < T, other=float("inf")) * LOG2E
     dq = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, 0, start, T, C,
                    qk_scale, HS, HS_PAD, STEP, False, PREC)
     dq = _dq_inner(dq, q, do, lse2, Di, q_base + C, q_base + 2 * C, offs, start, start + BLOCK,
                    T, C, qk_scale, HS, HS_PAD, STEP, True, PREC)
-    tl.store(dq_base + qkv_offs, (dq * scale).to(dinp.dtype.element_ty), mask=mask)
+    tl.store(dinp_base + qkv_offs, (dq * scale).to(dinp.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_DKDV, **_tuning(_SMALL_FP32))
+@triton.autotune(configs=_BWD, **_tuning(_SMALL_FP32))
 @triton.jit
 def _attention_dkdv_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scale,
                            HS: tl.constexpr, HS_PAD: tl.constexpr, PREC: tl.constexpr,
                            BLOCK: tl.constexpr, STEP: tl.constexpr):
     # dK, dV for the keys start..start+BLOCK: the diagonal query blocks (masked), then the rest
-    start, q_base, dq_base, head, lse_base, delta_base, offs, qkv_offs, _, mask = _block(
+    start, q_base, dinp_base, head, lse_base, delta_base, offs, qkv_offs, _, mask = _block(
         qkv, dinp, lse, delta, T, NH, C, HS, HS_PAD, BLOCK)
     do_base = dout + head
-    k = tl.load(q_base + C + qkv_offs, mask=mask, other=0.0)
-    v = tl.load(q_base + 2 * C + qkv_offs, mask=mask, other=0.0)
+    k = tl.load(q_base + C + qkv_offs, mask=mask, other=0.0)            # (BLOCK,HS_PAD)
+    v = tl.load(q_base + 2 * C + qkv_offs, mask=mask, other=0.0)        # (BLOCK,HS_PAD)
     dk = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK, HS_PAD], dtype=tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs, start,
@@ -215,8 +211,8 @@ def _attention_dkdv_kernel(dinp, dout, qkv, lse, delta, T, NH, C, qk_scale, scal
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs,
                          start + BLOCK, T, T, C, qk_scale, HS, HS_PAD, STEP, False, PREC)
     ty = dinp.dtype.element_ty
-    tl.store(dq_base + C + qkv_offs, (dk * scale).to(ty), mask=mask)
-    tl.store(dq_base + 2 * C + qkv_offs, dv.to(ty), mask=mask)
+    tl.store(dinp_base + C + qkv_offs, (dk * scale).to(ty), mask=mask)
+    tl.store(dinp_base + 2 * C + qkv_offs, dv.to(ty), mask=mask)
 
 
 def _shapes(inp, lse):
