@@ -381,7 +381,7 @@ def check_args(batch_sizes, seq_len, steps, warmup):
             raise LlmpyError(f"bench gpu: {flag} must be >= 1, got {min(values)}")
 
 
-def bench_gpu(model="d12", batch_sizes=(64, 32, 16), seq_len=1024, steps=10, warmup=3,
+def bench_gpu(model="d12", batch_sizes=(64, 32, 16), seq_len=1024, steps=30, warmup=3,
               as_json=False):
     """Prints the results as a table (see summary), or as JSON."""
     check_args(batch_sizes, seq_len, steps, warmup)
