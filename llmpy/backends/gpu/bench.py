@@ -201,12 +201,11 @@ def kernel_table(kernels, who, top=14):
     """The lines of kernel_times' results: the matmuls' total, then the other kernels, largest
     first."""
     total = sum(ms for _, ms in kernels.values())
-    gemm = sum(ms for name, (_, ms) in kernels.items()
-               if any(g in name.lower() for g in GEMM_NAMES))
-    lines = [f"{who}, GPU time by kernel (one more step, profiled): {total:.2f} ms in kernels, "
-             f"{gemm:.2f} ms of them in matmuls; the others:"]
     others = sorted(((ms, calls, name) for name, (calls, ms) in kernels.items()
                      if not any(g in name.lower() for g in GEMM_NAMES)), reverse=True)
+    gemm = total - sum(ms for ms, _, _ in others)
+    lines = [f"{who}, GPU time by kernel (one more step, profiled): {total:.2f} ms in kernels, "
+             f"{gemm:.2f} ms of them in matmuls; the others:"]
     lines += [f"  {ms:8.2f} ms {calls:4d}x {name[:90]}" for ms, calls, name in others[:top]]
     if others[top:]:
         lines.append(f"  {sum(o[0] for o in others[top:]):8.2f} ms in {len(others) - top} more")
