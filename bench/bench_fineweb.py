@@ -34,10 +34,10 @@ import time
 import numpy as np
 
 from llmpy.bench import load_average, shown
-from llmpy.data import DATA_MAGIC, DATA_VERSION, bundled_data, read_tokens
-from llmpy.prepro.common import tokenizer
-from llmpy.prepro.fineweb import documents as parquet_documents, find_files, pyarrow
-from llmpy.prepro.text import shard_path
+from llmpy.data.loader import DATA_MAGIC, DATA_VERSION, bundled_data, read_tokens
+from llmpy.data.prepro.common import tokenizer
+from llmpy.data.prepro.fineweb import documents as parquet_documents, find_files, pyarrow
+from llmpy.data.prepro.text import shard_path
 
 # seconds between memory samples: reading smaps_rollup costs ~2 ms a process, and sampling
 # every 0.05 s took 10% of a core from the cases being measured

@@ -13,10 +13,10 @@ import tempfile
 import time
 from unittest import mock
 
-from llmpy.data import bundled_data, read_tokens
-from llmpy.prepro import common
-from llmpy.prepro.common import tokenizer
-from llmpy.prepro.tinyshakespeare import prepro, tokenize
+from llmpy.data.loader import bundled_data, read_tokens
+from llmpy.data.prepro import common
+from llmpy.data.prepro.common import tokenizer
+from llmpy.data.prepro.tinyshakespeare import prepro, tokenize
 
 
 def timed(fn):

@@ -2,16 +2,17 @@
 import argparse
 import sys
 
-from .config import (BACKEND_HELP, EMBEDDED_DEFAULT, MODEL_HELP, PRESETS, EvalConfig,
-                     TrainConfig, add_arguments, check_range, from_arguments,
-                     require_positive)
+from .backends import set_thread_env
 from .bench import add_parsers as add_bench_parsers
+from .data.prepro import add_parser as add_prepro_parser
 from .errors import LlmpyError
-from .prepro import add_parser as add_prepro_parser
+from .model.build import PRESETS
+from .train.config import (BACKEND_HELP, EMBEDDED_DEFAULT, MODEL_HELP, EvalConfig, TrainConfig,
+                           add_arguments, check_range, from_arguments, require_positive)
 
 
 def cmd_train(args):
-    from .train import train
+    from .train.loop import train
     cfg, explicit = from_arguments(TrainConfig, args)
     train(cfg, explicit)
 
@@ -24,9 +25,9 @@ def cmd_eval(args):
 def cmd_sample(args):
     import numpy as np
     from .backends import get_backend
-    from .sample import generate_rows
-    from .tokenizer import Tokenizer
-    from .train import build_model
+    from .generate import generate_rows
+    from .io.tokenizer import Tokenizer
+    from .model.build import build_model
     require_positive(args, "num_samples")
     for name in ("tokens", "temperature", "top_k", "seed"):
         check_range(name, getattr(args, name), least=0)
@@ -62,7 +63,7 @@ def cmd_plot(args):
 
 
 def cmd_convert(args):
-    from .hf import convert
+    from .io.hf import convert
     convert(args.src, args.out, args.dtype, args.tokenizer)
 
 
@@ -85,7 +86,7 @@ def cmd_test_model(args):
 
 def cmd_bench_gpu(args):
     try:
-        from .backends.gpu.bench import bench_gpu
+        from .bench.gpu import bench_gpu
     except ImportError as e:
         raise LlmpyError(f"bench gpu needs torch, triton and a CUDA GPU: {e}") from None
     bench_gpu(args.model, args.batch_size, args.seq_len, args.steps, args.warmup, args.json)
@@ -180,7 +181,7 @@ def make_parser():
     add_bench_parsers(bench)
     g = bench.add_parser("gpu", help="GPT-2 training on the gpu backend vs PyTorch + "
                          "torch.compile, and flash attention vs SDPA",
-                         description="Needs a CUDA GPU. See llmpy/backends/gpu/bench.py.")
+                         description="Needs a CUDA GPU. See llmpy/bench/gpu.py.")
     g.add_argument("--model", default="d12", choices=PRESETS,
                    help="preset (default: d12, GPT-2 124M's shape)")
     g.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64, 32, 16],
@@ -196,6 +197,7 @@ def make_parser():
 
 
 def main(argv=None):
+    set_thread_env()                  # the process starts here: before any backend loads
     args = make_parser().parse_args(argv)
     # Sampled text can hold any character; a console or file whose encoding lacks one (cp1252
     # on Windows, when redirected) shows a replacement instead of ending the run.

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import num_params, read_model
-from .config import check_seq_len
-from .data import DataLoader, bundled_data
+from .io.modelfile import num_params, read_model
+from .train.config import check_seq_len
+from .data.loader import DataLoader, bundled_data
 from .errors import LlmpyError
-from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
-from .model import param_shapes
+from .io.files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
+from .model.gpt2 import param_shapes
 
 STATE_MAGIC = 20240327
 STATE_VERSION = 2
@@ -113,8 +113,8 @@ def compare(name, ours, ref, tol=TOL, note=""):
 def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay=0.01, tol=TOL):
     """llm.c's test_gpt2: forward/backward on the stored batch vs the debug state, then `steps`
     AdamW updates vs the PyTorch reference's losses. Raises LlmpyError if anything is off."""
-    from .optim import AdamW, AdamWConfig
-    from .train import build_model
+    from .train.optim import AdamW, AdamWConfig
+    from .model.build import build_model
     model = build_model(model_path, backend)
     cfg, V = model.config, model.config.vocab_size
     state = read_debug_state(state_path, cfg)

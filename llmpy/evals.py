@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from .errors import LlmpyError
-from .files import HEADER_BYTES, atomic_write, make_header, read_header
+from .io.files import HEADER_BYTES, atomic_write, make_header, read_header
 
 EVAL_MAGIC, EVAL_VERSION = 20240522, 1
 START_EXAMPLE = 65535
@@ -145,10 +145,11 @@ def evaluate(cfg, explicit):
     """`llmpy eval`: cfg an EvalConfig, explicit the fields given on the command line.
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
-    from .config import check_fields, check_seq_len
-    from .data import DataLoader, bundled_data
-    from .hf import is_hf_dir
-    from .train import build_model, restore_flags
+    from .train.config import check_fields, check_seq_len
+    from .data.loader import DataLoader, bundled_data
+    from .io.hf import is_hf_dir
+    from .model.build import build_model
+    from .train.config import restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
     if os.path.isdir(cfg.model) and not is_hf_dir(cfg.model):     # a run directory

@@ -1,10 +1,10 @@
-import importlib
 import os
 
 import numpy as np
 import pytest
 
 from llmpy import backends
+from llmpy.errors import LlmpyError
 
 
 def pytest_addoption(parser):
@@ -38,20 +38,26 @@ def available_backends():
     out = []
     for name in backends.BACKENDS:
         try:
-            out.append(importlib.import_module(f"llmpy.backends.{name}"))
-        except ImportError:
+            out.append(backends.get_backend(name))
+        except LlmpyError:
             pass
     return out
 
 
+# The process starts here: the environment the backends want, before any of them loads.
+backends.set_thread_env()
 configure_gpu_backend()
 BACKENDS = available_backends()
+# The dtypes each backend's kernels are tested in: the reference also runs the float64 checks.
+# The shared op tests compare with float64 at float32 tolerance; tests/test_gpu.py checks
+# float16 (interpreter) and bf16 (GPU) with their own tolerances.
+TEST_DTYPES = {"numpy": (np.float64, np.float32)}
 
 
 def backend_dtypes():
-    """(backend, dtype) pairs: a backend lists the dtypes its kernels run in `test_dtypes`."""
+    """(backend, dtype) pairs: every backend in float32, and in TEST_DTYPES's other dtypes."""
     return [pytest.param((be, dt), id=f"{be.name}-{np.dtype(dt).name}")
-            for be in BACKENDS for dt in getattr(be, "test_dtypes", (np.float32,))]
+            for be in BACKENDS for dt in TEST_DTYPES.get(be.name, (np.float32,))]
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +69,7 @@ def gpt2_reference():
     tiktoken = pytest.importorskip("tiktoken")
     import tiktoken_ext.openai_public as openai_public
     from tiktoken.load import load_tiktoken_bpe
-    from llmpy.data import bundled_data
+    from llmpy.data.loader import bundled_data
     path = bundled_data("gpt2.tiktoken")
 
     def load_bundled(url, expected_hash):

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from llmpy.backends.gpu import adamw, attention, classifier, encoder, gelu, layernorm  # noqa: E402
-from llmpy.backends.gpu.interpreter import ELEMENTS, ROWS, SPAN  # noqa: E402
+from llmpy.backends.gpu.launch import ELEMENTS, ROWS, SPAN  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY = 227 * 1024                      # an H100's most per block

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from llmpy.cli import main
-from llmpy.config import GPT2Config, preset
+from llmpy.model.layout import GPT2Config
+from llmpy.model.build import preset
 from test_cli import assert_one_line_error, cli, help_text, llmpy
 
 
@@ -40,11 +41,11 @@ def test_bench_cpu_runs_all_three_on_the_same_weights():
 def test_bench_gpu_ours_and_summary():
     """`bench gpu`'s own side, op table included, and its report, on a small model (in
     Triton's interpreter where there is no GPU); the baseline needs a GPU."""
-    bench = pytest.importorskip("llmpy.backends.gpu.bench", reason="needs torch and triton")
+    bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
     # GPT-2's vocabulary (the data's token ids), everything else small: the interpreter is slow
     cfg, B, T = GPT2Config(max_seq_len=16, num_layers=2, num_heads=2, channels=32), 2, 16
     data = bench.batches(cfg, B, T, 2)          # one untimed step and one timed
-    host = bench.GPT2(cfg, bench.numpy_backend)
+    host = bench.GPT2(cfg, bench.get_backend("numpy"))
     bench.init_weights(host, 0)
     seconds, losses, extra = bench.ours(cfg, host.params.buf, data, warmup=1)
     assert seconds > 0 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -52,7 +53,7 @@ def test_bench_gpu_ours_and_summary():
     assert ops["attention_backward"][0] == cfg.num_layers
     assert ops["residual_layernorm_forward"][0] == 2 * cfg.num_layers
     # the GPU's time per kernel; none in the interpreter
-    assert (extra["kernels"] is None) == (bench.gpu.device.type != "cuda")
+    assert (extra["kernels"] is None) == (bench.DEVICE.type != "cuda")
     # three kernels, one overlapping another, and two gaps: 2 us after a, 5 us after b
     gaps = bench.idle_gaps([(12, 20, "b"), (0, 10, "a"), (15, 18, "c"), (25, 30, "d")])
     assert gaps == {"span_ms": 0.03, "idle_ms": 0.007,
@@ -76,7 +77,7 @@ def test_bench_gpu_ours_and_summary():
     # the interpreter has no GPU memory to fill: train.py recomputes there, as llm.c by default;
     # on a GPU this small model fits with every GELU output kept
     assert ("train's default at this B on this GPU: every GELU output kept (they fit): 1.100x"
-            if bench.gpu.device.type == "cuda" else
+            if bench.DEVICE.type == "cuda" else
             "train's default at this B on this GPU: GELU recomputed: 1.000x") in report
     assert "tuned: _k (64,): BLOCK: 64" in report
     assert "attention_backward" in report and "(outside the ops)" in report

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmpy.checkpoint import num_params
+from llmpy.io.modelfile import num_params
 from llmpy.cli import main
-from llmpy.data import bundled_data
-from llmpy.config import GPT2Config
+from llmpy.data.loader import bundled_data
+from llmpy.model.layout import GPT2Config
 from test_gpt2 import write_llmc_model, write_llmc_tokens
 
 CFG = GPT2Config(max_seq_len=16, vocab_size=90, num_layers=1, num_heads=2, channels=8)
@@ -181,8 +181,8 @@ def help_text(*cmd):
 def test_help_says_what_runs():
     """train --help lists what the embedded default changes, as train applies it; the model
     arguments that take any model say so; eval's --model is required."""
-    from llmpy.config import EMBEDDED_DEFAULT, TrainConfig
-    from llmpy.train import apply_embedded_default
+    from llmpy.train.config import EMBEDDED_DEFAULT, TrainConfig
+    from llmpy.train.config import apply_embedded_default
     text = help_text("train")
     listed = text.split("bundled Shakespeare, with ")[1].split(" in place of")[0].split(" --")
     cfg = TrainConfig()

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from llmpy import cli
-from llmpy.checkpoint import read_model
-from llmpy.config import GPT2Config, TrainConfig
+from llmpy.io.modelfile import read_model
+from llmpy.model.layout import GPT2Config
+from llmpy.train.config import TrainConfig
 from llmpy.errors import LlmpyError
-from llmpy.model import param_shapes
-from llmpy.train import grad_accum_steps
+from llmpy.model.gpt2 import param_shapes
+from llmpy.train.config import grad_accum_steps
 from test_gpt2 import random_weights, rel_err, write_llmc_model, write_llmc_tokens
 
 torch = pytest.importorskip("torch")

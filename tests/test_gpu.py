@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from llmpy.backends import get_backend
 from llmpy.backends import numpy as ref
-from llmpy.config import GPT2Config, preset
-from llmpy.data import DataLoader, bundled_data
-from llmpy.model import GPT2, load_params, param_shapes
-from llmpy.optim import AdamW, AdamWConfig, clip_scale, global_norm
+from llmpy.model.layout import GPT2Config
+from llmpy.model.build import preset
+from llmpy.data.loader import DataLoader, bundled_data
+from llmpy.model.gpt2 import GPT2, load_params, param_shapes
+from llmpy.train.optim import AdamW, AdamWConfig, clip_scale, global_norm
 from test_gpt2 import random_weights
 
 gpu = pytest.importorskip("llmpy.backends.gpu", reason="needs torch, triton and a GPU or "
@@ -32,6 +34,7 @@ gpu = pytest.importorskip("llmpy.backends.gpu", reason="needs torch, triton and 
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
@@ -47,11 +50,11 @@ class Case:
 
     def randn(self, *shape, scale=1.0, dtype=None):
         x = torch.tensor(self.rng.standard_normal(shape) * scale, dtype=dtype or self.dtype,
-                         device=gpu.device)
+                         device=DEVICE)
         return x, x.double().cpu().numpy()
 
     def zeros(self, *shape, dtype=None):
-        return torch.zeros(shape, dtype=dtype or self.dtype, device=gpu.device)
+        return torch.zeros(shape, dtype=dtype or self.dtype, device=DEVICE)
 
     def check(self, got, want, what):
         got = got.double().cpu().numpy()
@@ -73,7 +76,7 @@ def test_encoder(case):
     wpe, wpe64 = case.randn(T + 2, C)
     dout, dout64 = case.randn(B, T, C)
     out, want = case.zeros(B, T, C), np.zeros((B, T, C))
-    ids = torch.tensor(inp, device=gpu.device)
+    ids = torch.tensor(inp, device=DEVICE)
     gpu.encoder_forward(out, ids, wte, wpe)
     ref.encoder_forward(want, inp, wte64, wpe64)
     case.check(out, want, "encoder out")
@@ -228,7 +231,7 @@ def test_fused_classifier(case):
     B, T, V, Vp = 2, 5, 9000, 9216         # V spans blocks of every tuned width (1024-8192)
     logits, logits64 = case.randn(B, T, Vp, scale=3.0)
     targets = case.rng.integers(0, V, (B, T))
-    tgt = torch.tensor(targets, device=gpu.device)
+    tgt = torch.tensor(targets, device=DEVICE)
     losses, lse = case.zeros(B, T, dtype=torch.float32), case.zeros(B, T, dtype=torch.float32)
     want, probs = np.zeros((B, T)), np.zeros((B, T, Vp))
     gpu.crossentropy_forward(losses, lse, logits, tgt, V)
@@ -288,11 +291,12 @@ def test_dense_peak_by_device_name(name, peak):
 def test_available_memory():
     """What train's GELU default compares its plan with: on a GPU the free memory plus this
     process's own (its buffers so far are part of the plan); none in the interpreter."""
+    be = get_backend("gpu")
     if not CUDA:
-        assert gpu.available_memory() is None
+        assert be.available_memory() is None
         return
-    held = torch.zeros(1 << 20, device=gpu.device)             # 4 MiB of this process's own
-    assert gpu.available_memory() >= torch.cuda.mem_get_info()[0] + held.nbytes
+    held = torch.zeros(1 << 20, device=DEVICE)             # 4 MiB of this process's own
+    assert be.available_memory() >= torch.cuda.mem_get_info()[0] + held.nbytes
 
 
 def test_sum_squares(case):
@@ -329,8 +333,8 @@ CFG = GPT2Config(max_seq_len=16, vocab_size=100, num_layers=2, num_heads=3, chan
 def numpy_and_gpu_models(cfg, dtype, monkeypatch, recompute_gelu=False):
     """A NumPy model and a gpu model computing in dtype, with the same random weights: those of
     the gpu model's params, so rounded to dtype."""
-    monkeypatch.setattr(gpu, "compute_dtype", dtype)
-    np_model, gpu_model = GPT2(cfg, ref), GPT2(cfg, gpu, recompute_gelu)
+    np_model = GPT2(cfg, get_backend("numpy"))
+    gpu_model = GPT2(cfg, get_backend("gpu", dtype=dtype_name(dtype)), recompute_gelu)
     load_params(gpu_model, random_weights(cfg))
     load_params(np_model, gpu.to_host(gpu_model.params.buf))
     return np_model, gpu_model

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from llmpy import cli
 from llmpy.backends import get_backend
-from llmpy.config import GPT2Config, TrainConfig
+from llmpy.model.layout import GPT2Config
+from llmpy.train.config import TrainConfig
 from llmpy.errors import LlmpyError
 from llmpy.evals import hellaswag, read_evalfile, write_evalfile
-from llmpy.model import GPT2, load_params
-from llmpy.tokenizer import Tokenizer
-from llmpy.train import train
+from llmpy.model.gpt2 import GPT2, load_params
+from llmpy.io.tokenizer import Tokenizer
+from llmpy.train.loop import train
 from test_gpt2 import random_weights, write_llmc_model, write_llmc_tokens
 from torchref.gpt2 import from_flat
 

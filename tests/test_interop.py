@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from llmpy.backends import get_backend
-from llmpy.checkpoint import num_params, write_model
-from llmpy.config import GPT2Config, preset
-from llmpy.data import bundled_data, write_tokens
+from llmpy.io.modelfile import num_params, write_model
+from llmpy.model.layout import GPT2Config
+from llmpy.model.build import preset
+from llmpy.data.loader import bundled_data, write_tokens
 from llmpy.debugstate import read_debug_state, write_debug_state
-from llmpy.model import GPT2, init_weights, load_params, param_shapes
-from llmpy.sample import generate
-from llmpy.train import build_model
+from llmpy.model.gpt2 import GPT2, init_weights, load_params, param_shapes
+from llmpy.generate import generate
+from llmpy.model.build import build_model
 from test_cli import assert_one_line_error, cli, llmpy
 from test_gpt2 import random_weights, rel_err, write_llmc_model
 from torchref.gpt2 import from_flat
@@ -286,7 +287,7 @@ def test_convert_bad_input(hf_dir, tmp_path):
 @needs_hf
 def test_local_looking_names_never_go_to_the_hub(tmp_path, monkeypatch):
     """A mistyped path is no hub id: it fails at once, not after ~23 s of retries."""
-    from llmpy import hf
+    from llmpy.io import hf
     monkeypatch.setattr(hf, "download", lambda name: pytest.fail(f"{name} went to the hub"))
     monkeypatch.chdir(tmp_path)
     for name in ("missing.bin", "gpt2.safetensors", "config.json", "./gpt2", "/no/gpt2",
@@ -350,7 +351,7 @@ def test_convert_hub_name_offline(tmp_path, monkeypatch):
 def test_model_gpt2_is_openai_s_weights(hf_dir, tmp_path, monkeypatch):
     """--model gpt2 (train, eval, sample) loads the hub's GPT-2, as nanoGPT's init_from does,
     not a from-scratch shape (that is d12); offline it fails in one line."""
-    from llmpy import hf
+    from llmpy.io import hf
     d, _ = hf_dir
     monkeypatch.setattr(hf, "download", lambda name: str(d) if name == "gpt2" else None)
     numpy = get_backend("numpy")

@@ -4,9 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from llmpy.checkpoint import bf16_to_fp32, fp32_to_bf16, num_params, read_model, write_model
-from llmpy.config import GPT2Config
-from llmpy.data import DataLoader, read_tokens, write_tokens
+from llmpy.io.modelfile import bf16_to_fp32, fp32_to_bf16, num_params, read_model, write_model
+from llmpy.model.layout import GPT2Config
+from llmpy.data.loader import DataLoader, read_tokens, write_tokens
 from llmpy.errors import LlmpyError
 from test_gpt2 import write_llmc_model, write_llmc_tokens
 

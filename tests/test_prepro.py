@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from llmpy.cli import main
-from llmpy.data import bundled_data
+from llmpy.data.loader import bundled_data
 from llmpy.errors import LlmpyError
-from llmpy import data
-from llmpy.prepro import common, fineweb, tinyshakespeare
-from llmpy.prepro.common import cut_text, encode_documents, encode_pieces
+from llmpy.data import loader as data
+from llmpy.data.prepro import common, fineweb, tinyshakespeare
+from llmpy.data.prepro.common import cut_text, encode_documents, encode_pieces
 
 SHAKESPEARE = bundled_data("shakespeare.txt")
 EOT = 50256
@@ -349,7 +349,7 @@ def assert_same_files(out, expected_dir, names):
 
 def test_fineweb_like_llmc(tmp_path, capsys, monkeypatch, gpt2_reference):
     pytest.importorskip("pyarrow")
-    from llmpy.data import DataLoader, read_tokens
+    from llmpy.data.loader import DataLoader, read_tokens
     monkeypatch.setattr(common, "STREAM_ITEM_CHARS", 300)  # many items, documents cut across them
     docs = fineweb_documents()
     sample = tmp_path / "sample" / "10BT"
@@ -548,7 +548,7 @@ def test_fineweb_resume_after_sigkill(tmp_path, capsys, monkeypatch, gpt2_refere
     names = llmc_fineweb(gpt2_reference, docs, 500, tmp_path)
     script = ("import os, signal, sys\n"
               "from llmpy.cli import main\n"
-              "from llmpy.prepro import common, fineweb\n"
+              "from llmpy.data.prepro import common, fineweb\n"
               "common.STREAM_ITEM_CHARS, fineweb.BATCH_ROWS = 300, 4\n"
               "calls, fsync = [], os.fsync\n"
               "def kill(fd):\n"

@@ -14,17 +14,18 @@ import time
 import numpy as np
 import pytest
 
-import llmpy.resume
-import llmpy.train
+import llmpy.train.checkpoints
+import llmpy.train.loop
 from conftest import BACKENDS
 from llmpy import cli
 from llmpy.backends import get_backend
-from llmpy.checkpoint import num_params, read_model, write_model
-from llmpy.config import GPT2Config, TrainConfig
-from llmpy.data import write_tokens
-from llmpy.optim import get_lr
-from llmpy.resume import SLEEP_ENV
-from llmpy.train import build_model
+from llmpy.io.modelfile import num_params, read_model, write_model
+from llmpy.model.layout import GPT2Config
+from llmpy.train.config import TrainConfig
+from llmpy.data.loader import write_tokens
+from llmpy.train.optim import get_lr
+from llmpy.train.checkpoints import SLEEP_ENV
+from llmpy.model.build import build_model
 
 # the GPT-2 vocab, so that samples can start at <|endoftext|>
 CFG = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=8)
@@ -139,21 +140,21 @@ def test_resume_is_bit_identical_on_every_cpu_backend(backend, tmp_path, monkeyp
                 backend=backend, batch_size=2, seq_len=8, steps=12, lr=3e-3, shuffle=True,
                 total_batch_size=32, lr_schedule="linear", val_every=0, sample_every=0,
                 checkpoint_every=4, resume=True)
-    llmpy.train.train(TrainConfig(**args, run_dir=str(tmp_path / "ref")))
+    llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "ref")))
     calls = []
-    forward_backward = llmpy.train.forward_backward
+    forward_backward = llmpy.train.loop.forward_backward
 
     def crash_at_7(*a):
         calls.append(1)
         if len(calls) == 7:
             raise RuntimeError("crash")
         return forward_backward(*a)
-    monkeypatch.setattr(llmpy.train, "forward_backward", crash_at_7)
+    monkeypatch.setattr(llmpy.train.loop, "forward_backward", crash_at_7)
     with pytest.raises(RuntimeError):
-        llmpy.train.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
+        llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
     monkeypatch.undo()
     assert len(records(tmp_path / "run")) == 6
-    llmpy.train.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
+    llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
     assert records(tmp_path / "run") == records(tmp_path / "ref")
 
 
@@ -231,11 +232,11 @@ def test_debris_of_crashed_writes_and_deletes(run4, capsys, monkeypatch):
     def rmtree_dies(path):                             # a process killed inside the delete
         os.remove(os.path.join(path, "model.bin"))
         raise KeyboardInterrupt
-    monkeypatch.setattr(llmpy.resume.shutil, "rmtree", rmtree_dies)
+    monkeypatch.setattr(llmpy.train.checkpoints.shutil, "rmtree", rmtree_dies)
     with pytest.raises(KeyboardInterrupt):
-        llmpy.resume._remove(str(run_dir / "ckpt_00000002"))
+        llmpy.train.checkpoints._remove(str(run_dir / "ckpt_00000002"))
     monkeypatch.undo()
-    assert sorted(llmpy.resume.checkpoints(run_dir)) == [4]
+    assert sorted(llmpy.train.checkpoints.checkpoints(run_dir)) == [4]
     assert cli.main(args + ["--resume", "--steps", "6"]) == 0
     assert f"resuming from {run_dir / 'ckpt_00000004'} (step 4)" in capsys.readouterr().out
     assert sorted(d.name for d in run_dir.iterdir() if d.name.startswith("ckpt_")) == \
@@ -260,7 +261,7 @@ def test_resume_from_python_keeps_what_the_config_sets(run4, capsys):
     defaults) count as given, so --resume does not overwrite them."""
     run_dir, _ = run4
     cfg = TrainConfig(run_dir=str(run_dir), resume=True, steps=5, lr=1e-3)
-    llmpy.train.train(cfg)
+    llmpy.train.loop.train(cfg)
     assert cfg.steps == 5 and cfg.lr == 1e-3 and cfg.batch_size == 2    # -b 2: from the run
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4, 5]
     # lr as given, the schedule as the run had it (wsd, 10 warm-up steps)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS
-from llmpy.checkpoint import read_model
-from llmpy.config import GPT2Config, preset
+from llmpy.io.modelfile import read_model
+from llmpy.model.layout import GPT2Config
+from llmpy.model.build import preset
 from llmpy.errors import LlmpyError
-from llmpy.model import GPT2, load_params
-from llmpy.sample import Decoder, generate, generate_recompute, generate_rows, sample_next
-from llmpy.tokenizer import EOT
+from llmpy.model.gpt2 import GPT2, load_params
+from llmpy.generate import Decoder, generate, generate_recompute, generate_rows, sample_next
+from llmpy.io.tokenizer import EOT
 from test_cli import assert_one_line_error, cli, llmpy
 from test_gpt2 import CFG, random_weights, rel_err, write_llmc_model
 
@@ -131,7 +132,7 @@ def gpt2_vocab_model(tmp_path_factory):
 
 
 def test_cli_streams_the_kv_cache_sample(gpt2_vocab_model):
-    from llmpy.tokenizer import Tokenizer
+    from llmpy.io.tokenizer import Tokenizer
     r = llmpy("sample", "--model", gpt2_vocab_model, "--prompt", "The king", "--tokens", 12,
               "--temperature", 0.9, "--top-k", 50, "--seed", 11)
     assert r.returncode == 0, r.stderr
@@ -145,7 +146,7 @@ def test_cli_streams_the_kv_cache_sample(gpt2_vocab_model):
 
 def test_cli_samples_several_rows_at_once(gpt2_vocab_model):
     """--num-samples 3: the rows of one generate_rows() run, each printed with the prompt."""
-    from llmpy.tokenizer import Tokenizer
+    from llmpy.io.tokenizer import Tokenizer
     r = llmpy("sample", "--model", gpt2_vocab_model, "--prompt", "The king", "--tokens", 10,
               "--num-samples", 3, "--seed", 4)
     assert r.returncode == 0, r.stderr

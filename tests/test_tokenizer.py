@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from llmpy.data import bundled_data
+from llmpy.data.loader import bundled_data
 from llmpy.errors import LlmpyError
-from llmpy.tokenizer import EOT, Tokenizer, read_tokenizer_file, write_tokenizer_file
+from llmpy.io.tokenizer import EOT, Tokenizer, read_tokenizer_file, write_tokenizer_file
 
 UNICODE = [
     "héllo wörld, ça va? naïve café",

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from llmpy import cli
-from llmpy.config import GPT2Config, TrainConfig
+from llmpy.model.layout import GPT2Config
+from llmpy.train.config import TrainConfig
 from llmpy.errors import LlmpyError
-from llmpy.model import GPT2, flops_per_token
-from llmpy.optim import AdamW, OutlierDetector, get_lr
-from llmpy.train import MEMORY_MARGIN, default_recompute_gelu, train
+from llmpy.model.gpt2 import GPT2, flops_per_token
+from llmpy.train.optim import AdamW, OutlierDetector, get_lr
+from llmpy.train.loop import MEMORY_MARGIN, default_recompute_gelu, train
 from test_gpt2 import (key_bias, key_bias_bound, random_weights, rel_err, write_llmc_model,
                        write_llmc_tokens)
 from test_resume import records
@@ -286,10 +287,10 @@ def test_plot_bad_logs(tmp_path):
 
 
 def test_mfu_per_step_where_the_backend_knows_its_peak(files, monkeypatch, capsys):
-    from llmpy.backends import numpy as numpy_backend
+    from llmpy.backends.base import Backend
     _, log = run(files[0], steps=2)
     assert "mfu" not in log[0] and "MFU" not in capsys.readouterr().out   # no peak: no MFU
-    monkeypatch.setattr(numpy_backend, "peak_flops", lambda: 1e9, raising=False)
+    monkeypatch.setattr(Backend, "peak_flops", lambda self: 1e9)
     _, log = run(files[0], steps=2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     for rec, line in zip(log, lines, strict=True):
@@ -301,7 +302,8 @@ def test_gelu_recomputed_by_default_only_where_keeping_it_would_not_fit():
     """--recompute-gelu's default: on a GPU, keep every GELU output where the buffers' own sizes
     with them, plus the margin, fit in the memory the GPU has for the process; else recompute.
     In Triton's interpreter (no such figure) recompute, as llm.c; on the CPU keep them."""
-    from llmpy.backends import numpy as backend
+    from llmpy.backends import Capabilities, get_backend
+    backend = get_backend("numpy")
     model = GPT2(GPT2Config(max_seq_len=16, vocab_size=64, num_layers=2, num_heads=2,
                             channels=16), backend)
     opt, B, T = AdamW(model), 4, 16
@@ -310,7 +312,8 @@ def test_gelu_recomputed_by_default_only_where_keeping_it_would_not_fit():
     needed = keep * MEMORY_MARGIN[0] + MEMORY_MARGIN[1]
 
     def gpu(free):
-        return types.SimpleNamespace(name="gpu", available_memory=lambda: free)
+        return types.SimpleNamespace(name="gpu", caps=Capabilities(fused=True),
+                                     available_memory=lambda: free)
     assert default_recompute_gelu(model, opt, gpu(int(needed) + 1), B, T) is False
     assert default_recompute_gelu(model, opt, gpu(int(needed) - 1), B, T) is True
     assert default_recompute_gelu(model, opt, gpu(None), B, T) is True

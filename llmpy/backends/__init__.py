@@ -1,21 +1,41 @@
-"""Backends implement the same <op>_forward/<op>_backward functions; the model receives one."""
+"""Backends implement the same <op>_forward/<op>_backward functions (base.OPS); the model
+receives a Backend object that get_backend makes. Importing a backend changes nothing in the
+process: the environment it wants is set where a process starts (set_thread_env)."""
 import importlib
+import os
 
 from ..errors import LlmpyError
+from .base import Backend, Capabilities  # noqa: F401  (the contract, for callers)
 
 BACKENDS = ("numpy", "cpu", "gpu")
 
 
-def get_backend(name):
-    """The backend module called `name`; "auto" is cpu where numba and scipy import, else numpy."""
+def set_thread_env(environ=os.environ):
+    """For the cpu backend, before numba and scipy load (they read it then), unless the user set
+    them: Numba's OpenMP threads and OpenBLAS's take turns on the same cores a hundred times a
+    step, and by default each pool spins for a long while after its work, on the core the other
+    pool needs next (a GEMM right after a threaded kernel took twice as long, bench/RESULTS.md).
+    GOMP_SPINCOUNT=20000 (libgomp's default is 300000; not 0: threads that sleep at once make a
+    sampling step, with its many short kernels, slower) and OPENBLAS_THREAD_TIMEOUT=4 (2^4
+    cycles). Called by the CLI's main, the benchmark workers and the tests' conftest; if scipy's
+    BLAS was loaded earlier, its timeout keeps its default and only speed differs."""
+    if "OMP_WAIT_POLICY" not in environ:
+        environ.setdefault("GOMP_SPINCOUNT", "20000")
+    environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def get_backend(name, **options):
+    """A new Backend: `name` is numpy, cpu, gpu, or auto (cpu where numba and scipy import,
+    else numpy). options go to the backend's make(), e.g. get_backend("gpu", dtype="float32")."""
     if name == "auto":
         try:
-            return importlib.import_module(f"{__name__}.cpu")
+            module = importlib.import_module(f"{__name__}.cpu")
         except ImportError:
-            return importlib.import_module(f"{__name__}.numpy")
+            module = importlib.import_module(f"{__name__}.numpy")
+        return module.make(**options)
     if name not in BACKENDS:
         raise LlmpyError(f"unknown backend {name!r} (choose from auto, {', '.join(BACKENDS)})")
     try:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__name__}.{name}").make(**options)
     except ImportError as e:
         raise LlmpyError(f"backend {name!r} is not available: {e}") from None

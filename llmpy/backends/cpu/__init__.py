@@ -13,30 +13,26 @@
   head's dot products, an attention row's softmax, dwpe's sum over B) in float32, as BLAS does.
 Without numba or scipy the import fails and the backend is simply unavailable.
 
-Threads: Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores, a hundred
-times a step, and by default each pool spins for a long while after its work, on the core the
-other pool needs next (measured: a GEMM right after a threaded kernel took twice as long, and a
-step 1.3x as long). So unless the user set them, importing this module shortens both spins:
-GOMP_SPINCOUNT=20000 (libgomp's default is 300000; not 0, because threads that sleep at once
-make a sampling step, with its many short kernels, 1.3x slower) and OPENBLAS_THREAD_TIMEOUT=4
-(2^4 cycles). The libraries read them when they load, so this has to happen before the imports
-below; if scipy's BLAS was loaded earlier, its timeout keeps its default and only speed differs.
+Threads: llmpy.backends.set_thread_env, called where a process starts, shortens the spin of
+Numba's OpenMP threads and OpenBLAS's, which take turns on the same cores (see there).
 """
 import math
-import os
+import sys
 
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import numpy as np
+from numba import njit, prange
+from scipy.linalg.blas import sgemm
 
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
-from scipy.linalg.blas import sgemm  # noqa: E402
+from ..base import Backend
+from ..numpy import sum_squares, to_device, to_host, zeros  # noqa: F401  (as the reference)
 
-from ..numpy import sum_squares, to_device, to_host, zeros  # noqa: E402,F401  (as the reference)
 
-name = "cpu"
-test_dtypes = (np.float32,)
+def make():
+    """This module's ops as a Backend (backends/base.py)."""
+    return Backend("cpu", sys.modules[__name__], zeros=zeros, to_device=to_device,
+                   to_host=to_host)
+
+
 # reassoc lets LLVM vectorise sums; contract lets it use FMAs. No nnan/ninf: -inf and NaN
 # behave as in the reference. error_model="numpy": x/0 gives inf like NumPy instead of a
 # Python exception (the check would also block vectorisation).
@@ -350,18 +346,6 @@ def _residual_forward(out, inp1, inp2):
 def residual_forward(out, inp1, inp2):
     # out, inp1, inp2: (B,T,C)
     _residual_forward(out.reshape(-1), inp1.reshape(-1), inp2.reshape(-1))
-
-
-@kernel
-def _residual_backward(dinp1, dinp2, dout):
-    for i in range(dout.size):
-        dinp1[i] += dout[i]
-        dinp2[i] += dout[i]
-
-
-def residual_backward(dinp1, dinp2, dout):
-    # dinp1, dinp2, dout: (B,T,C)
-    _residual_backward(dinp1.reshape(-1), dinp2.reshape(-1), dout.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- softmax + cross-entropy

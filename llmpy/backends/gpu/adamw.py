@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import ELEMENTS as BLOCK
+from .launch import ELEMENTS as BLOCK
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import CACHED, configs
+from .launch import CACHED, configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 

@@ -17,7 +17,7 @@ timing runs would overwrite the logits (it streams at close to the memory's spee
 import triton
 import triton.language as tl
 
-from .interpreter import ROWS, configs, tuning
+from .launch import ROWS, configs, tuning
 
 BLOCK = 1024
 # the backward's: 8 logits a thread at its 8 warps, one 16-byte load each

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import ROWS
+from .launch import ROWS
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import ELEMENTS, ROWS, SPAN, configs, tuning
+from .launch import ELEMENTS, ROWS, SPAN, configs, tuning
 from .matmul import add_partial_sums
 
 GELU_SCALE = tl.constexpr(math.sqrt(2.0 / math.pi))

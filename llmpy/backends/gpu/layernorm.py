@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import ROWS, SPAN, configs, tuning
+from .launch import ROWS, SPAN, configs, tuning
 from .matmul import add_partial_sums
 
 

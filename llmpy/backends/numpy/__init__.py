@@ -8,14 +8,21 @@ Conventions (every backend follows them):
 Matmuls go to BLAS through `@`; everything else is plain vectorised NumPy in float32.
 """
 import math
+import sys
 
 import numpy as np
 
-name = "numpy"
-test_dtypes = (np.float64, np.float32)   # the reference also runs the float64 checks
+from ..base import Backend
+
 # Python floats, not NumPy scalars: they take the arrays' dtype (float32 in training, float64
 # in the finite-difference tests) instead of forcing one.
 GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def make():
+    """This module's ops as a Backend (backends/base.py)."""
+    return Backend("numpy", sys.modules[__name__], zeros=zeros, to_device=to_device,
+                   to_host=to_host)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -160,12 +167,6 @@ def gelu_backward(dinp, inp, dout):
 def residual_forward(out, inp1, inp2):
     # out, inp1, inp2: (B,T,C)
     np.add(inp1, inp2, out=out)
-
-
-def residual_backward(dinp1, dinp2, dout):
-    # dinp1, dinp2, dout: (B,T,C)
-    dinp1 += dout
-    dinp2 += dout
 
 
 def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,

@@ -3,7 +3,7 @@ total_batch_size / (B*T*ranks) micro-batches on each data-parallel rank (distrib
 then makes one AdamW update under an lr schedule, with the gradients clipped to a global norm,
 unless the outlier guard skips it. Validation, HellaSwag and samples every so often; a JSONL
 log; and checkpoints in a run directory that a killed run resumes from exactly (see
-resume.py)."""
+checkpoints.py)."""
 import dataclasses
 import json
 import math
@@ -13,21 +13,19 @@ import time
 
 import numpy as np
 
-from . import distributed, resume
-from .backends import get_backend
-from .checkpoint import read_model, write_model
-from .config import (EMBEDDED_DEFAULT, PRESETS, PRETRAINED, check_fields, check_seq_len,
-                     preset, require_positive)
-from .data import DataLoader, bundled_data
-from .errors import LlmpyError
-from .files import ensure_dir
-from .evals import hellaswag, read_evalfile, val_loss
-from .hf import is_hf_dir, read_hf
-from .model import GPT2, flops_per_token, init_weights, load_params
-from .optim import (DECAYED, SCHEDULES, AdamW, AdamWConfig, OutlierDetector, clip_scale,
-                    get_lr)
-from .sample import generate
-from .tokenizer import EOT, Tokenizer
+from ..backends import get_backend
+from ..data.loader import DataLoader
+from ..errors import LlmpyError
+from ..evals import hellaswag, read_evalfile, val_loss
+from ..generate import generate
+from ..io.modelfile import write_model
+from ..io.tokenizer import EOT, Tokenizer
+from ..model.build import build_model
+from ..model.gpt2 import flops_per_token
+from . import checkpoints, distributed
+from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
+                     restore_flags)
+from .optim import AdamW, AdamWConfig, OutlierDetector, clip_scale, get_lr
 
 MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
 
@@ -45,101 +43,14 @@ def default_recompute_gelu(model, opt, backend, B, T):
     an H200). On the gpu backend in Triton's interpreter, which has no GPU memory to fill:
     recompute, as llm.c does by default. On the CPU: keep them (memory is rarely the limit).
     Each rank of a distributed run decides for its own GPU; both ways give the same numbers."""
-    if backend.name != "gpu":
+    if not backend.caps.fused:            # the CPU backends: llm.c's CPU trainer keeps them
         return False
-    available = getattr(backend, "available_memory", lambda: None)()
-    if available is None:
+    available = backend.available_memory()
+    if available is None:                 # no device memory to fill: llm.c's CUDA default
         return True
     scale, extra = MEMORY_MARGIN
     need = sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes()
     return need * scale + extra > available
-
-
-def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
-    """A model from an llm.c .bin path, a Hugging Face model directory (as `llmpy convert`
-    writes one), a run directory (its newest checkpoint), OpenAI's GPT-2 by its hub name
-    (downloaded once into the Hugging Face cache), or from scratch from a preset name."""
-    if spec in PRESETS:
-        model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
-        init_weights(model, seed)
-        return model
-    if is_hf_dir(spec) or (spec in PRETRAINED and not os.path.exists(spec)):
-        cfg, params = read_hf(spec)
-    elif os.path.isdir(spec):
-        cfg, params = resume.newest_weights(spec)
-    else:
-        cfg, params = read_model(spec)
-    model = GPT2(cfg, backend, recompute_gelu)
-    load_params(model, params)
-    return model
-
-
-def apply_embedded_default(cfg, explicit):
-    """No model and no data: train a small model from scratch on the bundled Shakespeare."""
-    for k, v in EMBEDDED_DEFAULT.items():
-        if k not in explicit:
-            setattr(cfg, k, v)
-    cfg.train_data = bundled_data("shakespeare_train.bin")
-    if "val_data" not in explicit:
-        cfg.val_data = bundled_data("shakespeare_val.bin")
-
-
-def restore_flags(cfg, explicit, run_dir, names):
-    """Each of the fields `names` not given on the command line takes the value the run in
-    run_dir was started with (its config.json): so `llmpy train --run-dir D --resume` continues
-    the same run, and `llmpy eval --model D` scores it on the same data. Returns the flags
-    restored, as they would be typed."""
-    saved = resume.saved_flags(run_dir)
-    types = {f.name: f.type for f in dataclasses.fields(cfg)}
-    restored = []
-    for k in sorted(set(names) & set(saved) - set(explicit)):
-        if saved[k] == getattr(cfg, k):
-            continue
-        if not valid_value(saved[k], types[k]):
-            raise LlmpyError(f"{run_dir}/config.json: {k}: expected "
-                             f"{types[k].__name__}, got {saved[k]!r}")
-        setattr(cfg, k, saved[k])
-        flag = "--" + k.replace("_", "-")
-        restored.append(flag if saved[k] is True else f"--no-{flag[2:]}" if saved[k] is False
-                        else f"{flag} {saved[k]}")
-    return restored
-
-
-def valid_value(value, typ):
-    """Whether a value read from JSON can stand for a TrainConfig field of type typ."""
-    if value is None:
-        return typ is bool                  # recompute_gelu's "the backend decides"
-    if typ is float:
-        return type(value) in (int, float)
-    return type(value) is typ
-
-
-def check_flags(cfg):
-    """What the flags alone can tell, before any work: each number in TrainConfig's bounds,
-    the schedule's name, --save's directory."""
-    check_fields(cfg)
-    if cfg.sample_every:
-        require_positive(cfg, "sample_tokens")
-    if cfg.save:                        # fail now, not after the whole run
-        ensure_dir(os.path.dirname(os.path.abspath(cfg.save)))
-        if os.path.isdir(cfg.save):
-            raise LlmpyError(f"{cfg.save}: --save names a directory, not a file")
-    if cfg.lr_schedule not in SCHEDULES:
-        raise LlmpyError(f"unknown --lr-schedule {cfg.lr_schedule!r} (choose from "
-                         f"{', '.join(SCHEDULES)})")
-    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir:
-        raise LlmpyError("--resume and --checkpoint-every need a --run-dir")
-
-
-def grad_accum_steps(cfg, world=1):
-    """Micro-batches per optimizer step, on each of `world` data-parallel ranks."""
-    tokens = cfg.batch_size * cfg.seq_len * world
-    total = cfg.total_batch_size or tokens
-    if total % tokens:
-        raise LlmpyError(f"--total-batch-size {total} is not a multiple of B*T"
-                         + (f"*ranks = {cfg.batch_size}*{cfg.seq_len}*{world}" if world > 1
-                            else "") + f" = {tokens}")
-    return total // tokens
 
 
 def sample_text(model, tokenizer, cfg, rng):
@@ -219,7 +130,7 @@ def open_log(cfg, start):
     if not path:
         return None
     if cfg.resume:
-        resume.trim_log(path, start)
+        checkpoints.trim_log(path, start)
     try:
         return open(path, "a" if cfg.resume else "w")
     except OSError as e:
@@ -278,7 +189,7 @@ def train(cfg, explicit=None):
                              f"model's vocabulary has {mc.vocab_size} tokens: pass "
                              "--sample-every 0")
     opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
-                decayed=DECAYED, shard=dist.shard(model.num_parameters()))
+                decayed=model.layout.decayed(), shard=dist.shard(model.num_parameters()))
     if cfg.recompute_gelu is None:        # config.json then records what ran
         cfg.recompute_gelu = default_recompute_gelu(model, opt, backend, B, T)
         model.recompute_gelu = cfg.recompute_gelu   # before the first forward sizes the buffers
@@ -301,21 +212,21 @@ def train(cfg, explicit=None):
     print("memory: " + ", ".join(f"{k} {v / 2 ** 20:,.1f}" for k, v in mem.items())
           + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")
     # model FLOPs utilization per GPU, as llm.c prints it, where the backend knows its peak
-    peak = getattr(backend, "peak_flops", lambda: None)()
+    peak = backend.peak_flops()
     run = RunState(cfg, train_loader, accum)
     start = 0
     if cfg.run_dir:
         if main:
-            resume.prepare(cfg.run_dir, cfg.resume)
+            checkpoints.prepare(cfg.run_dir, cfg.resume)
         manifest = dist.load_checkpoint(cfg.run_dir, model, opt) if cfg.resume else None
         if manifest:
             run.load_state(manifest, cfg.run_dir)
             start = manifest["step"]
         if main:    # once the checkpoint fits these flags: a refused --resume leaves it as it was
-            resume.write_config(cfg.run_dir, {"train": dataclasses.asdict(cfg),
+            checkpoints.write_config(cfg.run_dir, {"train": dataclasses.asdict(cfg),
                                               "model": dataclasses.asdict(mc),
                                               "backend": backend.name,
-                                              "git_commit": resume.git_commit()})
+                                              "git_commit": checkpoints.git_commit()})
     dist.broadcast(model.params.buf)      # every rank starts from rank 0's weights
     log = open_log(cfg, start) if main else None
     do_val = val_loader is not None and cfg.val_every > 0
@@ -364,7 +275,7 @@ def train(cfg, explicit=None):
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
                 full = dist.full_optimizer(opt)   # all ranks: ZeRO-1 gathers the shards
                 if main:
-                    resume.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
+                    checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
                                 cfg.major_every)
     finally:
         if log:

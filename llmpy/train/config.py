@@ -1,56 +1,17 @@
-"""Configuration dataclasses: the model's shape and a training run's settings."""
+"""A run's settings (TrainConfig, EvalConfig), the flags built from them, and every check of
+them: bounds, the run directory's saved flags (restore_flags), the embedded default."""
 import argparse
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 
-from .errors import LlmpyError
-
-
-def pad_vocab(vocab_size, multiple=128):
-    """llm.c pads the vocabulary (50257 -> 50304) so the classifier matmul tiles evenly."""
-    return (vocab_size + multiple - 1) // multiple * multiple
-
-
-@dataclass
-class GPT2Config:
-    max_seq_len: int = 1024        # maxT
-    vocab_size: int = 50257        # V
-    padded_vocab_size: int = 0     # Vp; 0 means pad_vocab(V)
-    num_layers: int = 12           # L
-    num_heads: int = 12            # NH
-    channels: int = 768            # C
-
-    def __post_init__(self):
-        sizes = dict(max_seq_len=1, vocab_size=1, num_layers=0, num_heads=1, channels=1)
-        for name, least in sizes.items():
-            if getattr(self, name) < least:
-                raise ValueError(f"{name} {getattr(self, name)} must be at least {least}")
-        if not self.padded_vocab_size:
-            self.padded_vocab_size = pad_vocab(self.vocab_size)
-        if self.channels % self.num_heads:
-            raise ValueError(f"channels {self.channels} not divisible by num_heads {self.num_heads}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise ValueError("padded_vocab_size must be >= vocab_size")
-
-
-# From-scratch shapes, (num_layers, num_heads, channels), as llm.c's train_gpt2.cu names them.
-_DEPTHS = {
-    "d6": (6, 6, 384), "d12": (12, 12, 768), "d24": (24, 16, 1024),
-    "d36": (36, 20, 1280), "d48": (48, 25, 1600),
-    # The embedded default: small enough to train on 2 CPU cores in minutes.
-    "tiny": (4, 4, 128),
-}
-PRESETS = tuple(_DEPTHS)
-# OpenAI's GPT-2 on the Hugging Face hub, and the preset of its shape: `--model gpt2` means these
-# weights, as nanoGPT's init_from="gpt2" and transformers' from_pretrained("gpt2") do.
-PRETRAINED = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
-
-
-def preset(name, max_seq_len=1024, vocab_size=50257):
-    """A model shape by name: a preset (d6, d12, d24, d36, d48, tiny) or a PRETRAINED name."""
-    L, NH, C = _DEPTHS[PRETRAINED.get(name, name)]
-    return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab_size,
-                      num_layers=L, num_heads=NH, channels=C)
+from ..data.loader import bundled_data
+from ..errors import LlmpyError
+from ..io.files import ensure_dir
+from ..model.build import PRESETS, PRETRAINED
+from . import checkpoints
+from .optim import SCHEDULES
 
 
 BACKEND_HELP = ("compute backend: numpy, cpu, gpu, or auto (cpu when numba and scipy are "
@@ -220,3 +181,71 @@ def from_arguments(cls, args):
     """(config, names of the fields given on the command line)."""
     given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
     return cls(**given), set(given)
+
+
+def apply_embedded_default(cfg, explicit):
+    """No model and no data: train a small model from scratch on the bundled Shakespeare."""
+    for k, v in EMBEDDED_DEFAULT.items():
+        if k not in explicit:
+            setattr(cfg, k, v)
+    cfg.train_data = bundled_data("shakespeare_train.bin")
+    if "val_data" not in explicit:
+        cfg.val_data = bundled_data("shakespeare_val.bin")
+
+
+def restore_flags(cfg, explicit, run_dir, names):
+    """Each of the fields `names` not given on the command line takes the value the run in
+    run_dir was started with (its config.json): so `llmpy train --run-dir D --resume` continues
+    the same run, and `llmpy eval --model D` scores it on the same data. Returns the flags
+    restored, as they would be typed."""
+    saved = checkpoints.saved_flags(run_dir)
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    restored = []
+    for k in sorted(set(names) & set(saved) - set(explicit)):
+        if saved[k] == getattr(cfg, k):
+            continue
+        if not valid_value(saved[k], types[k]):
+            raise LlmpyError(f"{run_dir}/config.json: {k}: expected "
+                             f"{types[k].__name__}, got {saved[k]!r}")
+        setattr(cfg, k, saved[k])
+        flag = "--" + k.replace("_", "-")
+        restored.append(flag if saved[k] is True else f"--no-{flag[2:]}" if saved[k] is False
+                        else f"{flag} {saved[k]}")
+    return restored
+
+
+def valid_value(value, typ):
+    """Whether a value read from JSON can stand for a TrainConfig field of type typ."""
+    if value is None:
+        return typ is bool                  # recompute_gelu's "the backend decides"
+    if typ is float:
+        return type(value) in (int, float)
+    return type(value) is typ
+
+
+def check_flags(cfg):
+    """What the flags alone can tell, before any work: each number in TrainConfig's bounds,
+    the schedule's name, --save's directory."""
+    check_fields(cfg)
+    if cfg.sample_every:
+        require_positive(cfg, "sample_tokens")
+    if cfg.save:                        # fail now, not after the whole run
+        ensure_dir(os.path.dirname(os.path.abspath(cfg.save)))
+        if os.path.isdir(cfg.save):
+            raise LlmpyError(f"{cfg.save}: --save names a directory, not a file")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise LlmpyError(f"unknown --lr-schedule {cfg.lr_schedule!r} (choose from "
+                         f"{', '.join(SCHEDULES)})")
+    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir:
+        raise LlmpyError("--resume and --checkpoint-every need a --run-dir")
+
+
+def grad_accum_steps(cfg, world=1):
+    """Micro-batches per optimizer step, on each of `world` data-parallel ranks."""
+    tokens = cfg.batch_size * cfg.seq_len * world
+    total = cfg.total_batch_size or tokens
+    if total % tokens:
+        raise LlmpyError(f"--total-batch-size {total} is not a multiple of B*T"
+                         + (f"*ranks = {cfg.batch_size}*{cfg.seq_len}*{world}" if world > 1
+                            else "") + f" = {tokens}")
+    return total // tokens

@@ -36,7 +36,7 @@ def _dataset(datasets, name, func, help, description):
                         "a corpus under about 1 MB per process is tokenized in one")
 
     def run(args):                  # --workers checked before any work
-        from ..config import check_range
+        from ...train.config import check_range
         check_range("workers", args.workers, least=0)
         func(args)
     s.set_defaults(func=run)

@@ -11,25 +11,17 @@ import re
 
 import numpy as np
 
-from .checkpoint import BF16, FP32, read_model, write_model
-from .config import GPT2Config
-from .errors import LlmpyError, first_line
+from ..errors import LlmpyError, first_line
+from ..model.layout import GPT2_LAYOUT, FlatTensors, GPT2Config
 from .files import article, atomic_write, check_output_file, ensure_dir
-from .model import FlatTensors, param_shapes
+from .modelfile import BF16, FP32, read_model, write_model
 
 # llm.c tensor -> HF tensor name; a name with {} is one tensor per layer ({} = layer index).
-HF_NAMES = {
-    "wte": "wte.weight", "wpe": "wpe.weight",
-    "ln1w": "h.{}.ln_1.weight", "ln1b": "h.{}.ln_1.bias",
-    "qkvw": "h.{}.attn.c_attn.weight", "qkvb": "h.{}.attn.c_attn.bias",
-    "attprojw": "h.{}.attn.c_proj.weight", "attprojb": "h.{}.attn.c_proj.bias",
-    "ln2w": "h.{}.ln_2.weight", "ln2b": "h.{}.ln_2.bias",
-    "fcw": "h.{}.mlp.c_fc.weight", "fcb": "h.{}.mlp.c_fc.bias",
-    "fcprojw": "h.{}.mlp.c_proj.weight", "fcprojb": "h.{}.mlp.c_proj.bias",
-    "lnfw": "ln_f.weight", "lnfb": "ln_f.bias",
-}
-CONV1D = {"qkvw", "attprojw", "fcw", "fcprojw"}     # stored (in, out) by HF: transpose
-PREFIX = "transformer."                             # GPT2LMHeadModel's; GPT2Model has none
+HF_NAMES = GPT2_LAYOUT.hf_names()
+# stored (in, out) by HF's Conv1D: transpose
+CONV1D = {p.name for p in GPT2_LAYOUT.params if p.hf_transposed}
+PREFIX = GPT2_LAYOUT.hf_prefix                      # GPT2LMHeadModel's; GPT2Model has none
+param_shapes = GPT2_LAYOUT.param_shapes
 # Tensors HF checkpoints may carry that are not weights: the causal-mask buffers of old
 # checkpoints, and the classifier, which GPT-2 ties to wte.
 NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")

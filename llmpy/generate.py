@@ -12,8 +12,9 @@ import numpy as np
 from .backends import get_backend
 from .backends import numpy as ref
 from .errors import LlmpyError
-from .model import FlatTensors, param_shapes
-from .tokenizer import EOT
+from .model.layout import FlatTensors
+from .model.gpt2 import param_shapes
+from .io.tokenizer import EOT
 
 
 def sample_next(logits, rng, temperature=1.0, top_k=0):

@@ -5,7 +5,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import LlmpyError
+from ..errors import LlmpyError
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4

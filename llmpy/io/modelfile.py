@@ -1,18 +1,17 @@
-"""llm.c's model file: a 256 x int32 header (magic 20240326), then the 16 tensors in order,
-as float32 (version 3) or bfloat16 (version 5)."""
+"""llm.c's model file: a 256 x int32 header (magic 20240326), then the 16 tensors in the
+layout's order (model/layout.py), as float32 (version 3) or bfloat16 (version 5)."""
 import numpy as np
 
-from .config import GPT2Config
-from .errors import LlmpyError
+from ..errors import LlmpyError
+from ..model.layout import GPT2_LAYOUT, GPT2Config
 from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
-from .model import param_shapes
 
 MODEL_MAGIC = 20240326
 FP32, BF16 = 3, 5
 
 
 def num_params(cfg):
-    return sum(int(np.prod(s)) for _, s in param_shapes(cfg))
+    return GPT2_LAYOUT.num_params(cfg)
 
 
 def bf16_to_fp32(u16):

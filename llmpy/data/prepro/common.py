@@ -9,10 +9,10 @@ import urllib.request
 
 import numpy as np
 
-from ..data import write_tokens
-from ..errors import LlmpyError
-from ..files import ensure_dir
-from ..tokenizer import EOT_TEXT, Tokenizer
+from ..loader import write_tokens
+from ...errors import LlmpyError
+from ...io.files import ensure_dir
+from ...io.tokenizer import EOT_TEXT, Tokenizer
 
 MIN_WORK_CHARS = 1 << 20   # a process pool pays off only when each process gets this much text
 # A streamed work item: tiktoken returns its tokens as a Python list (~12 MB per MiB of text)

@@ -6,8 +6,8 @@ import json
 import os
 import re
 
-from ..errors import LlmpyError
-from ..files import ensure_dir
+from ...errors import LlmpyError
+from ...io.files import ensure_dir
 from .common import encode_documents, read_text, write_token_files
 
 

@@ -3,68 +3,20 @@
 This is the Python counterpart of llm.c's train_gpt2.c. All parameters live in one flat
 float32 buffer exposed as 16 named views in llm.c's order; gradients use the same layout.
 Activations (and their gradients) are one more flat buffer, allocated once per (B,T).
-The math lives in the backend, a module with <op>_forward / <op>_backward functions.
+The names and shapes come from layout.GPT2_LAYOUT; the math lives in the backend (a Backend
+object, backends/base.py) with its <op>_forward / <op>_backward functions.
 """
 import numpy as np
 
-from .errors import LlmpyError
+from ..errors import LlmpyError
+from .layout import GPT2_LAYOUT, FlatTensors
 
 
-def param_shapes(cfg):
-    """The 16 parameter tensors, in llm.c's order and shapes."""
-    Vp, C, maxT, L = cfg.padded_vocab_size, cfg.channels, cfg.max_seq_len, cfg.num_layers
-    return [
-        ("wte", (Vp, C)), ("wpe", (maxT, C)),
-        ("ln1w", (L, C)), ("ln1b", (L, C)),
-        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
-        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
-        ("ln2w", (L, C)), ("ln2b", (L, C)),
-        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
-        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
-        ("lnfw", (C,)), ("lnfb", (C,)),
-    ]
-
-
-def activation_shapes(cfg, B, T, fused=False, recompute_gelu=False):
-    """Everything the forward pass writes and the backward pass reads, as llm.c lays it out.
-    fused: the backend has flash attention and a fused classifier (llm.c's CUDA layout): they
-    save one logsumexp per row instead of the (T,T) attention matrices and the probabilities.
-    recompute_gelu: one layer's GELU output, which every layer overwrites in the forward pass
-    and the backward pass recomputes from fch (llm.c's -r 1).
-    attproj and fcproj, the projections' outputs, are one layer's worth on every backend: the
-    residual add right after each is their only reader (a matmul's backward needs its input,
-    not its output), as in llm.c's CUDA trainer."""
-    C, NH, L, Vp = cfg.channels, cfg.num_heads, cfg.num_layers, cfg.padded_vocab_size
-    att = ([("att_lse", (L, B, NH, T))] if fused else
-           [("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T))])
-    return [
-        ("encoded", (B, T, C)),
-        ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
-        ("qkv", (L, B, T, 3 * C)), ("atty", (L, B, T, C)), *att,
-        ("attproj", (B, T, C)), ("residual2", (L, B, T, C)),
-        ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
-        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (1 if recompute_gelu else L, B, T, 4 * C)),
-        ("fcproj", (B, T, C)), ("residual3", (L, B, T, C)),
-        ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
-        ("logits", (B, T, Vp)), ("logits_lse", (B, T)) if fused else ("probs", (B, T, Vp)),
-        ("losses", (B, T)),
-    ]
-
-
-def grad_activation_shapes(cfg, B, T, fused=False):
-    """The backward pass's scratch, reused as in llm.c's CUDA version: (whole-model shapes, one
-    layer's shapes). A residual add passes its gradient through unchanged, so the residual
-    stream's gradient is a single (B,T,C) buffer that every layer adds into, and it is also
-    d(fcproj) and d(attproj). A layer's other gradients are needed only while that layer runs,
-    so each layer reuses one layer's worth."""
-    C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
-    att = [] if fused else [("preatt", (B, NH, T, T)), ("att", (B, NH, T, T))]
-    # the fused classifier writes dlogits over the logits (see GPT2.backward)
-    dlogits = [] if fused else [("logits", (B, T, Vp))]
-    model = [*dlogits, ("losses", (B, T)), ("lnf", (B, T, C)), ("residual", (B, T, C))]
-    layer = [("ln1", (B, T, C)), ("qkv", (B, T, 3 * C)), ("atty", (B, T, C)), *att,
-             ("ln2", (B, T, C)), ("fch", (B, T, 4 * C)), ("fch_gelu", (B, T, 4 * C))]
-    return model, layer
+LAYOUT = GPT2_LAYOUT
+param_shapes = LAYOUT.param_shapes
+activation_shapes = LAYOUT.activation_shapes
+grad_activation_shapes = LAYOUT.grad_activation_shapes
+STATS = LAYOUT.stats()
 
 
 def flops_per_token(cfg, T):
@@ -76,56 +28,19 @@ def flops_per_token(cfg, T):
     return 6 * (cfg.padded_vocab_size * C + 12 * L * C * C) + 12 * L * C * T
 
 
-# Per-row statistics: float32 on every backend, also on one that computes in bf16, because the
-# backward pass needs them to more digits than bf16's three.
-STATS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "att_lse",
-         "logits_lse", "losses")
-
-
-class FlatTensors:
-    """One flat buffer `buf` with a named view per tensor (llm.c's ParameterTensors). Tensors
-    named in `float32` go to a second flat buffer, `buf32`, that alloc(n, np.float32) makes."""
-
-    def __init__(self, shapes, alloc, float32=()):
-        self.shapes = dict(shapes)
-        self.offsets = {}                                       # into buf, or into buf32
-        self.buf = self._place([(n, s) for n, s in shapes if n not in float32], alloc)
-        stats = [(n, s) for n, s in shapes if n in float32]
-        self.buf32 = self._place(stats, lambda n: alloc(n, np.float32)) if stats else None
-
-    def _place(self, shapes, alloc):
-        total = 0
-        for name, shape in shapes:
-            self.offsets[name] = total
-            total += int(np.prod(shape))
-        buf = alloc(total)                                      # (total,)
-        for name, shape in shapes:
-            o = self.offsets[name]
-            setattr(self, name, buf[o:o + int(np.prod(shape))].reshape(shape))
-        return buf
-
-    def names(self):
-        return list(self.shapes)
-
-    def items(self):
-        return [(n, getattr(self, n)) for n in self.shapes]
-
-    def __len__(self):
-        return self.buf.shape[0]
-
-
 class GPT2:
     def __init__(self, config, backend, recompute_gelu=False):
         self.config = config
         self.backend = backend
-        self.fused = getattr(backend, "fused", False)          # see activation_shapes
+        self.layout = LAYOUT
+        self.fused = backend.caps.fused                          # see layout.GPT2_LAYOUT.acts
         # the backend's matmul, GELU, attention and classifier backwards write their input's
         # gradient instead of adding into it (llm.c's CUDA contract): no scratch to zero
-        self.writes_grads = getattr(backend, "writes_activation_grads", False)
+        self.writes_grads = backend.caps.writes_activation_grads
         # the backend's layernorm and GELU backwards also sum, into a bias gradient, the
         # gradient they leave for the matmul backward after them: its dout, which that matmul
         # then does not read again for its bias (a pass over 6C values a position a layer)
-        self.sums_bias_grads = getattr(backend, "sums_bias_grads", False)
+        self.sums_bias_grads = backend.caps.sums_bias_grads
         # keep one layer's GELU output instead of L, at the cost of a GELU per layer in the
         # backward pass: 4*C of the 16*C values a layer saves per position
         self.recompute_gelu = recompute_gelu
@@ -317,20 +232,20 @@ class GPT2:
 
 
 def init_weights(model, seed=0):
-    """GPT-2's from-scratch init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),
-    biases 0, LayerNorm weights 1, the padded rows of wte 0."""
+    """GPT-2's from-scratch init, by each parameter's `init` in the layout: N(0, 0.02), the
+    residual projections N(0, 0.02/sqrt(2L)), biases 0, LayerNorm weights 1; the padded rows of
+    wte 0."""
     cfg, p = model.config, model.params
     rng = np.random.default_rng(seed)
     host = np.zeros(len(p), dtype=np.float32)
-    for name, shape in param_shapes(cfg):
+    std = {"normal": 0.02, "residual": 0.02 / np.sqrt(2 * cfg.num_layers)}
+    for param, (name, shape) in zip(model.layout.params, model.layout.param_shapes(cfg)):
         o, n = p.offsets[name], int(np.prod(shape))
         view = host[o:o + n].reshape(shape)
-        if name in ("ln1w", "ln2w", "lnfw"):
+        if param.init == "ones":
             view[...] = 1.0
-        elif name in ("attprojw", "fcprojw"):
-            view[...] = rng.normal(0.0, 0.02 / np.sqrt(2 * cfg.num_layers), shape)
-        elif name in ("wte", "wpe", "qkvw", "fcw"):
-            view[...] = rng.normal(0.0, 0.02, shape)
+        elif param.init in std:
+            view[...] = rng.normal(0.0, std[param.init], shape)
     host[p.offsets["wte"] + cfg.vocab_size * cfg.channels:
          p.offsets["wte"] + cfg.padded_vocab_size * cfg.channels] = 0.0
     load_params(model, host)

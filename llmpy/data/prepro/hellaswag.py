@@ -3,9 +3,9 @@ the context `ctx`, then each of the 4 endings with a space in front (GPT-2's BPE
 import json
 import os
 
-from ..errors import LlmpyError
-from ..evals import NUM_COMPLETIONS, write_evalfile
-from ..files import ensure_dir
+from ...errors import LlmpyError
+from ...evals import NUM_COMPLETIONS, write_evalfile
+from ...io.files import ensure_dir
 from .common import download, progress, read_text, tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"

@@ -12,10 +12,9 @@ import tarfile
 
 import numpy as np
 
-from ..errors import LlmpyError
-from ..files import ensure_dir, file_size
-from .common import (encode_pieces, fetch, parallel_map, read_text,
-                     write_token_files)
+from ...errors import LlmpyError
+from ...io.files import ensure_dir, file_size
+from .common import encode_pieces, fetch, parallel_map, read_text, write_token_files
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 

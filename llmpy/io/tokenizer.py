@@ -10,8 +10,8 @@ import base64
 
 import numpy as np
 
-from .data import bundled_data
-from .errors import LlmpyError
+from ..data.loader import bundled_data
+from ..errors import LlmpyError
 from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
 
 EOT = 50256

@@ -9,7 +9,7 @@ their gradients, so every rank makes the same update and the parameters stay ide
   layer, each started as soon as the backward pass has finished that layer, so the reduction
   overlaps with the backward pass through the layers below (NCCL runs it on its own CUDA stream,
   gloo on its own threads); then the four whole-model tensors. Each rank's backward pass scaled
-  its gradients by 1/world already (train.forward_backward), so the sum is the mean.
+  its gradients by 1/world already (train/step.py), so the sum is the mean.
 - ZeRO-1 (--zero 1): rank r owns a contiguous shard of the flat buffer (the last rank also the
   remainder). The gradients are reduce-scattered, so each rank gets the sum of its shard only;
   AdamW updates only that shard, with m and v allocated for it alone; then every rank's
@@ -29,12 +29,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import resume
-from .errors import LlmpyError, first_line
+from ..errors import LlmpyError, first_line
+from . import checkpoints
 from .optim import global_norm
 
-# The parameters that are not per layer; the backward pass finishes their gradients last.
-WHOLE_MODEL = ("wte", "wpe", "lnfw", "lnfb")
 
 
 class Dist:
@@ -152,7 +150,7 @@ class Dist:
         all-reduce of layer l's gradients. None with nothing to overlap (one process, ZeRO-1)."""
         if self.td is None or self.zero:
             return None
-        layer = [getattr(model.grads, n) for n in model.grads.names() if n not in WHOLE_MODEL]
+        layer = [getattr(model.grads, n) for n in model.layout.per_layer()]
 
         def start(l):
             with self.failing("gradient all-reduce"):
@@ -173,7 +171,7 @@ class Dist:
             else:
                 works, self.pending = self.pending, []
                 works += [self.td.all_reduce(self.tensor(getattr(g, n)), async_op=True)
-                          for n in WHOLE_MODEL]
+                          for n in model.layout.whole_model()]
                 for w in works:
                     w.wait()
 
@@ -225,15 +223,15 @@ class Dist:
         return full if isinstance(shard, self.torch.Tensor) else full.numpy()
 
     def load_checkpoint(self, run_dir, model, opt):
-        """resume.load_latest into a sharded AdamW too: every rank reads the whole checkpoint
+        """checkpoints.load_latest into a sharded AdamW too: every rank reads the whole checkpoint
         (so on many nodes the run directory must be on a filesystem they share) and keeps its
         shard. Returns the manifest, or None."""
         if not self.zero:
-            return resume.load_latest(run_dir, model, opt)
+            return checkpoints.load_latest(run_dir, model, opt)
         n, zeros = len(model.params), model.backend.zeros
         full = SimpleNamespace(m=zeros(n, np.float32), v=zeros(n, np.float32), master=None,
                                step=0)
-        manifest = resume.load_latest(run_dir, model, full)
+        manifest = checkpoints.load_latest(run_dir, model, full)
         s = self.shard(n)
         opt.m[:], opt.v[:], opt.step = full.m[s], full.v[s], full.step
         if full.master is not None:

@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 
-from .checkpoint import read_model, write_model
-from .errors import LlmpyError
-from .files import atomic_write, ensure_dir, file_size, write_json
-from .model import load_params
+from ..io.modelfile import read_model, write_model
+from ..errors import LlmpyError
+from ..io.files import atomic_write, ensure_dir, file_size, write_json
+from ..model.gpt2 import load_params
 
 FORMAT, VERSION = "llmpy-checkpoint", 1
 CKPT = re.compile(r"^ckpt_(\d{8})$")
@@ -197,7 +197,7 @@ def load_latest(run_dir, model, opt):
         buf[:] = be.to_device(np.fromfile(os.path.join(path, fname), dtype="<f4"))
     if "adamw_master.bin" in manifest["files"]:
         master = np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4")
-        if hasattr(be, "master_weights"):
+        if be.caps.master_weights:
             opt.master = be.to_device(master)
         else:                   # a float32 backend: the master copy is the precise weights
             load_params(model, master)

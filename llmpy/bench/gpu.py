@@ -18,7 +18,7 @@ under torch.profiler: the GPU's own time in each kernel, and where the GPU sat i
 kernels. MFU counts 6 FLOPs per weight that multiplies per token (the classifier's and the
 layers' matrices; biases, layernorms and the embedding lookups left out) plus 12*L*C*T for
 attention, as PaLM and nanoGPT count attention (model.flops_per_token), against the GPU's dense
-bf16 peak (gpu.peak_flops; none for a GPU not in its table). B is the largest of --batch-size
+bf16 peak (the backend's peak_flops(); none for a GPU not in its table). B is the largest of --batch-size
 at which both sides fit. Also: the flash-attention kernels against F.scaled_dot_product_attention at
 GPT-2's attention shape, in causal TFLOP/s (the FLOPs a causal kernel must do: half of the full
 T*T), and the config autotuning chose for each tuned kernel.
@@ -38,19 +38,20 @@ from triton.testing import do_bench
 
 from torchref.gpt2 import Block, TorchGPT
 
-from .. import gpu
-from .. import numpy as numpy_backend
-from . import attention as attention_kernels, classifier, gelu, layernorm
-from ...config import GPT2Config, preset
-from ...data import DataLoader, bundled_data
-from ...bench import OpTimer, op_table
-from ...errors import LlmpyError, first_line
-from ...model import GPT2, flops_per_token, init_weights, load_params
-from ...optim import DECAYED, AdamW, AdamWConfig, clip_scale, global_norm
-from ...resume import git_commit
-from ...train import default_recompute_gelu
+from ..backends import get_backend
+from ..backends.gpu import attention as attention_kernels, classifier, gelu, layernorm
+from ..data.loader import DataLoader, bundled_data
+from ..errors import LlmpyError, first_line
+from ..model.build import preset
+from ..model.gpt2 import GPT2, flops_per_token, init_weights, load_params
+from ..model.layout import GPT2Config
+from ..train.checkpoints import git_commit
+from ..train.loop import default_recompute_gelu
+from ..train.optim import AdamW, AdamWConfig, clip_scale, global_norm
+from . import OpTimer, op_table
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def batches(cfg, B, T, n):
@@ -61,7 +62,7 @@ def batches(cfg, B, T, n):
 def sync():
     """Wait for the GPU's queued work (nothing to wait for in the interpreter, where the tests
     run ours())."""
-    if gpu.device.type == "cuda":
+    if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -82,9 +83,10 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     pass against how long the GPU takes to run it (a CUDA graph would save only the first,
     and only where it is not hidden behind the second), and one more step op by op (OpTimer,
     synchronising around every op: where the time goes)."""
+    gpu = get_backend("gpu")
     model = GPT2(cfg, gpu, recompute_gelu)
     load_params(model, flat)
-    opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=DECAYED)
+    opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=model.layout.decayed())
 
     def step(x, y):                              # train.py's step
         loss = model.forward(x, y)
@@ -106,12 +108,13 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     sync()
     host = {"backward_queue_ms": 1e3 * (queued - t0),
             "backward_ms": 1e3 * (time.perf_counter() - t0)}
-    model.backend = OpTimer(gpu, sync=sync)
+    timer = OpTimer(gpu, sync=sync)
+    model.backend = timer.backend
     sync()
     t0 = time.perf_counter()
     step(*data[-1])
     sync()
-    ops = model.backend.table(time.perf_counter() - t0)
+    ops = timer.table(time.perf_counter() - t0)
     planned = sum(model.memory(B, T).values()) + opt.state_bytes()    # the buffers' own sizes
     return seconds, losses, {"ops": ops, "planned_memory_gib": planned / 2 ** 30,
                              "kernels": kernels, "gaps": gaps, "train_keeps_gelu": keeps_gelu,
@@ -162,7 +165,7 @@ def kernel_times(step, xy):
     each kernel (cuBLAS's, Triton's, torch.compile's, memcpy and memset), with none of the op
     table's synchronisations, and idle_gaps of the same kernels; None, None in the
     interpreter."""
-    if gpu.device.type != "cuda":
+    if DEVICE.type != "cuda":
         return None, None
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -218,7 +221,7 @@ def measure(side, cfg, flat, data, warmup):
     torch.cuda.reset_peak_memory_stats()
     seconds, losses, extra = side(cfg, flat, data, warmup)
     B, T = data[0][0].shape
-    tokens, peak = B * T, gpu.peak_flops()
+    tokens, peak = B * T, get_backend("gpu").peak_flops()
     return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
             "mfu": flops_per_token(cfg, T) * tokens / seconds / peak if peak else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
@@ -242,7 +245,7 @@ def survive(fn, *args):
 
 def training(cfg, batch_sizes, T, steps, warmup):
     """Both sides from the same initial weights at the largest B that both fit."""
-    host = GPT2(cfg, numpy_backend)
+    host = GPT2(cfg, get_backend("numpy"))
     init_weights(host, 0)
     for B in sorted(batch_sizes, reverse=True):
         data = batches(cfg, B, T, warmup + steps)
@@ -273,18 +276,18 @@ def training(cfg, batch_sizes, T, steps, warmup):
 def attention(B, T, NH, hs):
     """Forward and forward+backward of causal attention on one (B,T,3C) qkv buffer."""
     C = NH * hs
-    qkv = torch.randn(B, T, 3 * C, device=gpu.device, dtype=torch.bfloat16)
-    dout = torch.randn(B, T, C, device=gpu.device, dtype=torch.bfloat16)
-    out = torch.empty(B, T, C, device=gpu.device, dtype=torch.bfloat16)
-    lse = torch.empty(B, NH, T, device=gpu.device, dtype=torch.float32)
+    qkv = torch.randn(B, T, 3 * C, device=DEVICE, dtype=torch.bfloat16)
+    dout = torch.randn(B, T, C, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(B, T, C, device=DEVICE, dtype=torch.bfloat16)
+    lse = torch.empty(B, NH, T, device=DEVICE, dtype=torch.float32)
     dqkv = torch.zeros_like(qkv)
 
     def ours_fwd():
-        gpu.attention_forward(out, lse, qkv)
+        attention_kernels.attention_forward(out, lse, qkv)
 
     def ours_fwd_bwd():
-        gpu.attention_forward(out, lse, qkv)
-        gpu.attention_backward(dqkv, dout, qkv, out, lse)
+        attention_kernels.attention_forward(out, lse, qkv)
+        attention_kernels.attention_backward(dqkv, dout, qkv, out, lse)
 
     leaf = qkv.clone().requires_grad_()
 

@@ -1,8 +1,8 @@
 """Tiny Shakespeare, tokenized exactly as llm.c's dev/data/tinyshakespeare.py does."""
 import os
 
-from ..errors import LlmpyError
-from ..files import ensure_dir
+from ...errors import LlmpyError
+from ...io.files import ensure_dir
 from .common import encode_documents, fetch, read_text, write_token_files
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from .errors import LlmpyError
-from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
+from ..errors import LlmpyError
+from ..io.files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
 
 DATA_MAGIC = 20240520
 DATA_VERSION = 1
@@ -145,4 +145,4 @@ class DataLoader:
 
 def bundled_data(name):
     """Path of a file shipped in llmpy/data (the embedded default corpus and tokenizer)."""
-    return os.path.join(os.path.dirname(__file__), "data", name)
+    return os.path.join(os.path.dirname(__file__), name)

@@ -1,5 +1,6 @@
-"""Triton's CPU interpreter (TRITON_INTERPRET=1), which runs the kernels when there is no GPU:
-the launch sizes that suit it (and the GPU's, which it cannot time), and a fix for it."""
+"""How the kernels are launched: rows and elements per program, the autotuning candidates and
+their cache, on a GPU and in Triton's CPU interpreter (TRITON_INTERPRET=1, which runs the
+kernels when there is no GPU and cannot time them), and a fix for the interpreter."""
 import torch
 import triton
 from triton.runtime import interpreter

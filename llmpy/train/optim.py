@@ -9,8 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-# llm.c decays the matmul and embedding weights (the 2-D tensors), never biases or LayerNorms.
-DECAYED = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
 
 
 @dataclass
@@ -73,7 +71,7 @@ class AdamW:
         lr = c.lr if lr is None else lr
         be = self.model.backend
         p, g = self.model.params.buf[self.shard], self.model.grads.buf[self.shard]   # (n,)
-        if self.master is None and hasattr(be, "master_weights"):
+        if self.master is None and be.caps.master_weights:
             self.master = be.master_weights(p)  # made here: after any load into the params
         for s, wd in self.ranges:
             args = (p[s], g[s], self.m[s], self.v[s], self.step, lr, c.beta1, c.beta2, c.eps, wd,

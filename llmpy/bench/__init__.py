@@ -102,17 +102,14 @@ def timed_step(forward, *phases):
 
 
 class OpTimer:
-    """A backend whose ops add their wall time to `seconds[op name]`; the rest passes through.
+    """`backend`: the given backend with every op adding its wall time to `seconds[op name]`.
     sync (a GPU's synchronize), if given, runs before and after each op, so that an op that
     only queues work is timed to the end of that work."""
 
     def __init__(self, backend, sync=None):
         self.seconds, self.calls = {}, {}
         self.sync = sync or (lambda: None)
-        for name in dir(backend):
-            fn = getattr(backend, name)
-            timed = callable(fn) and name.endswith(("_forward", "_backward", "_update"))
-            setattr(self, name, self._timed(name, fn) if timed else fn)
+        self.backend = backend.wrapped(self._timed)
 
     def _timed(self, name, fn):
         def call(*args, **kwargs):
@@ -131,9 +128,9 @@ class OpTimer:
 
 
 def train_llmpy(spec, backend_name, B, T, warmup, steps):
-    from .backends import get_backend
-    from .optim import AdamW
-    from .train import build_model
+    from ..backends import get_backend
+    from ..train.optim import AdamW
+    from ..model.build import build_model
     backend = get_backend(backend_name)
     model = build_model(spec, backend)
     opt = AdamW(model)
@@ -144,15 +141,16 @@ def train_llmpy(spec, backend_name, B, T, warmup, steps):
                           opt.update)
 
     records = [step() for _ in range(warmup + steps)]
-    model.backend = OpTimer(backend)            # one more step, op by op, outside the timings
-    return records, model.backend.table(sum(step()[1]))
+    timer = OpTimer(backend)                    # one more step, op by op, outside the timings
+    model.backend = timer.backend
+    return records, timer.table(sum(step()[1]))
 
 
 def train_torch(spec, B, T, warmup, steps, threads):
     import torch
     from torchref.gpt2 import from_flat
-    from .backends import get_backend
-    from .train import build_model
+    from ..backends import get_backend
+    from ..model.build import build_model
     torch.set_num_threads(threads)
     host = build_model(spec, get_backend("numpy"))
     cfg = host.config
@@ -179,7 +177,7 @@ def worker(job):
         return {"seconds": time_hf_generate(job["model"], job["tokens"], job["seed"],
                                             job["threads"])}
     if job["impl"] == "sgemm":
-        from .config import preset
+        from ..model.build import preset
         wall, cpu = time_gemms(preset(job["model"]), job["batch"], job["seq"])
         return {"seconds": wall, "cpu_time_s": cpu}
     args = job["model"], job["batch"], job["seq"], job["warmup"], job["steps"]
@@ -209,8 +207,9 @@ def run_worker(job):
 # ----------------------------------------------------------------------------- bench cpu
 
 def bench_cpu(args):
-    from .config import PRESETS, check_range, check_seq_len, preset, require_positive
-    from .errors import LlmpyError
+    from ..model.build import PRESETS, preset
+    from ..train.config import check_range, check_seq_len, require_positive
+    from ..errors import LlmpyError
     require_positive(args, "batch_size", "seq_len")
     check_range("warmup", args.warmup, least=0)
     check_range("threads", args.threads, least=0)
@@ -296,7 +295,7 @@ def op_table(ops, who):
 def time_weight_reads(model, reps=5):
     """Seconds for one matrix-vector product with every weight matrix, one after the other:
     the memory traffic that a decode step cannot avoid (median of reps)."""
-    from .sample import Decoder
+    from ..generate import Decoder
     decoder, L = Decoder(model, 1), model.config.num_layers
     p = decoder.params
     mats = [p.wte] + [w[l] for w in (p.qkvw, p.attprojw, p.fcw, p.fcprojw) for l in range(L)]
@@ -315,7 +314,7 @@ def hf_model(model):
     """transformers' GPT2LMHeadModel holding the model's weights, in eval mode."""
     import torch
     import transformers
-    from .hf import config_to_hf, params_to_hf
+    from ..io.hf import config_to_hf, params_to_hf
     cfg = model.config
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(cfg)))
     flat = model.backend.to_host(model.params.buf)             # (num_params,) float32
@@ -342,9 +341,9 @@ def time_hf_generate(spec, n, seed, threads):
     job: in a process of its own, as a user runs it (in the process of our cpu backend, with
     its Numba threads and its libgomp settings, it took 1.2x as long)."""
     import torch
-    from .backends import get_backend
-    from .tokenizer import EOT
-    from .train import build_model
+    from ..backends import get_backend
+    from ..io.tokenizer import EOT
+    from ..model.build import build_model
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     hf = hf_model(build_model(spec, get_backend("numpy")))
@@ -356,11 +355,11 @@ def time_hf_generate(spec, n, seed, threads):
 
 
 def bench_sample(args):
-    from .backends import get_backend
-    from .config import check_range, require_positive
-    from .sample import generate, generate_recompute
-    from .tokenizer import EOT
-    from .train import build_model
+    from ..backends import get_backend
+    from ..train.config import check_range, require_positive
+    from ..generate import generate, generate_recompute
+    from ..io.tokenizer import EOT
+    from ..model.build import build_model
     require_positive(args, "tokens", "batch_size", "seq_len")
     check_range("seed", args.seed, least=0)
     model = build_model(args.model, get_backend(args.backend))
@@ -455,7 +454,3 @@ def add_parsers(bench):
     s.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
     s.add_argument("--backend", default="auto", help="backend (default: auto)")
     s.set_defaults(func=bench_sample)
-
-
-if __name__ == "__main__":           # a run_worker subprocess: one job in, one JSON line out
-    print(json.dumps(worker(json.loads(sys.argv[1]))))

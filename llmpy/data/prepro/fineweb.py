@@ -21,9 +21,9 @@ import os
 
 import numpy as np
 
-from ..errors import LlmpyError, first_line
-from ..files import HEADER_BYTES, ensure_dir, file_size, write_json
-from ..tokenizer import EOT
+from ...errors import LlmpyError, first_line
+from ...io.files import HEADER_BYTES, ensure_dir, file_size, write_json
+from ...io.tokenizer import EOT
 from .common import encode_stream, partial_path, progress, write_token_files
 from .text import remove_stale_shards, shard_path
 
