@@ -84,6 +84,31 @@ def encoder_backward(dwte, dwpe, dout, inp):
             dwpe[t, c] += s
 
 
+@kernel
+def embedding_forward(out, inp, wte, scale=ONE):
+    # out: (B,T,C) = wte[inp] * scale, inp: (B,T) int, wte: (Vp,C); scale: float32 (Gemma's
+    # sqrt(C), already rounded to the compute dtype by the caller)
+    B, T, C = out.shape
+    s = np.float32(scale)
+    for b in range(B):
+        for t in range(T):
+            tok = inp[b, t]
+            for c in range(C):
+                out[b, t, c] = wte[tok, c] * s
+
+
+@kernel
+def embedding_backward(dwte, dout, inp, scale=ONE):
+    # dwte: (Vp,C) += scale * dout: (B,T,C) scattered by inp: (B,T) int
+    B, T, C = dout.shape
+    s = np.float32(scale)
+    for b in range(B):                          # in order: repeated ids accumulate
+        for t in range(T):
+            tok = inp[b, t]
+            for c in range(C):
+                dwte[tok, c] += s * dout[b, t, c]
+
+
 # ----------------------------------------------------------------------------- layernorm
 
 @kernel
@@ -173,6 +198,100 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
                         inp.reshape(-1, C), weight, mean.reshape(-1), rstd.reshape(-1))
 
 
+# ----------------------------------------------------------------------------- rmsnorm
+
+def _rows(*arrays):
+    """(...,C) arrays of one shape as (N,H,C) views for the row kernels. Contiguous ones become
+    (N,1,C), which Numba compiles for the contiguous layout; otherwise H is the second last
+    axis, so the heads of q or k inside the packed qkv, (B,T,H,hd), stay views. A copy would
+    lose the kernel's writes, so one raises instead."""
+    x = arrays[0]
+    H = 1 if all(a.flags.c_contiguous for a in arrays) or x.ndim < 3 else x.shape[-2]
+    shape = (-1, H, x.shape[-1])
+    views = []
+    for a in arrays:
+        v = a.reshape(shape)
+        if not np.may_share_memory(v, a):
+            raise ValueError("row ops take (...,C) arrays whose leading axes merge without a copy")
+        views.append(v)
+    return views
+
+
+@kernel
+def _rmsnorm_row(out, x, weight, eps, offset):
+    # out: (C,) = x: (C,) * rstd * (offset + weight: (C,)); returns rstd = 1/sqrt(mean(x^2) + eps)
+    C = x.shape[0]
+    ss = 0.0
+    for c in range(C):
+        ss += x[c] * x[c]
+    r = np.float32(1.0 / math.sqrt(ss / C + eps))
+    for c in range(C):
+        out[c] = x[c] * r * (offset + weight[c])
+    return r
+
+
+@kernel
+def _rmsnorm_forward(out, rstd, inp, weight, eps, offset):
+    # out: (N,H,C), rstd: (N,H), inp: (N,H,C), weight: (C,)
+    N, H, _ = inp.shape
+    for n in range(N):
+        for h in range(H):
+            rstd[n, h] = _rmsnorm_row(out[n, h], inp[n, h], weight, eps, offset)
+
+
+def rmsnorm_forward(out, rstd, inp, weight, eps, offset=0.0):
+    # out: (...,C), rstd: (...), inp: (...,C), weight: (C,). offset=1.0 is Gemma's x*(1+w).
+    # out may be inp (each value is read before it is written).
+    out3, inp3 = _rows(out, inp)
+    _rmsnorm_forward(out3, rstd.reshape(inp3.shape[:2]), inp3, weight, eps, np.float32(offset))
+
+
+@kernel
+def _residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offset):
+    # residual, out, inp1, inp2: (N,C), rstd: (N,), weight: (C,)
+    N, C = inp1.shape
+    for i in range(N):
+        for c in range(C):
+            residual[i, c] = inp1[i, c] + inp2[i, c]
+        rstd[i] = _rmsnorm_row(out[i], residual[i], weight, eps, offset)
+
+
+def residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offset=0.0):
+    # residual: (B,T,C) = inp1 + inp2; out: (B,T,C), rstd: (B,T) its rmsnorm with weight: (C,).
+    # One pass over the rows: each is normalised while still in cache.
+    C = inp1.shape[-1]
+    _residual_rmsnorm_forward(residual.reshape(-1, C), out.reshape(-1, C), rstd.reshape(-1),
+                              inp1.reshape(-1, C), inp2.reshape(-1, C), weight, eps,
+                              np.float32(offset))
+
+
+@kernel
+def _rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset):
+    # dinp: (N,H,C), dweight: (C,), dout: (N,H,C), inp: (N,H,C), weight: (C,), rstd: (N,H).
+    # With norm = x * rstd: dx = rstd * (dnorm - norm * mean(dnorm * norm)), dnorm = dout * w'.
+    N, H, C = inp.shape
+    dw = np.zeros(C)                            # (C,) float64 sums over the rows
+    for n in range(N):
+        for h in range(H):
+            x, dy, dx, r = inp[n, h], dout[n, h], dinp[n, h], rstd[n, h]
+            dd = 0.0
+            for c in range(C):
+                dd += dy[c] * (offset + weight[c]) * (x[c] * r)
+            m = np.float32(dd / C)
+            for c in range(C):
+                norm = x[c] * r
+                dw[c] += dy[c] * norm
+                dx[c] += (dy[c] * (offset + weight[c]) - norm * m) * r
+    dweight += dw
+
+
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset=0.0):
+    # dinp: (...,C), dweight: (C,), dout: (...,C), inp: (...,C), weight: (C,), rstd: (...)
+    dinp3, dout3, inp3 = _rows(dinp, dout, inp)
+    _rmsnorm_backward(dinp3, dweight, dout3, inp3, weight, rstd.reshape(inp3.shape[:2]),
+                      np.float32(offset))
+
+
 # ----------------------------------------------------------------------------- matmul
 
 def _gemm(c, a, b, trans_a, trans_b, beta):
@@ -235,87 +354,212 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
 
 # ----------------------------------------------------------------------------- attention
 
+# Grouped-query attention: inp packs each position as [q heads | k heads | v heads], NH query
+# heads and NKV kv heads of hd channels; query head h reads kv head h // (NH // NKV), in place,
+# never copied out per query head. GPT-2 is NKV == NH with the default scale, no softcap and no
+# window. A window > 0 lets position t see t2 with t - window < t2 <= t: the loops start at the
+# window's first position, so the work outside it is never done, only its att entries zeroed.
+
+@kernel
+def _tanh(x):
+    # tanh x = 1 - 2 / (1 + e^(2x)): one exp, where math.tanh compiles to a far slower libm call;
+    # at x = +-inf it gives +-1 exactly
+    return ONE - TWO / (ONE + math.exp(TWO * x))
+
+
+def _attention_args(att, out, inp, scale, softcap):
+    # the float32 constants the kernels take; hd from out: (B,T,NH*hd), att: (B,NH,T,T)
+    NH = att.shape[1]
+    hd = out.shape[-1] // NH
+    NKV = (inp.shape[-1] // hd - NH) // 2
+    if NKV < 1 or NH % NKV or inp.shape[-1] != (NH + 2 * NKV) * hd:
+        raise ValueError(f"attention: inp's last axis {inp.shape[-1]} is not (NH + 2*NKV)*hd "
+                         f"with NH={NH}, hd={hd}")
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    return np.float32(scale), np.float32(softcap)
+
+
 @threaded
-def attention_forward(out, preatt, att, inp):
-    # out: (B,T,C), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,3C) holding q,k,v
+def _attention_forward(out, preatt, att, inp, scale, softcap, window):
+    # out: (B,T,NH*hd), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,(NH+2*NKV)*hd).
+    # preatt holds the scores softmax reads (scaled, softcapped, -inf where masked).
     B, NH, T, _ = att.shape
-    C = out.shape[2]
-    hs = C // NH
-    scale = np.float32(1.0 / math.sqrt(hs))
+    hd = out.shape[2] // NH
+    NKV = (inp.shape[2] // hd - NH) // 2
+    G = NH // NKV                              # query heads per kv head
     for i in prange(B * NH * T):               # one query row each; rows of all lengths mix
         b, h, t = i // (NH * T), (i // T) % NH, i % T
-        q = inp[b, t, h * hs:(h + 1) * hs]
-        pre, a, y = preatt[b, h, t], att[b, h, t], out[b, t, h * hs:(h + 1) * hs]
+        qo, ko, vo = h * hd, (NH + h // G) * hd, (NH + NKV + h // G) * hd
+        lo = max(0, t - window + 1) if window > 0 else 0
+        q = inp[b, t, qo:qo + hd]
+        pre, a, y = preatt[b, h, t], att[b, h, t], out[b, t, qo:qo + hd]
         mx = NEG_INF
-        for t2 in range(t + 1):
-            k = inp[b, t2, C + h * hs:C + (h + 1) * hs]
+        for t2 in range(lo, t + 1):
+            k = inp[b, t2, ko:ko + hd]
             s = ZERO
-            for j in range(hs):
+            for j in range(hd):
                 s += q[j] * k[j]
-            pre[t2] = s * scale
-            mx = max(mx, pre[t2])
+            s *= scale
+            if softcap > ZERO:                 # Gemma 2: softcap * tanh(s / softcap)
+                s = softcap * _tanh(s / softcap)
+            pre[t2] = s
+            mx = max(mx, s)
         total = ZERO
-        for t2 in range(t + 1):
+        for t2 in range(lo, t + 1):
             a[t2] = math.exp(pre[t2] - mx)
             total += a[t2]
-        for t2 in range(t + 1):
+        for t2 in range(lo, t + 1):
             a[t2] /= total
+        for t2 in range(lo):                   # outside the window: no weight
+            pre[t2] = NEG_INF
+            a[t2] = ZERO
         for t2 in range(t + 1, T):             # causal mask: the future gets no weight
             pre[t2] = NEG_INF
             a[t2] = ZERO
         y[:] = ZERO
-        for t2 in range(t + 1):
-            v = inp[b, t2, 2 * C + h * hs:2 * C + (h + 1) * hs]
-            for j in range(hs):
+        for t2 in range(lo, t + 1):
+            v = inp[b, t2, vo:vo + hd]
+            for j in range(hd):
                 y[j] += a[t2] * v[j]
 
 
+def attention_forward(out, preatt, att, inp, scale=None, softcap=0.0, window=0):
+    # out: (B,T,NH*hd), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,(NH+2*NKV)*hd) holding
+    # q, k, v; scale None: 1/sqrt(hd); softcap > 0: scores capped by softcap * tanh(s/softcap)
+    scale, softcap = _attention_args(att, out, inp, scale, softcap)
+    _attention_forward(out, preatt, att, inp, scale, softcap, window)
+
+
 @threaded
-def attention_backward(dinp, dpreatt, datt, dout, inp, att):
-    # dinp: (B,T,3C), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,C), inp: (B,T,3C),
-    # att: (B,NH,T,T). Only the causal (t2 <= t) entries of datt and dpreatt are touched:
-    # the masked ones have att == 0, so they pass no gradient.
+def _attention_backward_queries(dinp, dpreatt, datt, dout, inp, att, scale, softcap, window):
+    # per query row: datt = dy @ v^T, dpreatt = the scores' gradient through the softmax (and
+    # the softcap: dpreatt is the gradient of q.k * scale), dq += dpreatt @ k * scale.
+    # datt and dpreatt are written (they are scratch); only the entries in the window.
     B, NH, T, _ = att.shape
-    C = dout.shape[2]
-    hs = C // NH
-    scale = np.float32(1.0 / math.sqrt(hs))
-    for bh in prange(B * NH):                  # one head each: dk, dv sum over all t >= t2
-        b, h = bh // NH, bh % NH
-        qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
-        for t in range(T):
-            dy = dout[b, t, qo:qo + hs]
-            a, da, dp = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
-            for t2 in range(t + 1):            # y = att @ v
-                v, dv = inp[b, t2, vo:vo + hs], dinp[b, t2, vo:vo + hs]
-                s = ZERO
-                for j in range(hs):
-                    s += dy[j] * v[j]
-                    dv[j] += a[t2] * dy[j]
-                da[t2] += s
-            s = ZERO                           # softmax: dpre = att * (datt - sum(datt * att))
-            for t2 in range(t + 1):
-                s += da[t2] * a[t2]
-            for t2 in range(t + 1):
-                dp[t2] += a[t2] * (da[t2] - s)
-            q, dq = inp[b, t, qo:qo + hs], dinp[b, t, qo:qo + hs]
-            for t2 in range(t + 1):            # preatt = q @ k^T * scale
-                k, dk = inp[b, t2, ko:ko + hs], dinp[b, t2, ko:ko + hs]
-                g = dp[t2] * scale
-                for j in range(hs):
-                    dq[j] += g * k[j]
+    hd = dout.shape[2] // NH
+    NKV = (inp.shape[2] // hd - NH) // 2
+    G = NH // NKV
+    for i in prange(B * NH * T):
+        b, h, t = i // (NH * T), (i // T) % NH, i % T
+        qo, ko, vo = h * hd, (NH + h // G) * hd, (NH + NKV + h // G) * hd
+        lo = max(0, t - window + 1) if window > 0 else 0
+        dy, q, dq = dout[b, t, qo:qo + hd], inp[b, t, qo:qo + hd], dinp[b, t, qo:qo + hd]
+        a, da, dp = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
+        s = ZERO
+        for t2 in range(lo, t + 1):            # y = att @ v
+            v = inp[b, t2, vo:vo + hd]
+            d = ZERO
+            for j in range(hd):
+                d += dy[j] * v[j]
+            da[t2] = d
+            s += d * a[t2]
+        for t2 in range(lo, t + 1):            # softmax: dpre = att * (datt - sum(datt * att))
+            k = inp[b, t2, ko:ko + hd]
+            g = a[t2] * (da[t2] - s)
+            if softcap > ZERO:                 # d(c tanh(x/c))/dx = 1 - tanh^2, recomputed
+                d = ZERO
+                for j in range(hd):
+                    d += q[j] * k[j]
+                th = _tanh(d * scale / softcap)
+                g *= ONE - th * th
+            dp[t2] = g
+            g *= scale                         # scores = q @ k^T * scale
+            for j in range(hd):
+                dq[j] += g * k[j]
+
+
+@threaded
+def _attention_backward_keys(dinp, dpreatt, dout, inp, att, scale, window):
+    # per key row t2 of each kv head: dk += sum over the group's query heads and the rows t
+    # that see t2 of dpreatt * q * scale, dv += att * dy. Each kv head's gradient is summed
+    # here, in one place, so the threads never write the same row.
+    B, NH, T, _ = att.shape
+    hd = dout.shape[2] // NH
+    NKV = (inp.shape[2] // hd - NH) // 2
+    G = NH // NKV
+    for i in prange(B * NKV * T):
+        b, kh, t2 = i // (NKV * T), (i // T) % NKV, i % T
+        ko, vo = (NH + kh) * hd, (NH + NKV + kh) * hd
+        hi = min(T, t2 + window) if window > 0 else T
+        dk, dv = dinp[b, t2, ko:ko + hd], dinp[b, t2, vo:vo + hd]
+        for h in range(kh * G, (kh + 1) * G):
+            qo = h * hd
+            for t in range(t2, hi):
+                a, g = att[b, h, t, t2], dpreatt[b, h, t, t2] * scale
+                dy, q = dout[b, t, qo:qo + hd], inp[b, t, qo:qo + hd]
+                for j in range(hd):
+                    dv[j] += a * dy[j]
                     dk[j] += g * q[j]
+
+
+def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=0.0, window=0):
+    # dinp: (B,T,(NH+2*NKV)*hd), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,NH*hd),
+    # inp: (B,T,(NH+2*NKV)*hd), att: (B,NH,T,T). Two passes, each parallel over rows: queries
+    # (dq, and dpreatt for the second), then keys (dk, dv).
+    scale, softcap = _attention_args(att, dout, inp, scale, softcap)
+    _attention_backward_queries(dinp, dpreatt, datt, dout, inp, att, scale, softcap, window)
+    _attention_backward_keys(dinp, dpreatt, dout, inp, att, scale, window)
+
+
+# ----------------------------------------------------------------------------- rope
+# HF's rotate-half pairing: channel j < hd/2 turns with channel j + hd/2 by the angle whose
+# cos, sin are cos[t, j], sin[t, j]. The backward turns the gradient back by the same angle.
+
+@kernel
+def rope_forward(out, inp, cos, sin):
+    # out, inp: (B,T,H,hd) (views allowed; out may not alias inp), cos, sin: (T,hd/2)
+    # out1 = x1*cos - x2*sin ; out2 = x2*cos + x1*sin
+    B, T, H, hd = inp.shape
+    half = hd // 2
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                x, y = inp[b, t, h], out[b, t, h]
+                for j in range(half):
+                    c, s = cos[t, j], sin[t, j]
+                    y[j] = x[j] * c - x[j + half] * s
+                    y[j + half] = x[j + half] * c + x[j] * s
+
+
+@kernel
+def rope_backward(dinp, dout, cos, sin):
+    # dinp, dout: (B,T,H,hd), cos, sin: (T,hd/2); dinp += the inverse rotation of dout
+    B, T, H, hd = dout.shape
+    half = hd // 2
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                dy, dx = dout[b, t, h], dinp[b, t, h]
+                for j in range(half):
+                    c, s = cos[t, j], sin[t, j]
+                    dx[j] += dy[j] * c + dy[j + half] * s
+                    dx[j + half] += dy[j + half] * c - dy[j] * s
 
 
 # ----------------------------------------------------------------------------- gelu
 # GPT-2's tanh GELU, 0.5 x (1 + tanh(u)), written with 0.5 (1 + tanh(u)) = sigmoid(2u):
 # one exp instead of a tanh, which compiled code evaluates several times slower.
 
+@kernel
+def _gelu(x):
+    u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+    return x / (ONE + math.exp(-TWO * u))
+
+
+@kernel
+def _gelu_grad(x):
+    # d gelu(x) / dx
+    u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+    s = ONE / (ONE + math.exp(-TWO * u))                        # 0.5 (1 + tanh u)
+    du = GELU_SCALE * (ONE + np.float32(3.0) * GELU_CUBE * x * x)
+    # 0.5 x (1 - tanh^2 u) du = 2 x s (1 - s) du
+    return s + TWO * x * s * (ONE - s) * du
+
+
 @threaded
 def _gelu_forward(out, inp):
     for i in prange(inp.size):
-        x = inp[i]
-        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        out[i] = x / (ONE + math.exp(-TWO * u))
+        out[i] = _gelu(inp[i])
 
 
 def gelu_forward(out, inp):
@@ -326,17 +570,103 @@ def gelu_forward(out, inp):
 @threaded
 def _gelu_backward(dinp, inp, dout):
     for i in prange(inp.size):
-        x = inp[i]
-        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        s = ONE / (ONE + math.exp(-TWO * u))                    # 0.5 (1 + tanh u)
-        du = GELU_SCALE * (ONE + np.float32(3.0) * GELU_CUBE * x * x)
-        # 0.5 x (1 - tanh^2 u) du = 2 x s (1 - s) du
-        dinp[i] += dout[i] * (s + TWO * x * s * (ONE - s) * du)
+        dinp[i] += dout[i] * _gelu_grad(inp[i])
 
 
 def gelu_backward(dinp, inp, dout):
     # dinp, inp, dout: matching shapes
     _gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- gated MLP
+# inp: (N,2F) = [up | gate] (fcw's rows are [up; gate]), out: (N,F) = up * act(gate).
+# silu(g) = g * sigmoid(g); GeGLU's act is the GELU above (Gemma's gelu_pytorch_tanh).
+
+@threaded
+def _swiglu_forward(out, inp):
+    N, F = out.shape
+    for i in prange(N):
+        for c in range(F):
+            g = inp[i, F + c]
+            out[i, c] = inp[i, c] * (g / (ONE + math.exp(-g)))
+
+
+def swiglu_forward(out, inp):
+    # out: (B,T,F), inp: (B,T,2F)
+    F = out.shape[-1]
+    _swiglu_forward(out.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+@threaded
+def _swiglu_backward(dinp, dout, inp):
+    N, F = dout.shape
+    for i in prange(N):
+        for c in range(F):
+            up, g, dy = inp[i, c], inp[i, F + c], dout[i, c]
+            sig = ONE / (ONE + math.exp(-g))
+            dinp[i, c] += dy * (g * sig)
+            dinp[i, F + c] += dy * up * (sig * (ONE + g * (ONE - sig)))   # silu'(g)
+
+
+def swiglu_backward(dinp, dout, inp):
+    # dinp: (B,T,2F), dout: (B,T,F), inp: (B,T,2F)
+    F = dout.shape[-1]
+    _swiglu_backward(dinp.reshape(-1, 2 * F), dout.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+@threaded
+def _geglu_forward(out, inp):
+    N, F = out.shape
+    for i in prange(N):
+        for c in range(F):
+            out[i, c] = inp[i, c] * _gelu(inp[i, F + c])
+
+
+def geglu_forward(out, inp):
+    # out: (B,T,F), inp: (B,T,2F)
+    F = out.shape[-1]
+    _geglu_forward(out.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+@threaded
+def _geglu_backward(dinp, dout, inp):
+    N, F = dout.shape
+    for i in prange(N):
+        for c in range(F):
+            up, g, dy = inp[i, c], inp[i, F + c], dout[i, c]
+            dinp[i, c] += dy * _gelu(g)
+            dinp[i, F + c] += dy * up * _gelu_grad(g)
+
+
+def geglu_backward(dinp, dout, inp):
+    # dinp: (B,T,2F), dout: (B,T,F), inp: (B,T,2F)
+    F = dout.shape[-1]
+    _geglu_backward(dinp.reshape(-1, 2 * F), dout.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+# ----------------------------------------------------------------------------- softcap
+
+@threaded
+def _softcap_forward(out, inp, cap):
+    for i in prange(inp.size):
+        out[i] = cap * _tanh(inp[i] / cap)
+
+
+def softcap_forward(out, inp, cap):
+    # out = cap * tanh(inp / cap), any matching shapes; out may be inp (Gemma 2's logits)
+    _softcap_forward(out.reshape(-1), inp.reshape(-1), np.float32(cap))
+
+
+@threaded
+def _softcap_backward(dinp, dout, out, cap):
+    for i in prange(out.size):
+        y = out[i] / cap
+        dinp[i] += dout[i] * (ONE - y * y)
+
+
+def softcap_backward(dinp, dout, out, cap):
+    # dinp += dout * (1 - (out/cap)^2): tanh's derivative from the forward's OUTPUT
+    _softcap_backward(dinp.reshape(-1), dout.reshape(-1), out.reshape(-1), np.float32(cap))
 
 
 # ----------------------------------------------------------------------------- residual
