@@ -124,9 +124,10 @@ def attention_forward(out, preatt, att, inp, scale=None, softcap=0.0, window=0):
     B, NH, T, _ = att.shape
     hd = out.shape[-1] // NH
     q, k, v = _split_heads(inp, NH, hd)                         # (B,NKV,G,T,hd), (B,NKV,1,T,hd)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
     pre = preatt.reshape(q.shape[:3] + (T, T))                  # (B,NKV,G,T,T) view
     np.matmul(q, k.swapaxes(-1, -2), out=pre)
-    preatt *= 1.0 / math.sqrt(hd) if scale is None else scale
+    preatt *= scale
     if softcap > 0:
         softcap_forward(preatt, preatt, softcap)
     preatt[..., _masked(T, window)] = -np.inf
@@ -153,7 +154,7 @@ def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=
     dv += (att.swapaxes(-1, -2) @ dy).sum(axis=2, keepdims=True)   # each kv head: its group's sum
     # softmax backward: dpre = att * (datt - sum_j datt_j att_j); masked entries have att == 0
     dpre += att * (datt5 - (datt5 * att).sum(axis=-1, keepdims=True))
-    ds = dpre                                                   # d(scale*q.k)
+    ds = dpre                   # the gradient of s = scale*q.k, which the cap (if any) reads
     if softcap > 0:
         # the capped scores are recomputed: the backward is given att, whose log would lose them
         # where att underflows
@@ -254,7 +255,7 @@ def rope_forward(out, inp, cos, sin):
     # HF's rotate-half pairing: element i of the first half turns with element i of the second
     half = inp.shape[-1] // 2
     x1, x2 = inp[..., :half], inp[..., half:]                   # (B,T,H,hd/2)
-    c, s = cos[:, None], sin[:, None]                           # (T,1,hd/2): the same for every head
+    c, s = cos[:, None], sin[:, None]                           # (T,1,hd/2): every head's
     np.multiply(x1, c, out=out[..., :half])
     out[..., :half] -= x2 * s
     np.multiply(x2, c, out=out[..., half:])
