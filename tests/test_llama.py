@@ -1,0 +1,274 @@
+"""The decoder (llmpy/llama.py) against transformers' own Llama, Mistral, Qwen2, Gemma, Gemma 2
+and Gemma 3 models in float32, eager attention, eval mode: logits, loss and every parameter's
+gradient, 10 AdamW steps against torch.optim.AdamW, and the KV-cache decode step.
+
+Tolerance as tests/test_gpt2.py: max |ours - theirs| / max |theirs| <= 1e-5 per tensor (HF's
+tensors, so each layer's q, k, v, up, gate separately); losses to 1e-5 relative. Both sides sum
+in float32 in different orders, so bit equality is not expected.
+
+The HF models get random weights larger than their init (N(0, 0.15)), norms and biases away from
+their 0 / 1, so that every norm weight, bias and softcap changes the result: a test asserts for
+each case that the caps bite and the window hides keys.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from conftest import BACKENDS
+from llmpy.errors import LlmpyError
+from llmpy.llama import (Decoder, Llama, LlamaConfig, config_from_hf, config_to_hf,
+                         flops_per_token, hf_names, init_weights, params_from_hf,
+                         params_to_hf, preset)
+from llmpy.model import load_params
+from llmpy.optim import AdamW, AdamWConfig
+
+TOL = 1e-5
+V = 131                 # padded to 256
+# pad_token_id None: with one, transformers' nn.Embedding(padding_idx=...) gives the pad row no
+# gradient from the lookup (only from a tied classifier); llm.py trains on unpadded windows and
+# updates every row
+SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=48, max_position_embeddings=64,
+             num_attention_heads=4, pad_token_id=None)
+LLAMA31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8}
+# name: (config class, its arguments, T)
+CASES = {
+    "llama-gqa-untied": (tf.LlamaConfig, dict(num_hidden_layers=2, num_key_value_heads=2,
+                                              tie_word_embeddings=False), 16),
+    "llama-tied": (tf.LlamaConfig, dict(num_hidden_layers=2, tie_word_embeddings=True,
+                                        rms_norm_eps=1e-5), 16),
+    "llama31-rope": (tf.LlamaConfig, dict(num_hidden_layers=2, num_key_value_heads=1,
+                                          rope_parameters=LLAMA31), 20),
+    "mistral-window": (tf.MistralConfig, dict(num_hidden_layers=2, num_key_value_heads=2,
+                                              sliding_window=5), 20),
+    "qwen2-bias-window": (tf.Qwen2Config, dict(num_hidden_layers=2, num_key_value_heads=2,
+                                               use_sliding_window=True, sliding_window=6,
+                                               max_window_layers=1), 20),
+    "gemma-mqa": (tf.GemmaConfig, dict(num_hidden_layers=2, num_key_value_heads=1,
+                                       head_dim=24), 16),
+    "gemma2": (tf.Gemma2Config, dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                                     sliding_window=6, query_pre_attn_scalar=24,
+                                     attn_logit_softcapping=2.0,
+                                     final_logit_softcapping=3.0), 20),
+    "gemma3": (tf.Gemma3TextConfig, dict(num_hidden_layers=6, num_key_value_heads=2,
+                                         head_dim=16, sliding_window=5,
+                                         query_pre_attn_scalar=20,
+                                         rope_parameters={
+                                             "full_attention": {"rope_type": "default",
+                                                                "rope_theta": 1e6},
+                                             "sliding_attention": {"rope_type": "default",
+                                                                   "rope_theta": 50.0}}), 24),
+}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda be: be.name)
+def backend(request):
+    return request.param
+
+
+def hf_model(case, seed=0):
+    """A transformers model of the case with random weights, float32, eager attention, eval."""
+    cls, kw, T = CASES[case]
+    hc = cls(**SIZES, **kw)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hc, attn_implementation="eager",
+                                                dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # norms and biases off their 0 or 1, weights larger than the 0.02 init
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.15)
+                    + (1.0 if p.ndim == 1 and "norm" in name and "gemma" not in case else 0))
+    return model, T
+
+
+def hf_state(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def batch(T, B=2, seed=1):
+    r = np.random.default_rng(seed)
+    return r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+
+
+def hf_loss(model, x, y):
+    """transformers' logits, and the cross-entropy of them against our (already shifted)
+    targets."""
+    logits = model(torch.from_numpy(x)).logits
+    return logits, torch.nn.functional.cross_entropy(logits.reshape(-1, V),
+                                                     torch.from_numpy(y).reshape(-1))
+
+
+def ours(case, backend, model):
+    cfg = config_from_hf(model.config.to_dict(), case)
+    ours = Llama(cfg, backend)
+    load_params(ours, params_from_hf(cfg, hf_state(model), case))
+    return ours
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_transformers(backend, case):
+    model, T = hf_model(case)
+    x, y = batch(T)
+    m = ours(case, backend, model)
+    loss = m.forward(x, y)
+    logits = np.array(backend.to_host(m.acts.logits))[..., :V]
+    m.zero_grad()
+    m.backward()
+    ref_logits, ref_loss = hf_loss(model, x, y)
+    ref_loss.backward()
+    assert rel_err(logits, ref_logits.detach().numpy()) <= TOL
+    assert abs(loss - ref_loss.item()) <= TOL * ref_loss.item()
+    grads = params_to_hf(m.config, backend.to_host(m.grads.buf))
+    ref = {k: p.grad.numpy() for k, p in model.named_parameters()}
+    assert set(grads) == set(ref)
+    for name in ref:
+        assert rel_err(grads[name], ref[name]) <= TOL, name
+    for name in ("wte", "lm_head"):
+        if hasattr(m.grads, name):
+            assert not np.asarray(backend.to_host(getattr(m.grads, name)))[V:].any()
+
+
+# per case, the switches it tests and a setting that turns each off
+SWITCHES = {
+    "gemma2": {"final_logit_softcapping": None, "attn_logit_softcapping": None,
+               "sliding_window": 1000, "query_pre_attn_scalar": 16},
+    "gemma3": {"sliding_window": 1000, "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+    "mistral-window": {"sliding_window": None},
+    "qwen2-bias-window": {"use_sliding_window": False},
+    "llama31-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+}
+
+
+@pytest.mark.parametrize("case", SWITCHES)
+def test_the_switches_change_the_result(case):
+    """Guards the comparison above: the same weights with one of a case's softcaps, windows,
+    scales or rope settings turned off give transformers other logits, so matching it tests
+    each of them."""
+    model, T = hf_model(case)
+    x, _ = batch(T)
+    cls, kw, _ = CASES[case]
+    with torch.no_grad():
+        base = model(torch.from_numpy(x)).logits.numpy()
+        for key, off in SWITCHES[case].items():
+            other = tf.AutoModelForCausalLM.from_config(
+                cls(**SIZES, **{**kw, key: off}), attn_implementation="eager").eval()
+            other.load_state_dict(model.state_dict())
+            assert rel_err(other(torch.from_numpy(x)).logits.numpy(), base) > 1e-2, key
+
+
+def adamw_groups(model, cfg, wd):
+    """torch param groups with our decay set: the 2-D weights decay, norms and biases not."""
+    names = hf_names(cfg)
+    params = dict(model.named_parameters())
+    decay = [p for k, p in params.items() if names[k] in Llama(cfg, BACKENDS[0]).decayed]
+    rest = [p for k, p in params.items() if names[k] not in Llama(cfg, BACKENDS[0]).decayed]
+    assert decay and rest
+    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2", "gemma3"])
+def test_adamw_steps_match_torch(backend, case):
+    steps, lr, wd = 10, 1e-3, 0.1
+    model, T = hf_model(case, seed=2)
+    x, y = batch(T, B=3, seed=3)
+    m = ours(case, backend, model)
+    opt = AdamW(m, AdamWConfig(lr=lr, weight_decay=wd), decayed=m.decayed)
+    ref_opt = torch.optim.AdamW(adamw_groups(model, m.config, wd), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = m.forward(x, y)
+        m.zero_grad()
+        m.backward()
+        opt.update()
+        ref_opt.zero_grad()
+        _, ref_loss = hf_loss(model, x, y)
+        ref_loss.backward()
+        ref_opt.step()
+        assert abs(loss - ref_loss.item()) <= TOL * ref_loss.item(), f"step {step}"
+        losses.append(loss)
+    assert losses[-1] < losses[0] - 0.1                  # the steps do train
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "mistral-window", "gemma2", "gemma3"])
+def test_decode_step_matches_the_forward_pass(backend, case):
+    """The KV-cache decoder, one position at a time for 2 rows, gives the logits of a forward
+    pass over the whole sequence at every position: past the window on sliding layers, where
+    the cache keeps only the window, in a ring."""
+    model, T = hf_model(case)
+    x, _ = batch(T)
+    m = ours(case, backend, model)
+    ref = hf_loss(model, x, x)[0].detach().numpy()          # (B,T,V)
+    d = Decoder(m, T, rows=2)
+    if m.config.sliding_window:
+        assert min(k.shape[2] for k in d.keys) == m.config.sliding_window < T
+    for t in range(T):
+        assert rel_err(d.step(x[:, t], t), ref[:, t]) <= TOL, t
+
+
+def test_init_weights_and_presets():
+    cfg = preset("llama-tiny")
+    assert (cfg.vocab_size, cfg.num_kv_heads, cfg.tied_embeddings) == (50257, 2, True)
+    be = BACKENDS[0]
+    m = Llama(LlamaConfig(vocab_size=100, num_layers=3, channels=32, num_heads=4, ffn_dim=64),
+              be)
+    init_weights(m, seed=0)
+    p = m.params
+    assert (p.ln1w == 1).all() and (p.lnfw == 1).all() and not p.wte[100:].any()
+    assert abs(p.qkvw.std() - 0.02) < 2e-3
+    assert abs(p.fcprojw.std() - 0.02 / np.sqrt(6)) < 1e-3
+    g = Llama(preset("gemma3-270m", vocab_size=100, num_layers=2, channels=64, head_dim=16,
+                     ffn_dim=64, layer_types=("sliding", "full")), be)
+    init_weights(g)
+    assert not g.params.ln1w.any() and not g.params.qnormw.any()     # Gemma's 1 + w
+    x, y = batch(8)
+    loss = m.forward(x % 100, y % 100)
+    assert abs(loss - np.log(100)) < 0.5
+    # 270M parameters, as its name says (the 170M of its 262,144-token embedding included)
+    big = preset("gemma3-270m")
+    n = sum(int(np.prod(s)) for _, s in __import__("llmpy.llama", fromlist=["x"]).param_shapes(big))
+    assert 265e6 < n < 275e6
+    assert flops_per_token(big, 1024) > 6 * n
+
+
+def test_config_round_trip_and_refusals():
+    for case, (cls, kw, _) in CASES.items():
+        hc = cls(**SIZES, **kw).to_dict()
+        cfg = config_from_hf(hc, case)
+        assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg))), case) == cfg
+        # transformers builds the same network from what we write
+        again = type(cls(**SIZES))(**config_to_hf(cfg))
+        assert config_from_hf(again.to_dict(), case) == cfg
+    base = tf.LlamaConfig(**SIZES, num_hidden_layers=2).to_dict()
+    bad = {
+        "model_type 'gpt2' is not supported": {"model_type": "gpt2"},
+        "rope type 'yarn' is not supported": {"rope_parameters": {"rope_type": "yarn",
+                                                                  "rope_theta": 1e4,
+                                                                  "factor": 2.0}},
+        "num_key_value_heads 3 does not divide num_attention_heads 4":
+            {"num_key_value_heads": 3},
+        "attention_bias is set": {"attention_bias": True},
+        "hidden_act 'gelu' is not silu": {"hidden_act": "gelu"},
+    }
+    for message, change in bad.items():
+        with pytest.raises(LlmpyError, match=f"^cfg.json: {message}"):
+            config_from_hf({**base, **change}, "cfg.json")
+    mistral = tf.MistralConfig(**SIZES, num_hidden_layers=2, num_key_value_heads=2).to_dict()
+    with pytest.raises(LlmpyError, match="^cfg.json: sliding_window 0 must be positive"):
+        config_from_hf({**mistral, "sliding_window": 0}, "cfg.json")
+    # head_dim that does not fit the weights: the loader says which tensor and why
+    model, _ = hf_model("gemma-mqa")
+    c = model.config.to_dict()
+    cfg = config_from_hf({**c, "head_dim": 16}, "dir")
+    with pytest.raises(LlmpyError, match=r"^dir: .*q_proj.weight.* check config.json's head_dim"):
+        params_from_hf(cfg, hf_state(model), "dir")
