@@ -16,15 +16,17 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from llmpy.backends import get_backend
 from llmpy.config import GPT2Config
 from llmpy.data import DataLoader, read_tokens, write_tokens
 from llmpy.errors import LlmpyError
-from llmpy.llama import params_from_hf
+from llmpy.llama import Llama, params_from_hf
 from llmpy.llama_files import (LlamaDebugState, LlmcFields, ffn_fields, llmc_ffn_dim,
                                read_llama_debug_state, read_llama_hf, read_llama_model,
                                write_llama_debug_state, write_llama_hf, write_llama_model)
+from llmpy.model import load_params
 from test_cli import assert_one_line_error, cli
-from test_gpt2 import random_weights, write_llmc_model, write_llmc_tokens
+from test_gpt2 import random_weights, rel_err, write_llmc_model, write_llmc_tokens
 
 
 # ----------------------------------------------------------------------------- token files
@@ -563,3 +565,17 @@ def test_debug_state_bad_input(state, tmp_path):
     one_line_error(lambda: write_llama_debug_state(tmp_path / "o.bin", cfg, LlamaDebugState(
         *[np.zeros((1, 1), int)] * 2, np.zeros((1, 1, 301)), 0.0, np.zeros(1), [1.0], [])),
         tmp_path / "o.bin", "1 losses and 0 gradient norms")
+
+
+def test_llmc_file_runs_as_transformers(llama_dir, tmp_path):
+    """A file written the way train_llama3.py writes it, read into our decoder (numpy backend):
+    transformers' logits within 1e-5 of their largest, so the layout read is the one our rope
+    computes (a wrong permutation is off by O(1))."""
+    _, m = llama_dir
+    llmc_llama_model(tmp_path / "m.bin", m)
+    cfg, params, _ = read_llama_model(tmp_path / "m.bin")
+    model = Llama(cfg, get_backend("numpy"))
+    load_params(model, params)
+    x = tokens(301, 2, 32)
+    model.forward(x)
+    assert rel_err(model.acts.logits[..., :301], hf_logits(m, x)) <= 1e-5
