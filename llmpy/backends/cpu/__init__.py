@@ -30,7 +30,9 @@ if "OMP_WAIT_POLICY" not in os.environ:
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 from scipy.linalg.blas import sgemm  # noqa: E402
 
 from ..numpy import sum_squares, to_device, to_host, zeros  # noqa: E402,F401  (as the reference)
@@ -43,6 +45,10 @@ test_dtypes = (np.float32,)
 _JIT = dict(cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 kernel = njit(**_JIT)
 threaded = njit(parallel=True, **_JIT)
+# for helpers that take array slices inside hot loops: a call would pass each slice with its
+# reference count taken and dropped (atomic operations) and hide the loop from the caller's
+# optimiser; inlined in Numba's IR, neither happens
+inlined = njit(inline="always", **_JIT)
 
 ZERO, ONE, TWO = np.float32(0.0), np.float32(1.0), np.float32(2.0)
 NEG_INF = np.float32(-np.inf)
@@ -52,6 +58,61 @@ NEG_INF = np.float32(-np.inf)
 FEW_ROWS = 8
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)
+
+
+# ----------------------------------------------------------------------------- exp
+# math.exp compiles to a call to libm's expf per element (Numba vectorises it only with Intel's
+# SVML, which is rarely installed), and the sigmoids of SiLU and GELU, tanh and the softmaxes
+# spend most of their time there. _exp is the same function written out so that LLVM
+# vectorises the loops that call it: Cephes' expf (a degree-5 polynomial on
+# [-ln2/2, ln2/2] after x = n ln2 + r), with 2^n built in the exponent bits. Within 1 ulp of
+# the correctly rounded value; below the smallest normal float it gives 0 instead of a
+# subnormal, which no caller here can tell from 0.
+
+@intrinsic
+def _bits(typingctx, x):
+    # the int32 holding float32 x's IEEE bits (a bitcast: Numba has no scalar view)
+    return types.int32(types.float32), lambda ctx, builder, sig, args: builder.bitcast(
+        args[0], ir.IntType(32))
+
+
+@intrinsic
+def _from_bits(typingctx, i):
+    # the float32 whose IEEE bits are int32 i
+    return types.float32(types.int32), lambda ctx, builder, sig, args: builder.bitcast(
+        args[0], ir.FloatType())
+
+
+EXP_HI, EXP_LO = np.float32(88.72283935546875), np.float32(-87.33654022216797)  # ln of the
+# largest float32 and of the smallest normal one
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 in two parts,
+# so r = x - n ln2 stays exact
+ROUND = np.float32(12582912.0)    # 1.5 * 2^23: adding it rounds to an integer, kept in the
+# low bits of the sum's mantissa
+EXP_P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+INF = np.float32(np.inf)
+
+
+@kernel
+def _exp(x):
+    # e^x for float32 x (inf and NaN as math.exp); see above
+    xc = EXP_HI if x > EXP_HI else (EXP_LO if x < EXP_LO else x)
+    nr = xc * LOG2E + ROUND
+    n = nr - ROUND                                  # round(x / ln2)
+    r = xc - n * LN2_HI - n * LN2_LO
+    p0, p1, p2, p3, p4, p5 = EXP_P
+    y = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+    y = y * r * r + r + ONE                         # e^r
+    k = _bits(nr) - _bits(ROUND)                    # n as an int32, in [-126, 128]
+    h = k >> 1                                      # 2^n = 2^h 2^(n-h): both halves normal
+    y = y * _from_bits((h + 127) << 23) * _from_bits((k - h + 127) << 23)
+    if x > EXP_HI:
+        y = INF
+    if x < EXP_LO:
+        y = ZERO
+    return y
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -364,7 +425,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
 def _tanh(x):
     # tanh x = 1 - 2 / (1 + e^(2x)): one exp, where math.tanh compiles to a far slower libm call;
     # at x = +-inf it gives +-1 exactly
-    return ONE - TWO / (ONE + math.exp(TWO * x))
+    return ONE - TWO / (ONE + _exp(TWO * x))
 
 
 def _attention_args(att, out, inp, scale, softcap):
@@ -379,6 +440,52 @@ def _attention_args(att, out, inp, scale, softcap):
     return np.float32(scale), np.float32(softcap)
 
 
+@inlined
+def _dots(out, q, x, o, lo, hi):
+    # out[t2] = q . x[t2, o:o+hd] for t2 in [lo, hi); q: (hd,), x: (T,D) one sequence's rows.
+    # Four rows of x per pass over q: a head's dot product is too short for one alone to
+    # outweigh its loop and its final sum across the vector lanes.
+    hd = q.shape[0]
+    t2 = lo
+    while t2 + 4 <= hi:
+        x0, x1 = x[t2, o:o + hd], x[t2 + 1, o:o + hd]
+        x2, x3 = x[t2 + 2, o:o + hd], x[t2 + 3, o:o + hd]
+        s0 = s1 = s2 = s3 = ZERO
+        for j in range(hd):
+            s0 += q[j] * x0[j]
+            s1 += q[j] * x1[j]
+            s2 += q[j] * x2[j]
+            s3 += q[j] * x3[j]
+        out[t2], out[t2 + 1], out[t2 + 2], out[t2 + 3] = s0, s1, s2, s3
+        t2 += 4
+    for t2 in range(t2, hi):
+        x0 = x[t2, o:o + hd]
+        s0 = ZERO
+        for j in range(hd):
+            s0 += q[j] * x0[j]
+        out[t2] = s0
+
+
+@inlined
+def _axpys(y, w, c, x, o, lo, hi):
+    # y += c * sum over t2 in [lo, hi) of w[t2] * x[t2, o:o+hd]; y: (hd,), w: (T,), x: (T,D).
+    # Four rows of x per pass over y, which is then loaded and stored once for four rows.
+    hd = y.shape[0]
+    t2 = lo
+    while t2 + 4 <= hi:
+        x0, x1 = x[t2, o:o + hd], x[t2 + 1, o:o + hd]
+        x2, x3 = x[t2 + 2, o:o + hd], x[t2 + 3, o:o + hd]
+        w0, w1, w2, w3 = c * w[t2], c * w[t2 + 1], c * w[t2 + 2], c * w[t2 + 3]
+        for j in range(hd):
+            y[j] += w0 * x0[j] + w1 * x1[j] + w2 * x2[j] + w3 * x3[j]
+        t2 += 4
+    for t2 in range(t2, hi):
+        x0 = x[t2, o:o + hd]
+        w0 = c * w[t2]
+        for j in range(hd):
+            y[j] += w0 * x0[j]
+
+
 @threaded
 def _attention_forward(out, preatt, att, inp, scale, softcap, window):
     # out: (B,T,NH*hd), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,(NH+2*NKV)*hd).
@@ -391,22 +498,19 @@ def _attention_forward(out, preatt, att, inp, scale, softcap, window):
         b, h, t = i // (NH * T), (i // T) % NH, i % T
         qo, ko, vo = h * hd, (NH + h // G) * hd, (NH + NKV + h // G) * hd
         lo = max(0, t - window + 1) if window > 0 else 0
-        q = inp[b, t, qo:qo + hd]
+        x = inp[b]                             # (T,D): this sequence's q, k, v
         pre, a, y = preatt[b, h, t], att[b, h, t], out[b, t, qo:qo + hd]
+        _dots(pre, x[t, qo:qo + hd], x, ko, lo, t + 1)
         mx = NEG_INF
         for t2 in range(lo, t + 1):
-            k = inp[b, t2, ko:ko + hd]
-            s = ZERO
-            for j in range(hd):
-                s += q[j] * k[j]
-            s *= scale
+            s = pre[t2] * scale
             if softcap > ZERO:                 # Gemma 2: softcap * tanh(s / softcap)
                 s = softcap * _tanh(s / softcap)
             pre[t2] = s
             mx = max(mx, s)
         total = ZERO
         for t2 in range(lo, t + 1):
-            a[t2] = math.exp(pre[t2] - mx)
+            a[t2] = _exp(pre[t2] - mx)
             total += a[t2]
         for t2 in range(lo, t + 1):
             a[t2] /= total
@@ -417,10 +521,7 @@ def _attention_forward(out, preatt, att, inp, scale, softcap, window):
             pre[t2] = NEG_INF
             a[t2] = ZERO
         y[:] = ZERO
-        for t2 in range(lo, t + 1):
-            v = inp[b, t2, vo:vo + hd]
-            for j in range(hd):
-                y[j] += a[t2] * v[j]
+        _axpys(y, a, ONE, x, vo, lo, t + 1)
 
 
 def attention_forward(out, preatt, att, inp, scale=None, softcap=0.0, window=0):
@@ -443,29 +544,21 @@ def _attention_backward_queries(dinp, dpreatt, datt, dout, inp, att, scale, soft
         b, h, t = i // (NH * T), (i // T) % NH, i % T
         qo, ko, vo = h * hd, (NH + h // G) * hd, (NH + NKV + h // G) * hd
         lo = max(0, t - window + 1) if window > 0 else 0
-        dy, q, dq = dout[b, t, qo:qo + hd], inp[b, t, qo:qo + hd], dinp[b, t, qo:qo + hd]
+        x = inp[b]
         a, da, dp = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
-        s = ZERO
-        for t2 in range(lo, t + 1):            # y = att @ v
-            v = inp[b, t2, vo:vo + hd]
-            d = ZERO
-            for j in range(hd):
-                d += dy[j] * v[j]
-            da[t2] = d
-            s += d * a[t2]
-        for t2 in range(lo, t + 1):            # softmax: dpre = att * (datt - sum(datt * att))
-            k = inp[b, t2, ko:ko + hd]
+        _dots(da, dout[b, t, qo:qo + hd], x, vo, lo, t + 1)         # y = att @ v
+        if softcap > ZERO:                     # the capped scores, recomputed into dp
+            _dots(dp, x[t, qo:qo + hd], x, ko, lo, t + 1)
+        s = ZERO                               # softmax: dpre = att * (datt - sum(datt * att))
+        for t2 in range(lo, t + 1):
+            s += da[t2] * a[t2]
+        for t2 in range(lo, t + 1):
             g = a[t2] * (da[t2] - s)
-            if softcap > ZERO:                 # d(c tanh(x/c))/dx = 1 - tanh^2, recomputed
-                d = ZERO
-                for j in range(hd):
-                    d += q[j] * k[j]
-                th = _tanh(d * scale / softcap)
+            if softcap > ZERO:                 # d(c tanh(x/c))/dx = 1 - tanh^2
+                th = _tanh(dp[t2] * scale / softcap)
                 g *= ONE - th * th
             dp[t2] = g
-            g *= scale                         # scores = q @ k^T * scale
-            for j in range(hd):
-                dq[j] += g * k[j]
+        _axpys(dinp[b, t, qo:qo + hd], dp, scale, x, ko, lo, t + 1)   # scores = q @ k^T * scale
 
 
 @threaded
@@ -483,13 +576,8 @@ def _attention_backward_keys(dinp, dpreatt, dout, inp, att, scale, window):
         hi = min(T, t2 + window) if window > 0 else T
         dk, dv = dinp[b, t2, ko:ko + hd], dinp[b, t2, vo:vo + hd]
         for h in range(kh * G, (kh + 1) * G):
-            qo = h * hd
-            for t in range(t2, hi):
-                a, g = att[b, h, t, t2], dpreatt[b, h, t, t2] * scale
-                dy, q = dout[b, t, qo:qo + hd], inp[b, t, qo:qo + hd]
-                for j in range(hd):
-                    dv[j] += a * dy[j]
-                    dk[j] += g * q[j]
+            _axpys(dk, dpreatt[b, h, :, t2], scale, inp[b], h * hd, t2, hi)
+            _axpys(dv, att[b, h, :, t2], ONE, dout[b], h * hd, t2, hi)
 
 
 def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=0.0, window=0):
@@ -543,14 +631,14 @@ def rope_backward(dinp, dout, cos, sin):
 @kernel
 def _gelu(x):
     u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-    return x / (ONE + math.exp(-TWO * u))
+    return x / (ONE + _exp(-TWO * u))
 
 
 @kernel
 def _gelu_grad(x):
     # d gelu(x) / dx
     u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-    s = ONE / (ONE + math.exp(-TWO * u))                        # 0.5 (1 + tanh u)
+    s = ONE / (ONE + _exp(-TWO * u))                            # 0.5 (1 + tanh u)
     du = GELU_SCALE * (ONE + np.float32(3.0) * GELU_CUBE * x * x)
     # 0.5 x (1 - tanh^2 u) du = 2 x s (1 - s) du
     return s + TWO * x * s * (ONE - s) * du
@@ -588,7 +676,7 @@ def _swiglu_forward(out, inp):
     for i in prange(N):
         for c in range(F):
             g = inp[i, F + c]
-            out[i, c] = inp[i, c] * (g / (ONE + math.exp(-g)))
+            out[i, c] = inp[i, c] * (g / (ONE + _exp(-g)))
 
 
 def swiglu_forward(out, inp):
@@ -603,7 +691,7 @@ def _swiglu_backward(dinp, dout, inp):
     for i in prange(N):
         for c in range(F):
             up, g, dy = inp[i, c], inp[i, F + c], dout[i, c]
-            sig = ONE / (ONE + math.exp(-g))
+            sig = ONE / (ONE + _exp(-g))
             dinp[i, c] += dy * (g * sig)
             dinp[i, F + c] += dy * up * (sig * (ONE + g * (ONE - sig)))   # silu'(g)
 
@@ -707,7 +795,7 @@ def _crossentropy_forward(losses, probs, logits, targets, V):
             mx = max(mx, x[j])
         s = 0.0
         for j in range(V):
-            p[j] = math.exp(x[j] - mx)
+            p[j] = _exp(x[j] - mx)
             s += p[j]
         s32 = np.float32(s)
         for j in range(V):
