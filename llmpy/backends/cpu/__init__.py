@@ -262,20 +262,27 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
 # ----------------------------------------------------------------------------- rmsnorm
 
 def _rows(*arrays):
-    """(...,C) arrays of one shape as (N,H,C) views for the row kernels. Contiguous ones become
-    (N,1,C), which Numba compiles for the contiguous layout; otherwise H is the second last
-    axis, so the heads of q or k inside the packed qkv, (B,T,H,hd), stay views. A copy would
-    lose the kernel's writes, so one raises instead."""
-    x = arrays[0]
-    H = 1 if all(a.flags.c_contiguous for a in arrays) or x.ndim < 3 else x.shape[-2]
-    shape = (-1, H, x.shape[-1])
-    views = []
+    """(...,C) arrays of one shape as N*H rows of C for the row kernels: N, H, and for each
+    array its memory from the first element to the last as a contiguous 1-D array, with the
+    strides (in elements) of its N and H axes. The heads of q or k inside the packed qkv,
+    (B,T,H,hd), are views whose rows are contiguous but spaced apart; passed as they are,
+    Numba compiles them for any strides and does not vectorise the loops over a row."""
+    shape = arrays[0].shape
+    H, C = (shape[-2] if len(shape) > 2 else 1), shape[-1]
+    N = arrays[0].size // max(H * C, 1)
+    spans = []
     for a in arrays:
-        v = a.reshape(shape)
-        if not np.may_share_memory(v, a):
-            raise ValueError("row ops take (...,C) arrays whose leading axes merge without a copy")
-        views.append(v)
-    return views
+        if a.flags.c_contiguous:               # the common case, without as_strided's cost
+            spans.append((a.reshape(-1), (H * C, C)))
+            continue
+        v = a.reshape(N, H, C)                 # merges the leading axes of a view, if it can
+        s0, s1, s2 = (st // a.itemsize for st in v.strides)
+        if not np.may_share_memory(v, a) or s2 != 1 or min(s0, s1) < 0:
+            raise ValueError("row ops take (...,C) arrays with contiguous rows whose leading "
+                             "axes merge without a copy")
+        size = (N - 1) * s0 + (H - 1) * s1 + C if a.size else 0
+        spans.append((np.lib.stride_tricks.as_strided(v, (size,), (a.itemsize,)), (s0, s1)))
+    return N, H, spans
 
 
 @kernel
@@ -292,19 +299,21 @@ def _rmsnorm_row(out, x, weight, eps, offset):
 
 
 @kernel
-def _rmsnorm_forward(out, rstd, inp, weight, eps, offset):
-    # out: (N,H,C), rstd: (N,H), inp: (N,H,C), weight: (C,)
-    N, H, _ = inp.shape
+def _rmsnorm_forward(out, os, rstd, inp, xs, N, H, weight, eps, offset):
+    # rows of C = weight's length: out, inp: spans (see _rows) with strides os, xs;
+    # rstd: (N*H,), weight: (C,)
+    C = weight.shape[0]
     for n in range(N):
         for h in range(H):
-            rstd[n, h] = _rmsnorm_row(out[n, h], inp[n, h], weight, eps, offset)
+            yo, xo = n * os[0] + h * os[1], n * xs[0] + h * xs[1]
+            rstd[n * H + h] = _rmsnorm_row(out[yo:yo + C], inp[xo:xo + C], weight, eps, offset)
 
 
 def rmsnorm_forward(out, rstd, inp, weight, eps, offset=0.0):
     # out: (...,C), rstd: (...), inp: (...,C), weight: (C,). offset=1.0 is Gemma's x*(1+w).
     # out may be inp (each value is read before it is written).
-    out3, inp3 = _rows(out, inp)
-    _rmsnorm_forward(out3, rstd.reshape(inp3.shape[:2]), inp3, weight, eps, np.float32(offset))
+    N, H, ((y, ys), (x, xs)) = _rows(out, inp)
+    _rmsnorm_forward(y, ys, rstd.reshape(-1), x, xs, N, H, weight, eps, np.float32(offset))
 
 
 @kernel
@@ -327,14 +336,16 @@ def residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offse
 
 
 @kernel
-def _rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset):
-    # dinp: (N,H,C), dweight: (C,), dout: (N,H,C), inp: (N,H,C), weight: (C,), rstd: (N,H).
-    # With norm = x * rstd: dx = rstd * (dnorm - norm * mean(dnorm * norm)), dnorm = dout * w'.
-    N, H, C = inp.shape
+def _rmsnorm_backward(dinp, dxs, dweight, dout, dys, inp, xs, weight, rstd, N, H, offset):
+    # rows of C: dinp, dout, inp: spans with strides dxs, dys, xs (see _rows); dweight,
+    # weight: (C,), rstd: (N*H,). With norm = x * rstd:
+    # dx = rstd * (dnorm - norm * mean(dnorm * norm)), dnorm = dout * (offset + w).
+    C = weight.shape[0]
     dw = np.zeros(C)                            # (C,) float64 sums over the rows
     for n in range(N):
         for h in range(H):
-            x, dy, dx, r = inp[n, h], dout[n, h], dinp[n, h], rstd[n, h]
+            xo, yo, do = n * xs[0] + h * xs[1], n * dys[0] + h * dys[1], n * dxs[0] + h * dxs[1]
+            x, dy, dx, r = inp[xo:xo + C], dout[yo:yo + C], dinp[do:do + C], rstd[n * H + h]
             dd = 0.0
             for c in range(C):
                 dd += dy[c] * (offset + weight[c]) * (x[c] * r)
@@ -348,8 +359,8 @@ def _rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset):
 
 def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset=0.0):
     # dinp: (...,C), dweight: (C,), dout: (...,C), inp: (...,C), weight: (C,), rstd: (...)
-    dinp3, dout3, inp3 = _rows(dinp, dout, inp)
-    _rmsnorm_backward(dinp3, dweight, dout3, inp3, weight, rstd.reshape(inp3.shape[:2]),
+    N, H, ((dx, dxs), (dy, dys), (x, xs)) = _rows(dinp, dout, inp)
+    _rmsnorm_backward(dx, dxs, dweight, dy, dys, x, xs, weight, rstd.reshape(-1), N, H,
                       np.float32(offset))
 
 
@@ -594,34 +605,47 @@ def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=
 # cos, sin are cos[t, j], sin[t, j]. The backward turns the gradient back by the same angle.
 
 @kernel
+def _rope_forward(out, os, inp, xs, N, H, cos, sin):
+    # out, inp: spans of N*H rows of hd (see _rows) with strides os, xs; cos, sin: (T,hd/2),
+    # row n at position n % T
+    T, half = cos.shape
+    for n in range(N):
+        c, s = cos[n % T], sin[n % T]
+        for h in range(H):
+            xo, yo = n * xs[0] + h * xs[1], n * os[0] + h * os[1]
+            x1, x2 = inp[xo:xo + half], inp[xo + half:xo + 2 * half]
+            y1, y2 = out[yo:yo + half], out[yo + half:yo + 2 * half]
+            for j in range(half):
+                y1[j] = x1[j] * c[j] - x2[j] * s[j]
+                y2[j] = x2[j] * c[j] + x1[j] * s[j]
+
+
 def rope_forward(out, inp, cos, sin):
     # out, inp: (B,T,H,hd) (views allowed; out may not alias inp), cos, sin: (T,hd/2)
     # out1 = x1*cos - x2*sin ; out2 = x2*cos + x1*sin
-    B, T, H, hd = inp.shape
-    half = hd // 2
-    for b in range(B):
-        for t in range(T):
-            for h in range(H):
-                x, y = inp[b, t, h], out[b, t, h]
-                for j in range(half):
-                    c, s = cos[t, j], sin[t, j]
-                    y[j] = x[j] * c - x[j + half] * s
-                    y[j + half] = x[j + half] * c + x[j] * s
+    N, H, ((y, ys), (x, xs)) = _rows(out, inp)
+    _rope_forward(y, ys, x, xs, N, H, cos, sin)
 
 
 @kernel
+def _rope_backward(dinp, dxs, dout, dys, N, H, cos, sin):
+    # dinp += the inverse rotation of dout; spans and strides as _rope_forward
+    T, half = cos.shape
+    for n in range(N):
+        c, s = cos[n % T], sin[n % T]
+        for h in range(H):
+            yo, xo = n * dys[0] + h * dys[1], n * dxs[0] + h * dxs[1]
+            dy1, dy2 = dout[yo:yo + half], dout[yo + half:yo + 2 * half]
+            dx1, dx2 = dinp[xo:xo + half], dinp[xo + half:xo + 2 * half]
+            for j in range(half):
+                dx1[j] += dy1[j] * c[j] + dy2[j] * s[j]
+                dx2[j] += dy2[j] * c[j] - dy1[j] * s[j]
+
+
 def rope_backward(dinp, dout, cos, sin):
     # dinp, dout: (B,T,H,hd), cos, sin: (T,hd/2); dinp += the inverse rotation of dout
-    B, T, H, hd = dout.shape
-    half = hd // 2
-    for b in range(B):
-        for t in range(T):
-            for h in range(H):
-                dy, dx = dout[b, t, h], dinp[b, t, h]
-                for j in range(half):
-                    c, s = cos[t, j], sin[t, j]
-                    dx[j] += dy[j] * c + dy[j + half] * s
-                    dx[j + half] += dy[j + half] * c - dy[j] * s
+    N, H, ((dx, dxs), (dy, dys)) = _rows(dinp, dout)
+    _rope_backward(dx, dxs, dy, dys, N, H, cos, sin)
 
 
 # ----------------------------------------------------------------------------- gelu
