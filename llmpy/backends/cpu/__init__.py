@@ -5,8 +5,9 @@
   right transpose flags reaches BLAS with no copy, and beta=1 makes the backward's `+=`
   part of the GEMM instead of a temporary plus an addition.
 - Everything else is one fused Numba loop per op, writing into the preallocated outputs. The
-  big ones (attention, GELU, cross-entropy, AdamW) split their rows or elements over all cores;
-  ops on a (B,T,C) tensor take microseconds, less than waking the threads would cost.
+  big ones (attention, GELU and the gated MLPs, softcap, cross-entropy, AdamW) split their rows
+  or elements over all cores; ops on a (B,T,C) tensor (the norms, RoPE, the embedding) take
+  microseconds, less than waking the threads would cost.
 - Element-wise math runs in float32 like the reference (constants are float32, so nothing is
   promoted). The long sums accumulate in float64: layernorm statistics, the classifier's softmax
   over the vocabulary, and the parameter gradients' sums over the B*T rows; the short ones (a
@@ -60,7 +61,7 @@ GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)
 
 
-# ----------------------------------------------------------------------------- exp
+# ----------------------------------------------------------------------------- exp, tanh
 # math.exp compiles to a call to libm's expf per element (Numba vectorises it only with Intel's
 # SVML, which is rarely installed), and the sigmoids of SiLU and GELU, tanh and the softmaxes
 # spend most of their time there. _exp is the same function written out so that LLVM
@@ -113,6 +114,23 @@ def _exp(x):
     if x < EXP_LO:
         y = ZERO
     return y
+
+
+TANH_P = tuple(np.float32(c) for c in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
+                                       1.33314422036e-1, -3.33332819422e-1))
+TANH_SMALL = np.float32(0.625)
+
+
+@kernel
+def _tanh(x):
+    # tanh x for float32 x, as Cephes' tanhf, for the same reason as _exp (math.tanh is a libm
+    # call): 1 - 2 / (1 + e^(2x)), whose subtraction cancels near 0, where an odd polynomial
+    # takes over. Both are computed and one chosen, which keeps the loop vectorisable.
+    z = x * x
+    p0, p1, p2, p3, p4 = TANH_P
+    small = ((((p0 * z + p1) * z + p2) * z + p3) * z + p4) * z * x + x
+    big = ONE - TWO / (ONE + _exp(TWO * x))                    # +-1 exactly at +-inf
+    return small if abs(x) <= TANH_SMALL else big
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -431,13 +449,6 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
 # never copied out per query head. GPT-2 is NKV == NH with the default scale, no softcap and no
 # window. A window > 0 lets position t see t2 with t - window < t2 <= t: the loops start at the
 # window's first position, so the work outside it is never done, only its att entries zeroed.
-
-@kernel
-def _tanh(x):
-    # tanh x = 1 - 2 / (1 + e^(2x)): one exp, where math.tanh compiles to a far slower libm call;
-    # at x = +-inf it gives +-1 exactly
-    return ONE - TWO / (ONE + _exp(TWO * x))
-
 
 def _attention_args(att, out, inp, scale, softcap):
     # the float32 constants the kernels take; hd from out: (B,T,NH*hd), att: (B,NH,T,T)
