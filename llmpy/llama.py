@@ -521,12 +521,15 @@ def activation_shapes(cfg, B, T, fused=False, layers=None):
     L = cfg.num_layers if layers is None else layers
     C, NH, hd, F, Vp = cfg.channels, cfg.num_heads, cfg.head_dim, cfg.ffn_dim, \
         cfg.padded_vocab_size
-    QKV, QKH = cfg.qkv_dim, cfg.num_heads + cfg.num_kv_heads
+    QKV = cfg.qkv_dim
     att = ([("att_lse", (L, B, NH, T))] if fused else
            [("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T))])
     # the QK-norm backward reads its input, the projection's q,k: then every layer keeps it;
     # without, rope is the only reader, and rope's backward needs no input
-    qk = ([("qkn", (1, B, T, QKH, hd)), ("qk_rstd", (L, B, T, QKH))] if cfg.qk_norm else [])
+    # (q and k normed into buffers of their own: contiguous rows, and statistics, for the ops)
+    NKV = cfg.num_kv_heads
+    qk = ([("qn", (1, B, T, NH, hd)), ("kn", (1, B, T, NKV, hd)), ("q_rstd", (L, B, T, NH)),
+           ("k_rstd", (L, B, T, NKV))] if cfg.qk_norm else [])
     # a post-norm's backward reads its input, the projection's output
     post = L if cfg.post_norms else 1
     attpost = ([("attpost", (1, B, T, C)), ("attpost_rstd", (L, B, T))]
@@ -550,11 +553,11 @@ def activation_shapes(cfg, B, T, fused=False, layers=None):
     ]
 
 
-LAYERED = {"ln1", "ln1_rstd", "qkv_raw", "qkn", "qk_rstd", "qkv", "atty", "att_lse", "preatt",
+LAYERED = {"ln1", "ln1_rstd", "qkv_raw", "qn", "kn", "q_rstd", "k_rstd", "qkv", "atty", "att_lse", "preatt",
            "att", "attproj", "attpost", "attpost_rstd", "residual2", "ln2", "ln2_rstd", "fch",
            "act", "fcproj", "fcpost", "fcpost_rstd", "residual3"}
 # Per-row statistics: float32 on every backend (as model.STATS)
-STATS = ("ln1_rstd", "qk_rstd", "attpost_rstd", "ln2_rstd", "fcpost_rstd", "lnf_rstd",
+STATS = ("ln1_rstd", "q_rstd", "k_rstd", "attpost_rstd", "ln2_rstd", "fcpost_rstd", "lnf_rstd",
          "att_lse", "logits_lse", "losses")
 
 
@@ -573,7 +576,8 @@ def grad_activation_shapes(cfg, B, T, fused=False):
     model = [*dlogits, ("losses", (B, T)), ("lnf", (B, T, C)), ("residual", (B, T, C))]
     post = [("attproj", (B, T, C)), ("fcproj", (B, T, C))] if cfg.post_norms else []
     layer = [("ln1", (B, T, C)), ("qkv_raw", (B, T, QKV)),
-             *([("qkn", (B, T, QKH, hd))] if cfg.qk_norm else []),
+             *([("qn", (B, T, NH, hd)), ("kn", (B, T, cfg.num_kv_heads, hd))]
+               if cfg.qk_norm else []),
              ("qkv", (B, T, QKV)), ("atty", (B, T, NH * hd)),
              *([] if fused else [("preatt", (B, NH, T, T)), ("att", (B, NH, T, T))]),
              *post, ("ln2", (B, T, C)), ("fch", (B, T, 2 * F)), ("act", (B, T, F))]
@@ -620,15 +624,13 @@ def block_forward(cfg, ops, p, l, v, x, rope, attend, nxt):
     NH, NKV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps, off, QK = cfg.norm_eps, cfg.norm_offset, (cfg.num_heads + cfg.num_kv_heads) * hd
     ops.matmul_forward(v.qkv_raw, v.ln1, p.qkvw[l], p.qkvb[l] if cfg.qkv_bias else None)
-    qk = heads(v.qkv_raw, hd, NH + NKV)                         # (B,T,NH+NKV,hd)
-    if cfg.qk_norm:                                             # each head normed over hd
-        raw = qk
-        qk = v.qkn
-        ops.rmsnorm_forward(qk[..., :NH, :], v.qk_rstd[..., :NH], raw[..., :NH, :],
-                            p.qnormw[l], eps, off)
-        ops.rmsnorm_forward(qk[..., NH:, :], v.qk_rstd[..., NH:], raw[..., NH:, :],
-                            p.knormw[l], eps, off)
-    ops.rope_forward(heads(v.qkv, hd, NH + NKV), qk, *rope)
+    qk, turned = heads(v.qkv_raw, hd, NH + NKV), heads(v.qkv, hd, NH + NKV)  # (B,T,NH+NKV,hd)
+    if cfg.qk_norm:                 # each head normed over hd, then turned
+        for h, out, rstd, w in qk_norms(cfg, v, p, l):
+            ops.rmsnorm_forward(out, rstd, qk[..., h, :], w, eps, off)
+            ops.rope_forward(turned[..., h, :], out, *rope)
+    else:
+        ops.rope_forward(turned, qk, *rope)
     v.qkv[..., QK:] = v.qkv_raw[..., QK:]                       # v: unturned
     attend(v)
     ops.matmul_forward(v.attproj, v.atty, p.attprojw[l], None)
@@ -649,6 +651,14 @@ def block_forward(cfg, ops, p, l, v, x, rope, attend, nxt):
     # residual3 = residual2 + the MLP's output, and the next norm of it
     ops.residual_rmsnorm_forward(v.residual3, nxt[0], nxt[1], v.residual2, out, nxt[2], eps,
                                  off)
+
+
+def qk_norms(cfg, v, p, l):
+    """Gemma 3's QK-norm, for q then k: (their heads in the packed rows, the normed buffer
+    in v, its rstd (None in the gradients' v), the weight in p (params or grads))."""
+    NH, H = cfg.num_heads, cfg.num_heads + cfg.num_kv_heads
+    return [(slice(0, NH), v.qn, getattr(v, "q_rstd", None), p.qnormw[l]),
+            (slice(NH, H), v.kn, getattr(v, "k_rstd", None), p.knormw[l])]
 
 
 def rope_keys(cfg):
@@ -871,15 +881,16 @@ class Llama:
             dout = dl.attproj
         be.matmul_backward(dl.atty, g.attprojw[l], None, dout, v.atty, p.attprojw[l])
         self._attention_backward(l, v, dl)
-        dqk = dl.qkn if cfg.qk_norm else heads(dl.qkv_raw, hd, NH + NKV)
-        be.rope_backward(dqk, heads(dl.qkv, hd, NH + NKV), *rope)
-        dl.qkv_raw[..., QK:] = dl.qkv[..., QK:]                 # v was not turned
+        dqk, dturned = heads(dl.qkv_raw, hd, NH + NKV), heads(dl.qkv, hd, NH + NKV)
         if cfg.qk_norm:
-            draw, raw = heads(dl.qkv_raw, hd, NH + NKV), heads(v.qkv_raw, hd, NH + NKV)
-            be.rmsnorm_backward(draw[..., :NH, :], g.qnormw[l], dqk[..., :NH, :],
-                                raw[..., :NH, :], p.qnormw[l], v.qk_rstd[..., :NH], off)
-            be.rmsnorm_backward(draw[..., NH:, :], g.knormw[l], dqk[..., NH:, :],
-                                raw[..., NH:, :], p.knormw[l], v.qk_rstd[..., NH:], off)
+            qk = heads(v.qkv_raw, hd, NH + NKV)
+            for (h, _, rstd, w), (_, dn, _, dw) in zip(qk_norms(cfg, v, p, l),
+                                                       qk_norms(cfg, dl, g, l)):
+                be.rope_backward(dn, dturned[..., h, :], *rope)
+                be.rmsnorm_backward(dqk[..., h, :], dw, dn, qk[..., h, :], w, rstd, off)
+        else:
+            be.rope_backward(dqk, dturned, *rope)
+        dl.qkv_raw[..., QK:] = dl.qkv[..., QK:]                 # v was not turned
         be.matmul_backward(dl.ln1, g.qkvw[l], g.qkvb[l] if cfg.qkv_bias else None,
                            dl.qkv_raw, v.ln1, p.qkvw[l])
         be.rmsnorm_backward(dres, g.ln1w[l], dl.ln1, x, p.ln1w[l], v.ln1_rstd, off)

@@ -11,6 +11,7 @@ their 0 / 1, so that every norm weight, bias and softcap changes the result: a t
 each case that the caps bite and the window hides keys.
 """
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ import transformers as tf
 
 from conftest import BACKENDS
 from llmpy.errors import LlmpyError
-from llmpy.llama import (Decoder, Llama, LlamaConfig, config_from_hf, config_to_hf,
-                         flops_per_token, hf_names, init_weights, params_from_hf,
-                         params_to_hf, preset)
+from llmpy.llama import (Decoder, Llama, LlamaConfig, config_from_hf, config_to_hf, decayed,
+                         flops_per_token, hf_names, init_weights, param_shapes,
+                         params_from_hf, params_to_hf, preset)
 from llmpy.model import load_params
 from llmpy.optim import AdamW, AdamWConfig
 
@@ -169,10 +170,10 @@ def test_the_switches_change_the_result(case):
 
 def adamw_groups(model, cfg, wd):
     """torch param groups with our decay set: the 2-D weights decay, norms and biases not."""
-    names = hf_names(cfg)
+    names, decays = hf_names(cfg), decayed(cfg)
     params = dict(model.named_parameters())
-    decay = [p for k, p in params.items() if names[k] in Llama(cfg, BACKENDS[0]).decayed]
-    rest = [p for k, p in params.items() if names[k] not in Llama(cfg, BACKENDS[0]).decayed]
+    decay = [p for k, p in params.items() if names[k] in decays]
+    rest = [p for k, p in params.items() if names[k] not in decays]
     assert decay and rest
     return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
 
@@ -236,7 +237,7 @@ def test_init_weights_and_presets():
     assert abs(loss - np.log(100)) < 0.5
     # 270M parameters, as its name says (the 170M of its 262,144-token embedding included)
     big = preset("gemma3-270m")
-    n = sum(int(np.prod(s)) for _, s in __import__("llmpy.llama", fromlist=["x"]).param_shapes(big))
+    n = sum(int(np.prod(s)) for _, s in param_shapes(big))
     assert 265e6 < n < 275e6
     assert flops_per_token(big, 1024) > 6 * n
 
@@ -272,3 +273,80 @@ def test_config_round_trip_and_refusals():
     cfg = config_from_hf({**c, "head_dim": 16}, "dir")
     with pytest.raises(LlmpyError, match=r"^dir: .*q_proj.weight.* check config.json's head_dim"):
         params_from_hf(cfg, hf_state(model), "dir")
+
+
+def small_config(**kw):
+    return LlamaConfig(**{**dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 channels=32, ffn_dim=48, max_seq_len=64), **kw})
+
+
+def test_flops_per_token_counts_the_step_s_products():
+    """flops_per_token (MFU's numerator) against the products one forward and backward of the
+    NumPy reference computes, counted from the shapes the model passes (2 FLOPs a
+    multiply-add, a backward twice its forward), without windows: a windowed layer counts
+    only the keys its queries see, which the reference's (T,T) products do not skip."""
+    from llmpy.backends import numpy as ref
+    flops = []
+
+    def counted(name, count, factor):
+        def op(*args, **kw):
+            flops.append(factor * count(*args))
+            return getattr(ref, name)(*args, **kw)
+        return op
+
+    def mm(out, inp, weight, *_):
+        return 2 * inp.size * weight.shape[0]
+
+    def att(out, pre, *_):                      # q.k and att @ v: 2 * 2 * (B,NH,T,T) * hd
+        return 4 * pre.size * out.shape[-1] // pre.shape[1]
+    be = SimpleNamespace(**{k: getattr(ref, k) for k in dir(ref) if not k.startswith("_")})
+    be.matmul_forward = counted("matmul_forward", mm, 1)
+    be.matmul_backward = counted("matmul_backward", lambda di, dw, db, do, i, w: mm(do, i, w), 2)
+    be.attention_forward = counted("attention_forward", att, 1)
+    be.attention_backward = counted("attention_backward",
+                                    lambda di, dp, da, do, *_: att(do, dp), 2)
+    cfg = small_config(head_dim=12, qkv_bias=True, tied_embeddings=False)
+    B, T = 2, 7
+    model = Llama(cfg, be)
+    model.forward(*batch(T, B))
+    model.zero_grad()
+    model.backward()
+    assert sum(flops) == flops_per_token(cfg, T) * B * T
+    windowed = small_config(sliding_window=3, layer_types=("sliding", "full"))
+    assert (flops_per_token(small_config(), T) - flops_per_token(windowed, T)
+            == 12 * 4 * 8 * (T - 3))
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2", "gemma3"])
+def test_memory_plan_is_what_is_allocated(backend, case):
+    """model.memory() and AdamW.state_bytes(), from shapes alone, against the buffers a step
+    allocates."""
+    cls, kw, _ = CASES[case]
+    m = Llama(config_from_hf(cls(**SIZES, **kw).to_dict(), case), backend)
+    B, T = 2, 7
+    opt = AdamW(m, decayed=m.decayed)
+    plan = {**m.memory(B, T), "AdamW state": opt.state_bytes()}
+    m.forward(*batch(T, B))
+    m.zero_grad()
+    m.backward()
+    opt.update()
+    nbytes = lambda *bufs: sum(b.nbytes for b in bufs if b is not None)  # noqa: E731
+    assert plan == {"parameters": nbytes(m.params.buf), "gradients": nbytes(m.grads.buf),
+                    "activations": nbytes(m.acts.buf, m.acts.buf32),
+                    "activation gradients": nbytes(m.grad_acts.buf, m.grad_acts.buf32,
+                                                   m.grad_layer.buf),
+                    "AdamW state": nbytes(opt.m, opt.v, opt.master)}
+
+
+def test_bad_batches_are_one_line_errors(backend):
+    m = Llama(small_config(), backend)
+    x, y = batch(5)
+    with pytest.raises(LlmpyError, match=r"targets of shape \(2, 4\) for inputs of shape"):
+        m.forward(x, y[:, :4])
+    with pytest.raises(LlmpyError, match=f"input token id {V} is out of range"):
+        m.forward(np.full((2, 5), V))
+    with pytest.raises(LlmpyError, match="exceeds the model's max_seq_len 64"):
+        m.forward(batch(65)[0])
+    with pytest.raises(LlmpyError, match="backward.. needs a forward.. with targets first"):
+        m.forward(x)
+        m.backward()
