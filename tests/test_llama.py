@@ -350,3 +350,38 @@ def test_bad_batches_are_one_line_errors(backend):
     with pytest.raises(LlmpyError, match="backward.. needs a forward.. with targets first"):
         m.forward(x)
         m.backward()
+
+
+# config.json as older transformers wrote them (the form most hub checkpoints have): rope_theta,
+# rope_scaling, Gemma 3's rope_local_base_freq and sliding_window_pattern, Gemma's legacy "gelu"
+OLD_STYLE = {
+    "llama": {"model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": True,
+              "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}},
+    "gemma3_text": {"model_type": "gemma3_text", "rope_theta": 1000000.0,
+                    "rope_local_base_freq": 10000.0, "rope_scaling": None, "head_dim": 16,
+                    "sliding_window": 8, "sliding_window_pattern": 3, "query_pre_attn_scalar": 16,
+                    "final_logit_softcapping": None, "attn_logit_softcapping": None},
+    "gemma": {"model_type": "gemma", "hidden_act": "gelu", "head_dim": 16},
+    "qwen2": {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 4096,
+              "max_window_layers": 2, "rope_theta": 1000000.0},
+}
+CLASSES = {"llama": tf.LlamaConfig, "gemma3_text": tf.Gemma3TextConfig,
+           "gemma": tf.GemmaConfig, "qwen2": tf.Qwen2Config}
+
+
+@pytest.mark.parametrize("kind", OLD_STYLE)
+def test_old_style_config_json_reads_as_transformers_reads_it(kind):
+    """The older config.json keys give the config that transformers' own reading of the same
+    dict (normalised by its config class to the 5.x form) gives."""
+    c = {**SIZES, "num_hidden_layers": 6, "num_key_value_heads": 2, **OLD_STYLE[kind]}
+    ours = config_from_hf(c, "config.json")
+    theirs = config_from_hf(CLASSES[kind](**{k: v for k, v in c.items() if k != "model_type"})
+                            .to_dict(), "config.json")
+    assert ours == theirs
+    if kind == "gemma3_text":
+        assert (ours.rope_theta, ours.rope_local_theta) == (1e6, 1e4)
+        assert ours.layer_types == ("sliding", "sliding", "full") * 2
+    if kind == "llama":
+        assert ours.rope_scaling["factor"] == 32.0 and ours.rope_theta == 500000.0
