@@ -119,18 +119,26 @@ def attention_kernels(hs, heads, grouped, softcap, window, T):
 def decoder_kernels(C, NH, NKV, HS, T, GELU, SOFTCAP, WINDOW, **sizes):
     """The decoder's kernels at one model's shape (DECODERS; the sizes not named here only
     set which arguments are multiples of 16, decoder_divisible)."""
-    for residual in (False, True):
-        for config in rmsnorm._rmsnorm_forward_kernel.configs:
-            yield (rmsnorm._rmsnorm_forward_kernel,
-                   dict(out=P, rstd=F, inp=P, weight=P, residual=P, inp2=P, N=X, C=X, eps="fp32",
-                        offset="fp32"),
-                   dict(RESIDUAL=residual, BLOCK_C=triton.next_power_of_2(C), **config.kwargs),
-                   config.num_warps, config.num_stages)
-    for config in rmsnorm._rmsnorm_backward_kernel.configs:
-        yield (rmsnorm._rmsnorm_backward_kernel,
-               dict(dinp=P, dw_part=F, dout=P, inp=P, weight=P, rstd=F, N=X, C=X, offset="fp32"),
-               dict(SPAN=SPAN, BLOCK_C=triton.next_power_of_2(C), **config.kwargs),
-               config.num_warps, config.num_stages)
+    strides = ("x_outer", "x_inner", "y_outer", "y_inner", "dx_outer", "dx_inner", "dy_outer",
+               "dy_inner")
+    # whole rows (H = 1, which Triton specializes), and the heads of packed qkv rows
+    # (Gemma 3's QK-norm)
+    for H, width in ((dict(H=1), C), *(((dict(), HS),) if SOFTCAP else ())):
+        types = dict(dict.fromkeys(strides, X), H=X, N=X, C=X, eps="fp32", offset="fp32")
+        block = triton.next_power_of_2(width)
+        narrow = rmsnorm._rmsnorm_forward_kernel.early_config_prune(
+            [], dict(N=1 << 20), BLOCK_C=block)         # its own candidates where narrow
+        for residual in (False, True) if width == C else (False,):
+            for config in narrow or rmsnorm._rmsnorm_forward_kernel.configs:
+                yield (rmsnorm._rmsnorm_forward_kernel,
+                       dict(out=P, rstd=F, inp=P, weight=P, residual=P, inp2=P, **types),
+                       dict(RESIDUAL=residual, BLOCK_C=block, **H, **config.kwargs),
+                       config.num_warps, config.num_stages)
+        for config in narrow or rmsnorm._rmsnorm_backward_kernel.configs:
+            yield (rmsnorm._rmsnorm_backward_kernel,
+                   dict(dinp=P, dw_part=F, dout=P, inp=P, weight=P, rstd=F, **types),
+                   dict(SPAN=SPAN, BLOCK_C=block, **H, **config.kwargs), config.num_warps,
+                   config.num_stages)
     for kernel, types in ((glu._glu_forward_kernel, dict(out=P, inp=P, N=X, F=X)),
                           (glu._glu_backward_kernel, dict(dinp=P, dout=P, inp=P, N=X, F=X))):
         for config in kernel.configs:
@@ -165,10 +173,12 @@ DIVISIBLE = {"N", "C", "Vp", "T"}
 
 def decoder_divisible(C, NH, NKV, HS, FFN, V, T, **switches):
     """DIVISIBLE at a decoder's shape: the rows (a multiple of 16 as GPT-2's), and each integer
-    argument whose value there is a multiple of 16. RoPE's strides are multiples of the head
-    size."""
+    argument whose value there is a multiple of 16. RoPE's and RMSNorm's strides are multiples
+    of the head size (or C, or 0)."""
     values = dict(C=C, NH=NH, NKV=NKV, F=FFN, V=V, Vp=-(-V // 128) * 128, T=T, H=NH + NKV,
-                  half=HS // 2, **dict.fromkeys(("o_b", "o_t", "o_h", "i_b", "i_t", "i_h"), HS))
+                  half=HS // 2, **dict.fromkeys(("o_b", "o_t", "o_h", "i_b", "i_t", "i_h"), HS),
+                  **dict.fromkeys(("x_outer", "x_inner", "y_outer", "y_inner", "dx_outer",
+                                   "dx_inner", "dy_outer", "dy_inner"), HS))
     return {"N"} | {name for name, value in values.items() if value % 16 == 0}
 # Kernels that stream bf16 tensors: their loads must be vectors. A scalar 2-byte load
 # (ld.global.b16) is allowed only for single values (the classifier's target logit): one masked

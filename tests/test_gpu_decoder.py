@@ -49,6 +49,30 @@ def test_rmsnorm(case):
         case.check(dw, dw64 + tw.grad.numpy(), f"rmsnorm dweight offset={offset}")
 
 
+def test_rmsnorm_of_heads(case):
+    """Gemma 3's QK-norm: the k heads inside packed qkv rows (a view) into a buffer of their
+    own, and the backward added into the k heads of a packed gradient."""
+    B, T, NH, NKV, hd, eps = 2, 9, 4, 2, 12, 1e-6
+    W = (NH + 2 * NKV) * hd
+    qkv, qkv64 = case.randn(B, T, W, scale=2.0)
+    w, w64 = case.randn(hd, scale=0.5)
+    k = lambda buf: buf[..., NH * hd:(NH + NKV) * hd].view(B, T, NKV, hd)   # noqa: E731
+    tx, tw = leaf(qkv64[..., NH * hd:(NH + NKV) * hd].reshape(B, T, NKV, hd)), leaf(w64)
+    want = tx * torch.rsqrt((tx * tx).mean(-1, keepdim=True) + eps) * (1.0 + tw)
+    dout, dout64 = case.randn(B, T, NKV, hd)
+    want.backward(torch.tensor(dout64))
+    out, rstd = case.zeros(B, T, NKV, hd), case.zeros(B, T, NKV, dtype=torch.float32)
+    gpu.rmsnorm_forward(out, rstd, k(qkv), w, eps, 1.0)
+    case.check(out, want.detach().numpy(), "rmsnorm of heads out")
+    dqkv, dqkv64 = case.randn(B, T, W)                          # added into
+    dw, dw64 = case.randn(hd)
+    gpu.rmsnorm_backward(k(dqkv), dw, dout, k(qkv), w, rstd, 1.0)
+    want_dqkv = dqkv64.copy()
+    want_dqkv[..., NH * hd:(NH + NKV) * hd] += tx.grad.numpy().reshape(B, T, -1)
+    case.check(dqkv, want_dqkv, "rmsnorm of heads dinp (only the k heads)")
+    case.check(dw, dw64 + tw.grad.numpy(), "rmsnorm of heads dweight")
+
+
 def test_residual_rmsnorm(case):
     B, T, C, eps = 2, 9, 37, 1e-5
     x, x64 = case.randn(B, T, C, scale=3.0)
@@ -279,3 +303,25 @@ def test_attention_blocks(fwd, dq, dkdv, monkeypatch):
     case = Case(torch.float32)
     for window in (0, 2, 9, 31, 47):
         check_attention(case, 1, 70, 4, 1, 8, window=window)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_every_tuned_config(monkeypatch):
+    """As test_gpu.py's: autotuning compares configs only at large shapes, so on a GPU each
+    config of each tuned row-wise or elementwise kernel here runs the tests above in bf16 (RMSNorm's
+    narrow-row configs too, at every width)."""
+    from llmpy.backends.gpu import glu, rmsnorm
+    every = {rmsnorm._rmsnorm_forward_kernel: rmsnorm._rmsnorm_forward_kernel.configs
+             + rmsnorm.NARROW_CONFIGS,
+             rmsnorm._rmsnorm_backward_kernel: rmsnorm._rmsnorm_backward_kernel.configs
+             + rmsnorm.NARROW_CONFIGS,
+             glu._glu_forward_kernel: glu._glu_forward_kernel.configs,
+             glu._glu_backward_kernel: glu._glu_backward_kernel.configs}
+    for i in range(max(map(len, every.values()))):
+        for kernel, configs in every.items():
+            monkeypatch.setattr(kernel, "configs", [configs[min(i, len(configs) - 1)]])
+        case = Case(torch.bfloat16)
+        for test in (test_rmsnorm, test_rmsnorm_of_heads, test_residual_rmsnorm):
+            test(case)
+        for act in ("swiglu", "geglu"):
+            test_glu(case, act)

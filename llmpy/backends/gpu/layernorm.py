@@ -17,22 +17,17 @@ from .matmul import add_partial_sums
 
 
 @triton.jit
-def load_rows(inp, residual, inp2, N, C, RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_C: tl.constexpr):
-    """A forward program's rows of inp, float32 (ROWS,BLOCK_C), and their indices (ROWS,),
-    channels (BLOCK_C,), mask and offsets (ROWS,BLOCK_C). RESIDUAL: the rows of inp + inp2
-    instead, stored in residual as rounded there (the backward reads the sum back from it)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < N) & (cols[None, :] < C)
-    o = rows[:, None] * C + cols[None, :]                       # (ROWS,BLOCK_C); B*T*C < 2**31
+def load_rows(inp, residual, inp2, o, mask, RESIDUAL: tl.constexpr):
+    """A forward program's rows of inp at offsets o, float32 (ROWS,BLOCK_C). RESIDUAL: the rows
+    of inp + inp2 instead, stored in residual as rounded there (the backward reads the sum back
+    from it)."""
     x = tl.load(inp + o, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL:
         x += tl.load(inp2 + o, mask=mask, other=0.0).to(tl.float32)
         x = x.to(residual.dtype.element_ty)
         tl.store(residual + o, x, mask=mask)
         x = x.to(tl.float32)
-    return rows, cols, mask, o, x
+    return x
 
 
 # (ROWS, num_warps), for the forward and the backward (rmsnorm.py's too): the last is one row a
@@ -48,7 +43,11 @@ BACKWARD_CONFIGS = configs([(dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1), (dict(RO
 @triton.jit
 def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2, N, C, eps,
                               RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows, cols, mask, o, x = load_rows(inp, residual, inp2, N, C, RESIDUAL, ROWS, BLOCK_C)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    o = rows[:, None] * C + cols[None, :]                       # (ROWS,BLOCK_C); B*T*C < 2**31
+    x = load_rows(inp, residual, inp2, o, mask, RESIDUAL)
     mu = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mu[:, None], 0.0)
     rs = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)      # biased variance, as torch
