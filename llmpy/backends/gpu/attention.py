@@ -76,9 +76,9 @@ _BWD = configs([(dict(BLOCK=128, STEP=32), 8, 3), (dict(BLOCK=128, STEP=64), 8, 
                (dict(BLOCK=64, STEP=64), 4, 3), (dict(BLOCK=64, STEP=64), 4, 2)],
                dict(BLOCK=16, STEP=16))
 _SMALL_FP32 = triton.Config(dict(BLOCK=32, STEP=16), num_warps=4, num_stages=2)
-# For heads of 256: the configs that tests/gpu_compile.py finds within an H100's shared memory
-# and, as far as it can, without registers spilled (the dK, dV kernel's two accumulators make
-# that hardest: its last candidate spills none)
+# For heads of 256: configs that tests/gpu_compile.py finds within an H100's shared memory, with
+# few registers spilled (the dK, dV kernel's two accumulators make that hardest: its last
+# candidate spills least)
 _FWD_WIDE = _wide([(dict(BLOCK_M=64, BLOCK_N=64), 8, 2), (dict(BLOCK_M=64, BLOCK_N=32), 8, 3),
                    (dict(BLOCK_M=32, BLOCK_N=64), 4, 2), (dict(BLOCK_M=64, BLOCK_N=32), 8, 2)])
 _BWD_WIDE = _wide([(dict(BLOCK=64, STEP=32), 8, 2), (dict(BLOCK=64, STEP=16), 8, 2),
