@@ -171,11 +171,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pos, lo, hi, T, W, qk_scale, ca
 
 
 @triton.jit
-def _rows(qkv, T, NH, NKV, HS: tl.constexpr, HS_PAD: tl.constexpr, HEADS: tl.constexpr,
+def _rows(T, NH, NKV, HS: tl.constexpr, HS_PAD: tl.constexpr, HEADS: tl.constexpr,
           BLOCK: tl.constexpr):
     """A forward or dQ program's rows: HEADS query heads of one group at each of BLOCK / HEADS
-    positions from start. Returns start, the row stride W of qkv, the batch b, the
-    rows' positions and heads (BLOCK,), the offsets from the batch's base of their q in
+    positions from start. Returns start, the row stride W of qkv, the batch b, the rows'
+    positions and heads (BLOCK,), the offsets from the batch's base of their q in
     (B,T,W) and of their output in (B,T,NH*HS), their mask (BLOCK,HS_PAD), and the offset of
     their group's k (v at + NKV*HS)."""
     start = tl.program_id(0) * (BLOCK // HEADS)
@@ -199,7 +199,7 @@ def _attention_forward_kernel(out, lse, qkv, T, NH, NKV, qk_scale, cap2, window,
                               HS: tl.constexpr, HS_PAD: tl.constexpr, HEADS: tl.constexpr,
                               SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start, W, b, pos, head, q_offs, o_offs, mask, k_off = _rows(qkv, T, NH, NKV, HS, HS_PAD,
+    start, W, b, pos, head, q_offs, o_offs, mask, k_off = _rows(T, NH, NKV, HS, HS_PAD,
                                                                 HEADS, BLOCK_M)
     P = BLOCK_M // HEADS                                        # positions
     base = qkv + b * T * W
@@ -284,7 +284,7 @@ def _attention_dq_kernel(dinp, delta, dout, qkv, out, lse, T, NH, NKV, qk_scale,
     # D = rowsum(dO * O) and dQ for HEADS heads at BLOCK / HEADS query positions: the key
     # blocks on the window's edge, those seen whole, then the diagonal; D is kept for the
     # dK, dV kernel
-    start, W, b, pos, head, q_offs, o_offs, mask, k_off = _rows(qkv, T, NH, NKV, HS, HS_PAD,
+    start, W, b, pos, head, q_offs, o_offs, mask, k_off = _rows(T, NH, NKV, HS, HS_PAD,
                                                                 HEADS, BLOCK)
     P = BLOCK // HEADS                                          # positions
     base, o_base = qkv + b * T * W, b * T * NH * HS
