@@ -42,12 +42,21 @@ def read_debug_state(path, cfg):
     if B < 1 or not 1 <= T <= cfg.max_seq_len:
         raise LlmpyError(f"{path}: debug state header has B={B} T={T}; need B >= 1 and "
                          f"1 <= T <= the model's max_seq_len {cfg.max_seq_len}")
-    expected = HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + N)
+    state, _ = read_state_body(path, B, T, V, N, "debug state",
+                               f"B={B} T={T} and this model's V={V} and {N:,} parameters")
+    return state
+
+
+def read_state_body(path, B, T, V, N, kind, sizes, extra=0):
+    """What follows the header in llm.c's debug states (GPT-2's and llama3's): x, y int32
+    (B,T), logits float32 (B,T,V), loss float32, N gradients float32, then `extra` float32s
+    (llama3's per-step losses and norms). Returns (DebugState, the extra floats); one line for
+    a file of another length (sizes: what sized it, for the message) or an id out of range."""
+    expected = HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + N + extra)
     size = file_size(path)
     if size != expected:
         what = "truncated" if size < expected else "too long"
-        raise LlmpyError(f"{path}: debug state {what}: {size} bytes, expected {expected} for "
-                         f"B={B} T={T} and this model's V={V} and {N:,} parameters")
+        raise LlmpyError(f"{path}: {kind} {what}: {size} bytes, expected {expected} for {sizes}")
     with open(path, "rb") as f:
         f.seek(HEADER_BYTES)
         x = np.fromfile(f, "<i4", B * T).reshape(B, T)
@@ -55,11 +64,12 @@ def read_debug_state(path, cfg):
         logits = np.fromfile(f, "<f4", B * T * V).reshape(B, T, V)
         loss = float(np.fromfile(f, "<f4", 1)[0])
         grads = np.fromfile(f, "<f4", N)
+        tail = np.fromfile(f, "<f4", extra)
     for what, t in (("input", x), ("target", y)):
         if t.min() < 0 or t.max() >= V:
             raise LlmpyError(f"{path}: {what} token id {int(t[(t < 0) | (t >= V)][0])} is out of "
                              f"range for the model's vocab size {V}")
-    return DebugState(x, y, logits, loss, grads)
+    return DebugState(x, y, logits, loss, grads), tail
 
 
 def write_debug_state(path, state):

@@ -20,6 +20,12 @@ OPS = (
     "residual_forward",
     "crossentropy_forward", "crossentropy_backward",
     "adamw_update", "sum_squares",
+    # the Llama/Gemma decoder's (model/llama.py)
+    "embedding_forward", "embedding_backward",
+    "rmsnorm_forward", "rmsnorm_backward", "residual_rmsnorm_forward",
+    "rope_forward", "rope_backward",
+    "swiglu_forward", "swiglu_backward", "geglu_forward", "geglu_backward",
+    "softcap_forward", "softcap_backward",
 )
 
 

@@ -1,7 +1,9 @@
 """Token files and the DataLoader.
 
 llm.c's data file: a 256 x int32 header (magic 20240520, version 1, token count at [2]),
-then the tokens as uint16. The original llm.c README's headerless int32 stream is read too.
+then the tokens as uint16; llm.c's llama3 branch writes magic 20240801, version 7, with the
+tokens as uint32 (for vocabularies past 65,536). The original llm.c README's headerless int32
+stream is read too.
 """
 import glob
 import os
@@ -9,30 +11,74 @@ import os
 import numpy as np
 
 from ..errors import LlmpyError
-from ..io.files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
+from ..io.files import HEADER_BYTES, HEADER_INTS, atomic_write, file_size, make_header, read_header
 
 DATA_MAGIC = 20240520
 DATA_VERSION = 1
+UINT32_VERSION = 7
+# version -> (magic, token dtype), as llm.c's dev/data/data_common.py writes them
+TOKEN_FORMATS = {DATA_VERSION: (DATA_MAGIC, "<u2"), UINT32_VERSION: (20240801, "<u4")}
+
+
+def token_version(vocab_size):
+    """The token file version that holds every id of a vocabulary: uint16 while it fits."""
+    return DATA_VERSION if vocab_size <= 2 ** 16 else UINT32_VERSION
+
+
+def _looks_like_header(h, size):
+    """Whether the first 256 int32s are an llm.c token header but for the magic: a known version
+    at [1] and a token count at [2] that sizes the file exactly. A headerless int32 stream whose
+    second and third ids happen to say this is not a realistic risk; a damaged magic is."""
+    if h.size < 3 or int(h[1]) not in TOKEN_FORMATS or h[2] < 0:
+        return False
+    return size == HEADER_BYTES + np.dtype(TOKEN_FORMATS[int(h[1])][1]).itemsize * int(h[2])
 
 
 def _is_legacy_int32(path):
-    """A headerless int32 stream starts with a token id, never with a magic number."""
-    first = np.fromfile(path, dtype="<i4", count=1)
-    return file_size(path) % 4 == 0 and first.size == 1 and 0 <= first[0] < 2 ** 17
+    """A headerless int32 stream starts with a token id, never with a magic number; an llm.c
+    header whose magic was damaged into a small number is no stream (it would read as ids)."""
+    h = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    size = file_size(path)
+    return (size % 4 == 0 and h.size >= 1 and 0 <= h[0] < 2 ** 17
+            and not _looks_like_header(h, size))
+
+
+def _read_token_header(path):
+    """The header of an llm.c token file of either version -> (token count, token dtype)."""
+    first = np.fromfile(path, dtype="<i4", count=1)[0]
+    version = next((v for v, (magic, _) in TOKEN_FORMATS.items() if magic == first), None)
+    if version is None and file_size(path) >= HEADER_BYTES:
+        raise LlmpyError(f"{path}: bad magic number {first} (a token data file starts with "
+                         f"{DATA_MAGIC}, or {TOKEN_FORMATS[UINT32_VERSION][0]} for uint32 tokens)")
+    magic, dtype = TOKEN_FORMATS[version or DATA_VERSION]
+    h = read_header(path, magic, (version,), "token data")    # truncated, or a bad version
+    return int(h[2]), dtype
+
+
+def check_width(path, tokens, vocab_size):
+    """A uint16 file cannot hold a vocabulary past 65,536 ids: it was tokenized for another."""
+    if vocab_size is not None and tokens.dtype == np.uint16 and \
+            token_version(vocab_size) != DATA_VERSION:
+        raise LlmpyError(f"{path}: uint16 token file (version {DATA_VERSION}) for a vocabulary "
+                         f"of {vocab_size:,} tokens, whose ids need uint32 (version "
+                         f"{UINT32_VERSION}): tokenize with this model's tokenizer")
 
 
 def read_tokens(path, vocab_size=None):
-    """The tokens of one file as a read-only memmap (uint16, or int32 for the legacy stream)."""
+    """The tokens of one file as a read-only memmap (uint16 or uint32 by the file's version, or
+    int32 for the legacy stream). A vocabulary past uint16's ids in a uint16 file is an error:
+    such a file was written for another tokenizer."""
     size = file_size(path)
     if size == 0:
         raise LlmpyError(f"{path}: empty token file")
     if size >= 4 and not _is_legacy_int32(path):
-        h = read_header(path, DATA_MAGIC, (DATA_VERSION,), "token data")
-        n = int(h[2])
-        if size != HEADER_BYTES + 2 * n:
-            raise LlmpyError(f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes), "
+        n, dtype = _read_token_header(path)
+        expected = HEADER_BYTES + np.dtype(dtype).itemsize * n
+        if size != expected:
+            raise LlmpyError(f"{path}: header says {n} tokens ({expected} bytes), "
                              f"but the file has {size} bytes")
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
+        check_width(path, tokens, vocab_size)
     elif size % 4 == 0:
         tokens = np.memmap(path, dtype="<i4", mode="r")
         if tokens.min() < 0:
@@ -46,13 +92,17 @@ def read_tokens(path, vocab_size=None):
     return tokens
 
 
-def write_tokens(path, tokens):
-    """Write tokens in llm.c's format (uint16), atomically."""
+def write_tokens(path, tokens, version=None):
+    """Write tokens in llm.c's format, uint16 (version 1) or uint32 (version 7), atomically.
+    version None: 7 for a uint32 array, so that an array's dtype carries its width through
+    the prepro pipeline; 1 for any other."""
     tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
-        raise LlmpyError(f"{path}: token ids must fit in uint16")
-    atomic_write(path, [make_header(DATA_MAGIC, DATA_VERSION, tokens.size),
-                        tokens.astype("<u2")])
+    if version is None:
+        version = UINT32_VERSION if tokens.dtype == np.uint32 else DATA_VERSION
+    magic, dtype = TOKEN_FORMATS[version]
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
+        raise LlmpyError(f"{path}: token ids must fit in {np.dtype(dtype).name}")
+    atomic_write(path, [make_header(magic, version, tokens.size), tokens.astype(dtype)])
 
 
 def expand_files(pattern):
@@ -78,7 +128,11 @@ class DataLoader:
         self.vocab_size, self._tokens = vocab_size, {}
         # headers and sizes only: FineWeb 10B is 20 GB of shards, read by every rank. A shard's
         # token ids are checked as it is opened, the first one's before any work.
-        sizes = [read_tokens(f).size for f in self.files]
+        sizes = []
+        for f in self.files:
+            tokens = read_tokens(f)
+            check_width(f, tokens, vocab_size)
+            sizes.append(tokens.size)
         self.windows = [max(0, (n - 1) // (B * T * world)) for n in sizes]
         if not any(self.windows):
             raise LlmpyError(f"{pattern}: {sum(sizes)} tokens are too few for one batch of "

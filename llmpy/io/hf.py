@@ -188,16 +188,8 @@ def download(name):
     return os.path.dirname(config)
 
 
-def read_hf(src):
-    """(GPT2Config, flat params) from an HF model directory or hub name."""
-    if not os.path.isdir(src):
-        if os.path.exists(src):
-            raise LlmpyError(f"{src}: not an HF model directory (config.json + model.safetensors "
-                             "or pytorch_model.bin), an llm.c model file, or a hub name")
-        if src.endswith(LOCAL_SUFFIXES) or not HUB_ID.match(src):   # a mistyped local path
-            raise LlmpyError(f"{src}: no such file or directory")
-        src = download(src)
-    config_path = os.path.join(src, "config.json")
+def read_config(config_path):
+    """config.json as a dict; one line for a missing file, bad JSON or a JSON non-object."""
     try:
         with open(config_path, encoding="utf-8") as f:
             c = json.load(f)
@@ -208,7 +200,20 @@ def read_hf(src):
     if not isinstance(c, dict):
         raise LlmpyError(f"{config_path}: expected a JSON object, got "
                          f"{article(type(c).__name__)}")
-    cfg = config_from_hf(c, config_path)
+    return c
+
+
+def read_hf(src):
+    """(GPT2Config, flat params) from an HF model directory or hub name."""
+    if not os.path.isdir(src):
+        if os.path.exists(src):
+            raise LlmpyError(f"{src}: not an HF model directory (config.json + model.safetensors "
+                             "or pytorch_model.bin), an llm.c model file, or a hub name")
+        if src.endswith(LOCAL_SUFFIXES) or not HUB_ID.match(src):   # a mistyped local path
+            raise LlmpyError(f"{src}: no such file or directory")
+        src = download(src)
+    config_path = os.path.join(src, "config.json")
+    cfg = config_from_hf(read_config(config_path), config_path)
     weights = os.path.join(src, HF_WEIGHTS[0])
     if os.path.exists(weights):
         tensors = _read_safetensors(weights)
@@ -220,19 +225,25 @@ def read_hf(src):
     return cfg, params_from_hf(cfg, tensors, weights)
 
 
-def write_hf(out_dir, cfg, flat):
-    """An HF model directory (config.json + model.safetensors) that
-    transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads."""
+def write_hf_dir(out_dir, config, tensors):
+    """config.json (a dict) and model.safetensors ({name: float32 array}) in out_dir, each
+    written atomically."""
     try:
         from safetensors.numpy import save
     except ImportError:
         raise LlmpyError(f"{out_dir}: writing safetensors needs safetensors: "
                          "pip install 'llmpy[hf]'") from None
     ensure_dir(out_dir)
-    blob = save(params_to_hf(cfg, flat), metadata={"format": "pt"})
+    blob = save(tensors, metadata={"format": "pt"})
     atomic_write(os.path.join(out_dir, "model.safetensors"), [np.frombuffer(blob, np.uint8)])
-    text = json.dumps(config_to_hf(cfg), indent=2) + "\n"
+    text = json.dumps(config, indent=2) + "\n"
     atomic_write(os.path.join(out_dir, "config.json"), [np.frombuffer(text.encode(), np.uint8)])
+
+
+def write_hf(out_dir, cfg, flat):
+    """An HF model directory (config.json + model.safetensors) that
+    transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads."""
+    write_hf_dir(out_dir, config_to_hf(cfg), params_to_hf(cfg, flat))
 
 
 def write_gpt2_tokenizer(path, cfg):

@@ -5,8 +5,9 @@
   right transpose flags reaches BLAS with no copy, and beta=1 makes the backward's `+=`
   part of the GEMM instead of a temporary plus an addition.
 - Everything else is one fused Numba loop per op, writing into the preallocated outputs. The
-  big ones (attention, GELU, cross-entropy, AdamW) split their rows or elements over all cores;
-  ops on a (B,T,C) tensor take microseconds, less than waking the threads would cost.
+  big ones (attention, GELU and the gated MLPs, softcap, cross-entropy, AdamW) split their rows
+  or elements over all cores; ops on a (B,T,C) tensor (the norms, RoPE, the embedding) take
+  microseconds, less than waking the threads would cost.
 - Element-wise math runs in float32 like the reference (constants are float32, so nothing is
   promoted). The long sums accumulate in float64: layernorm statistics, the classifier's softmax
   over the vocabulary, and the parameter gradients' sums over the B*T rows; the short ones (a
@@ -20,7 +21,9 @@ import math
 import sys
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 from scipy.linalg.blas import sgemm
 
 from ..base import Backend
@@ -39,6 +42,10 @@ def make():
 _JIT = dict(cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 kernel = njit(**_JIT)
 threaded = njit(parallel=True, **_JIT)
+# for helpers that take array slices inside hot loops: a call would pass each slice with its
+# reference count taken and dropped (atomic operations) and hide the loop from the caller's
+# optimiser; inlined in Numba's IR, neither happens
+inlined = njit(inline="always", **_JIT)
 
 ZERO, ONE, TWO = np.float32(0.0), np.float32(1.0), np.float32(2.0)
 NEG_INF = np.float32(-np.inf)
@@ -48,6 +55,78 @@ NEG_INF = np.float32(-np.inf)
 FEW_ROWS = 8
 GELU_SCALE = np.float32(math.sqrt(2.0 / math.pi))
 GELU_CUBE = np.float32(0.044715)
+
+
+# ----------------------------------------------------------------------------- exp, tanh
+# math.exp compiles to a call to libm's expf per element (Numba vectorises it only with Intel's
+# SVML, which is rarely installed), and the sigmoids of SiLU and GELU, tanh and the softmaxes
+# spend most of their time there. _exp is the same function written out so that LLVM
+# vectorises the loops that call it: Cephes' expf (a degree-5 polynomial on
+# [-ln2/2, ln2/2] after x = n ln2 + r), with 2^n built in the exponent bits. Within 1 ulp of
+# the correctly rounded value; below the smallest normal float it gives 0 instead of a
+# subnormal, which no caller here can tell from 0.
+
+@intrinsic
+def _bits(typingctx, x):
+    # the int32 holding float32 x's IEEE bits (a bitcast: Numba has no scalar view)
+    return types.int32(types.float32), lambda ctx, builder, sig, args: builder.bitcast(
+        args[0], ir.IntType(32))
+
+
+@intrinsic
+def _from_bits(typingctx, i):
+    # the float32 whose IEEE bits are int32 i
+    return types.float32(types.int32), lambda ctx, builder, sig, args: builder.bitcast(
+        args[0], ir.FloatType())
+
+
+EXP_HI, EXP_LO = np.float32(88.72283935546875), np.float32(-87.33654022216797)  # ln of the
+# largest float32 and of the smallest normal one
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 in two parts,
+# so r = x - n ln2 stays exact
+ROUND = np.float32(12582912.0)    # 1.5 * 2^23: adding it rounds to an integer, kept in the
+# low bits of the sum's mantissa
+EXP_P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+INF = np.float32(np.inf)
+
+
+@kernel
+def _exp(x):
+    # e^x for float32 x (inf and NaN as math.exp); see above
+    xc = EXP_HI if x > EXP_HI else (EXP_LO if x < EXP_LO else x)
+    nr = xc * LOG2E + ROUND
+    n = nr - ROUND                                  # round(x / ln2)
+    r = xc - n * LN2_HI - n * LN2_LO
+    p0, p1, p2, p3, p4, p5 = EXP_P
+    y = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+    y = y * r * r + r + ONE                         # e^r
+    k = _bits(nr) - _bits(ROUND)                    # n as an int32, in [-126, 128]
+    h = k >> 1                                      # 2^n = 2^h 2^(n-h): both halves normal
+    y = y * _from_bits((h + 127) << 23) * _from_bits((k - h + 127) << 23)
+    if x > EXP_HI:
+        y = INF
+    if x < EXP_LO:
+        y = ZERO
+    return y
+
+
+TANH_P = tuple(np.float32(c) for c in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
+                                       1.33314422036e-1, -3.33332819422e-1))
+TANH_SMALL = np.float32(0.625)
+
+
+@kernel
+def _tanh(x):
+    # tanh x for float32 x, as Cephes' tanhf, for the same reason as _exp (math.tanh is a libm
+    # call): 1 - 2 / (1 + e^(2x)), whose subtraction cancels near 0, where an odd polynomial
+    # takes over. Both are computed and one chosen, which keeps the loop vectorisable.
+    z = x * x
+    p0, p1, p2, p3, p4 = TANH_P
+    small = ((((p0 * z + p1) * z + p2) * z + p3) * z + p4) * z * x + x
+    big = ONE - TWO / (ONE + _exp(TWO * x))                    # +-1 exactly at +-inf
+    return small if abs(x) <= TANH_SMALL else big
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -78,6 +157,31 @@ def encoder_backward(dwte, dwpe, dout, inp):
             for b in range(B):
                 s += dout[b, t, c]
             dwpe[t, c] += s
+
+
+@kernel
+def embedding_forward(out, inp, wte, scale=ONE):
+    # out: (B,T,C) = wte[inp] * scale, inp: (B,T) int, wte: (Vp,C); scale: float32 (Gemma's
+    # sqrt(C), already rounded to the compute dtype by the caller)
+    B, T, C = out.shape
+    s = np.float32(scale)
+    for b in range(B):
+        for t in range(T):
+            tok = inp[b, t]
+            for c in range(C):
+                out[b, t, c] = wte[tok, c] * s
+
+
+@kernel
+def embedding_backward(dwte, dout, inp, scale=ONE):
+    # dwte: (Vp,C) += scale * dout: (B,T,C) scattered by inp: (B,T) int
+    B, T, C = dout.shape
+    s = np.float32(scale)
+    for b in range(B):                          # in order: repeated ids accumulate
+        for t in range(T):
+            tok = inp[b, t]
+            for c in range(C):
+                dwte[tok, c] += s * dout[b, t, c]
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -169,6 +273,111 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
                         inp.reshape(-1, C), weight, mean.reshape(-1), rstd.reshape(-1))
 
 
+# ----------------------------------------------------------------------------- rmsnorm
+
+def _rows(*arrays):
+    """(...,C) arrays of one shape as N*H rows of C for the row kernels: N, H, and for each
+    array its memory from the first element to the last as a contiguous 1-D array, with the
+    strides (in elements) of its N and H axes. The heads of q or k inside the packed qkv,
+    (B,T,H,hd), are views whose rows are contiguous but spaced apart; passed as they are,
+    Numba compiles them for any strides and does not vectorise the loops over a row."""
+    shape = arrays[0].shape
+    H, C = (shape[-2] if len(shape) > 2 else 1), shape[-1]
+    N = arrays[0].size // max(H * C, 1)
+    spans = []
+    for a in arrays:
+        if a.flags.c_contiguous:               # the common case, without as_strided's cost
+            spans.append((a.reshape(-1), (H * C, C)))
+            continue
+        v = a.reshape(N, H, C)                 # merges the leading axes of a view, if it can
+        s0, s1, s2 = (st // a.itemsize for st in v.strides)
+        if not np.may_share_memory(v, a) or s2 != 1 or min(s0, s1) < 0:
+            raise ValueError("row ops take (...,C) arrays with contiguous rows whose leading "
+                             "axes merge without a copy")
+        size = (N - 1) * s0 + (H - 1) * s1 + C if a.size else 0
+        spans.append((np.lib.stride_tricks.as_strided(v, (size,), (a.itemsize,)), (s0, s1)))
+    return N, H, spans
+
+
+@kernel
+def _rmsnorm_row(out, x, weight, eps, offset):
+    # out: (C,) = x: (C,) * rstd * (offset + weight: (C,)); returns rstd = 1/sqrt(mean(x^2) + eps)
+    C = x.shape[0]
+    ss = 0.0
+    for c in range(C):
+        ss += x[c] * x[c]
+    r = np.float32(1.0 / math.sqrt(ss / C + eps))
+    for c in range(C):
+        out[c] = x[c] * r * (offset + weight[c])
+    return r
+
+
+@kernel
+def _rmsnorm_forward(out, os, rstd, inp, xs, N, H, weight, eps, offset):
+    # rows of C = weight's length: out, inp: spans (see _rows) with strides os, xs;
+    # rstd: (N*H,), weight: (C,)
+    C = weight.shape[0]
+    for n in range(N):
+        for h in range(H):
+            yo, xo = n * os[0] + h * os[1], n * xs[0] + h * xs[1]
+            rstd[n * H + h] = _rmsnorm_row(out[yo:yo + C], inp[xo:xo + C], weight, eps, offset)
+
+
+def rmsnorm_forward(out, rstd, inp, weight, eps, offset=0.0):
+    # out: (...,C), rstd: (...), inp: (...,C), weight: (C,). offset=1.0 is Gemma's x*(1+w).
+    # out may be inp (each value is read before it is written).
+    N, H, ((y, ys), (x, xs)) = _rows(out, inp)
+    _rmsnorm_forward(y, ys, rstd.reshape(-1), x, xs, N, H, weight, eps, np.float32(offset))
+
+
+@kernel
+def _residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offset):
+    # residual, out, inp1, inp2: (N,C), rstd: (N,), weight: (C,)
+    N, C = inp1.shape
+    for i in range(N):
+        for c in range(C):
+            residual[i, c] = inp1[i, c] + inp2[i, c]
+        rstd[i] = _rmsnorm_row(out[i], residual[i], weight, eps, offset)
+
+
+def residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offset=0.0):
+    # residual: (B,T,C) = inp1 + inp2; out: (B,T,C), rstd: (B,T) its rmsnorm with weight: (C,).
+    # One pass over the rows: each is normalised while still in cache.
+    C = inp1.shape[-1]
+    _residual_rmsnorm_forward(residual.reshape(-1, C), out.reshape(-1, C), rstd.reshape(-1),
+                              inp1.reshape(-1, C), inp2.reshape(-1, C), weight, eps,
+                              np.float32(offset))
+
+
+@kernel
+def _rmsnorm_backward(dinp, dxs, dweight, dout, dys, inp, xs, weight, rstd, N, H, offset):
+    # rows of C: dinp, dout, inp: spans with strides dxs, dys, xs (see _rows); dweight,
+    # weight: (C,), rstd: (N*H,). With norm = x * rstd:
+    # dx = rstd * (dnorm - norm * mean(dnorm * norm)), dnorm = dout * (offset + w).
+    C = weight.shape[0]
+    dw = np.zeros(C)                            # (C,) float64 sums over the rows
+    for n in range(N):
+        for h in range(H):
+            xo, yo, do = n * xs[0] + h * xs[1], n * dys[0] + h * dys[1], n * dxs[0] + h * dxs[1]
+            x, dy, dx, r = inp[xo:xo + C], dout[yo:yo + C], dinp[do:do + C], rstd[n * H + h]
+            dd = 0.0
+            for c in range(C):
+                dd += dy[c] * (offset + weight[c]) * (x[c] * r)
+            m = np.float32(dd / C)
+            for c in range(C):
+                norm = x[c] * r
+                dw[c] += dy[c] * norm
+                dx[c] += (dy[c] * (offset + weight[c]) - norm * m) * r
+    dweight += dw
+
+
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset=0.0):
+    # dinp: (...,C), dweight: (C,), dout: (...,C), inp: (...,C), weight: (C,), rstd: (...)
+    N, H, ((dx, dxs), (dy, dys), (x, xs)) = _rows(dinp, dout, inp)
+    _rmsnorm_backward(dx, dxs, dweight, dy, dys, x, xs, weight, rstd.reshape(-1), N, H,
+                      np.float32(offset))
+
+
 # ----------------------------------------------------------------------------- matmul
 
 def _gemm(c, a, b, trans_a, trans_b, beta):
@@ -231,87 +440,245 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
 
 # ----------------------------------------------------------------------------- attention
 
+# Grouped-query attention: inp packs each position as [q heads | k heads | v heads], NH query
+# heads and NKV kv heads of hd channels; query head h reads kv head h // (NH // NKV), in place,
+# never copied out per query head. GPT-2 is NKV == NH with the default scale, no softcap and no
+# window. A window > 0 lets position t see t2 with t - window < t2 <= t: the loops start at the
+# window's first position, so the work outside it is never done, only its att entries zeroed.
+
+def _attention_args(att, out, inp, scale, softcap):
+    # the float32 constants the kernels take; hd from out: (B,T,NH*hd), att: (B,NH,T,T)
+    NH = att.shape[1]
+    hd = out.shape[-1] // NH
+    NKV = (inp.shape[-1] // hd - NH) // 2
+    if NKV < 1 or NH % NKV or inp.shape[-1] != (NH + 2 * NKV) * hd:
+        raise ValueError(f"attention: inp's last axis {inp.shape[-1]} is not (NH + 2*NKV)*hd "
+                         f"with NH={NH}, hd={hd}")
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    return np.float32(scale), np.float32(softcap)
+
+
+@inlined
+def _dots(out, q, x, o, lo, hi):
+    # out[t2] = q . x[t2, o:o+hd] for t2 in [lo, hi); q: (hd,), x: (T,D) one sequence's rows.
+    # Four rows of x per pass over q: a head's dot product is too short for one alone to
+    # outweigh its loop and its final sum across the vector lanes.
+    hd = q.shape[0]
+    t2 = lo
+    while t2 + 4 <= hi:
+        x0, x1 = x[t2, o:o + hd], x[t2 + 1, o:o + hd]
+        x2, x3 = x[t2 + 2, o:o + hd], x[t2 + 3, o:o + hd]
+        s0 = s1 = s2 = s3 = ZERO
+        for j in range(hd):
+            s0 += q[j] * x0[j]
+            s1 += q[j] * x1[j]
+            s2 += q[j] * x2[j]
+            s3 += q[j] * x3[j]
+        out[t2], out[t2 + 1], out[t2 + 2], out[t2 + 3] = s0, s1, s2, s3
+        t2 += 4
+    for t2 in range(t2, hi):
+        x0 = x[t2, o:o + hd]
+        s0 = ZERO
+        for j in range(hd):
+            s0 += q[j] * x0[j]
+        out[t2] = s0
+
+
+@inlined
+def _axpys(y, w, c, x, o, lo, hi):
+    # y += c * sum over t2 in [lo, hi) of w[t2] * x[t2, o:o+hd]; y: (hd,), w: (T,), x: (T,D).
+    # Four rows of x per pass over y, which is then loaded and stored once for four rows.
+    hd = y.shape[0]
+    t2 = lo
+    while t2 + 4 <= hi:
+        x0, x1 = x[t2, o:o + hd], x[t2 + 1, o:o + hd]
+        x2, x3 = x[t2 + 2, o:o + hd], x[t2 + 3, o:o + hd]
+        w0, w1, w2, w3 = c * w[t2], c * w[t2 + 1], c * w[t2 + 2], c * w[t2 + 3]
+        for j in range(hd):
+            y[j] += w0 * x0[j] + w1 * x1[j] + w2 * x2[j] + w3 * x3[j]
+        t2 += 4
+    for t2 in range(t2, hi):
+        x0 = x[t2, o:o + hd]
+        w0 = c * w[t2]
+        for j in range(hd):
+            y[j] += w0 * x0[j]
+
+
 @threaded
-def attention_forward(out, preatt, att, inp):
-    # out: (B,T,C), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,3C) holding q,k,v
+def _attention_forward(out, preatt, att, inp, scale, softcap, window):
+    # out: (B,T,NH*hd), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,(NH+2*NKV)*hd).
+    # preatt holds the scores softmax reads (scaled, softcapped, -inf where masked).
     B, NH, T, _ = att.shape
-    C = out.shape[2]
-    hs = C // NH
-    scale = np.float32(1.0 / math.sqrt(hs))
+    hd = out.shape[2] // NH
+    NKV = (inp.shape[2] // hd - NH) // 2
+    G = NH // NKV                              # query heads per kv head
     for i in prange(B * NH * T):               # one query row each; rows of all lengths mix
         b, h, t = i // (NH * T), (i // T) % NH, i % T
-        q = inp[b, t, h * hs:(h + 1) * hs]
-        pre, a, y = preatt[b, h, t], att[b, h, t], out[b, t, h * hs:(h + 1) * hs]
+        qo, ko, vo = h * hd, (NH + h // G) * hd, (NH + NKV + h // G) * hd
+        lo = max(0, t - window + 1) if window > 0 else 0
+        x = inp[b]                             # (T,D): this sequence's q, k, v
+        pre, a, y = preatt[b, h, t], att[b, h, t], out[b, t, qo:qo + hd]
+        _dots(pre, x[t, qo:qo + hd], x, ko, lo, t + 1)
         mx = NEG_INF
-        for t2 in range(t + 1):
-            k = inp[b, t2, C + h * hs:C + (h + 1) * hs]
-            s = ZERO
-            for j in range(hs):
-                s += q[j] * k[j]
-            pre[t2] = s * scale
-            mx = max(mx, pre[t2])
+        for t2 in range(lo, t + 1):
+            s = pre[t2] * scale
+            if softcap > ZERO:                 # Gemma 2: softcap * tanh(s / softcap)
+                s = softcap * _tanh(s / softcap)
+            pre[t2] = s
+            mx = max(mx, s)
         total = ZERO
-        for t2 in range(t + 1):
-            a[t2] = math.exp(pre[t2] - mx)
+        for t2 in range(lo, t + 1):
+            a[t2] = _exp(pre[t2] - mx)
             total += a[t2]
-        for t2 in range(t + 1):
+        for t2 in range(lo, t + 1):
             a[t2] /= total
+        for t2 in range(lo):                   # outside the window: no weight
+            pre[t2] = NEG_INF
+            a[t2] = ZERO
         for t2 in range(t + 1, T):             # causal mask: the future gets no weight
             pre[t2] = NEG_INF
             a[t2] = ZERO
         y[:] = ZERO
-        for t2 in range(t + 1):
-            v = inp[b, t2, 2 * C + h * hs:2 * C + (h + 1) * hs]
-            for j in range(hs):
-                y[j] += a[t2] * v[j]
+        _axpys(y, a, ONE, x, vo, lo, t + 1)
+
+
+def attention_forward(out, preatt, att, inp, scale=None, softcap=0.0, window=0):
+    # out: (B,T,NH*hd), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,(NH+2*NKV)*hd) holding
+    # q, k, v; scale None: 1/sqrt(hd); softcap > 0: scores capped by softcap * tanh(s/softcap)
+    scale, softcap = _attention_args(att, out, inp, scale, softcap)
+    _attention_forward(out, preatt, att, inp, scale, softcap, window)
 
 
 @threaded
-def attention_backward(dinp, dpreatt, datt, dout, inp, att):
-    # dinp: (B,T,3C), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,C), inp: (B,T,3C),
-    # att: (B,NH,T,T). Only the causal (t2 <= t) entries of datt and dpreatt are touched:
-    # the masked ones have att == 0, so they pass no gradient.
+def _attention_backward_queries(dinp, dpreatt, datt, dout, inp, att, scale, softcap, window):
+    # per query row: datt = dy @ v^T, dpreatt = the scores' gradient through the softmax (and
+    # the softcap: dpreatt is the gradient of q.k * scale), dq += dpreatt @ k * scale.
+    # datt and dpreatt are written (they are scratch); only the entries in the window.
     B, NH, T, _ = att.shape
-    C = dout.shape[2]
-    hs = C // NH
-    scale = np.float32(1.0 / math.sqrt(hs))
-    for bh in prange(B * NH):                  # one head each: dk, dv sum over all t >= t2
-        b, h = bh // NH, bh % NH
-        qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
-        for t in range(T):
-            dy = dout[b, t, qo:qo + hs]
-            a, da, dp = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
-            for t2 in range(t + 1):            # y = att @ v
-                v, dv = inp[b, t2, vo:vo + hs], dinp[b, t2, vo:vo + hs]
-                s = ZERO
-                for j in range(hs):
-                    s += dy[j] * v[j]
-                    dv[j] += a[t2] * dy[j]
-                da[t2] += s
-            s = ZERO                           # softmax: dpre = att * (datt - sum(datt * att))
-            for t2 in range(t + 1):
-                s += da[t2] * a[t2]
-            for t2 in range(t + 1):
-                dp[t2] += a[t2] * (da[t2] - s)
-            q, dq = inp[b, t, qo:qo + hs], dinp[b, t, qo:qo + hs]
-            for t2 in range(t + 1):            # preatt = q @ k^T * scale
-                k, dk = inp[b, t2, ko:ko + hs], dinp[b, t2, ko:ko + hs]
-                g = dp[t2] * scale
-                for j in range(hs):
-                    dq[j] += g * k[j]
-                    dk[j] += g * q[j]
+    hd = dout.shape[2] // NH
+    NKV = (inp.shape[2] // hd - NH) // 2
+    G = NH // NKV
+    for i in prange(B * NH * T):
+        b, h, t = i // (NH * T), (i // T) % NH, i % T
+        qo, ko, vo = h * hd, (NH + h // G) * hd, (NH + NKV + h // G) * hd
+        lo = max(0, t - window + 1) if window > 0 else 0
+        x = inp[b]
+        a, da, dp = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
+        _dots(da, dout[b, t, qo:qo + hd], x, vo, lo, t + 1)         # y = att @ v
+        if softcap > ZERO:                     # the capped scores, recomputed into dp
+            _dots(dp, x[t, qo:qo + hd], x, ko, lo, t + 1)
+        s = ZERO                               # softmax: dpre = att * (datt - sum(datt * att))
+        for t2 in range(lo, t + 1):
+            s += da[t2] * a[t2]
+        for t2 in range(lo, t + 1):
+            g = a[t2] * (da[t2] - s)
+            if softcap > ZERO:                 # d(c tanh(x/c))/dx = 1 - tanh^2
+                th = _tanh(dp[t2] * scale / softcap)
+                g *= ONE - th * th
+            dp[t2] = g
+        _axpys(dinp[b, t, qo:qo + hd], dp, scale, x, ko, lo, t + 1)   # scores = q @ k^T * scale
+
+
+@threaded
+def _attention_backward_keys(dinp, dpreatt, dout, inp, att, scale, window):
+    # per key row t2 of each kv head: dk += sum over the group's query heads and the rows t
+    # that see t2 of dpreatt * q * scale, dv += att * dy. Each kv head's gradient is summed
+    # here, in one place, so the threads never write the same row.
+    B, NH, T, _ = att.shape
+    hd = dout.shape[2] // NH
+    NKV = (inp.shape[2] // hd - NH) // 2
+    G = NH // NKV
+    for i in prange(B * NKV * T):
+        b, kh, t2 = i // (NKV * T), (i // T) % NKV, i % T
+        ko, vo = (NH + kh) * hd, (NH + NKV + kh) * hd
+        hi = min(T, t2 + window) if window > 0 else T
+        dk, dv = dinp[b, t2, ko:ko + hd], dinp[b, t2, vo:vo + hd]
+        for h in range(kh * G, (kh + 1) * G):
+            _axpys(dk, dpreatt[b, h, :, t2], scale, inp[b], h * hd, t2, hi)
+            _axpys(dv, att[b, h, :, t2], ONE, dout[b], h * hd, t2, hi)
+
+
+def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=0.0, window=0):
+    # dinp: (B,T,(NH+2*NKV)*hd), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,NH*hd),
+    # inp: (B,T,(NH+2*NKV)*hd), att: (B,NH,T,T). Two passes, each parallel over rows: queries
+    # (dq, and dpreatt for the second), then keys (dk, dv).
+    scale, softcap = _attention_args(att, dout, inp, scale, softcap)
+    _attention_backward_queries(dinp, dpreatt, datt, dout, inp, att, scale, softcap, window)
+    _attention_backward_keys(dinp, dpreatt, dout, inp, att, scale, window)
+
+
+# ----------------------------------------------------------------------------- rope
+# HF's rotate-half pairing: channel j < hd/2 turns with channel j + hd/2 by the angle whose
+# cos, sin are cos[t, j], sin[t, j]. The backward turns the gradient back by the same angle.
+
+@kernel
+def _rope_forward(out, os, inp, xs, N, H, cos, sin):
+    # out, inp: spans of N*H rows of hd (see _rows) with strides os, xs; cos, sin: (T,hd/2),
+    # row n at position n % T
+    T, half = cos.shape
+    for n in range(N):
+        c, s = cos[n % T], sin[n % T]
+        for h in range(H):
+            xo, yo = n * xs[0] + h * xs[1], n * os[0] + h * os[1]
+            x1, x2 = inp[xo:xo + half], inp[xo + half:xo + 2 * half]
+            y1, y2 = out[yo:yo + half], out[yo + half:yo + 2 * half]
+            for j in range(half):
+                y1[j] = x1[j] * c[j] - x2[j] * s[j]
+                y2[j] = x2[j] * c[j] + x1[j] * s[j]
+
+
+def rope_forward(out, inp, cos, sin):
+    # out, inp: (B,T,H,hd) (views allowed; out may not alias inp), cos, sin: (T,hd/2)
+    # out1 = x1*cos - x2*sin ; out2 = x2*cos + x1*sin
+    N, H, ((y, ys), (x, xs)) = _rows(out, inp)
+    _rope_forward(y, ys, x, xs, N, H, cos, sin)
+
+
+@kernel
+def _rope_backward(dinp, dxs, dout, dys, N, H, cos, sin):
+    # dinp += the inverse rotation of dout; spans and strides as _rope_forward
+    T, half = cos.shape
+    for n in range(N):
+        c, s = cos[n % T], sin[n % T]
+        for h in range(H):
+            yo, xo = n * dys[0] + h * dys[1], n * dxs[0] + h * dxs[1]
+            dy1, dy2 = dout[yo:yo + half], dout[yo + half:yo + 2 * half]
+            dx1, dx2 = dinp[xo:xo + half], dinp[xo + half:xo + 2 * half]
+            for j in range(half):
+                dx1[j] += dy1[j] * c[j] + dy2[j] * s[j]
+                dx2[j] += dy2[j] * c[j] - dy1[j] * s[j]
+
+
+def rope_backward(dinp, dout, cos, sin):
+    # dinp, dout: (B,T,H,hd), cos, sin: (T,hd/2); dinp += the inverse rotation of dout
+    N, H, ((dx, dxs), (dy, dys)) = _rows(dinp, dout)
+    _rope_backward(dx, dxs, dy, dys, N, H, cos, sin)
 
 
 # ----------------------------------------------------------------------------- gelu
 # GPT-2's tanh GELU, 0.5 x (1 + tanh(u)), written with 0.5 (1 + tanh(u)) = sigmoid(2u):
 # one exp instead of a tanh, which compiled code evaluates several times slower.
 
+@kernel
+def _gelu(x):
+    u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+    return x / (ONE + _exp(-TWO * u))
+
+
+@kernel
+def _gelu_grad(x):
+    # d gelu(x) / dx
+    u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
+    s = ONE / (ONE + _exp(-TWO * u))                            # 0.5 (1 + tanh u)
+    du = GELU_SCALE * (ONE + np.float32(3.0) * GELU_CUBE * x * x)
+    # 0.5 x (1 - tanh^2 u) du = 2 x s (1 - s) du
+    return s + TWO * x * s * (ONE - s) * du
+
+
 @threaded
 def _gelu_forward(out, inp):
     for i in prange(inp.size):
-        x = inp[i]
-        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        out[i] = x / (ONE + math.exp(-TWO * u))
+        out[i] = _gelu(inp[i])
 
 
 def gelu_forward(out, inp):
@@ -322,17 +689,103 @@ def gelu_forward(out, inp):
 @threaded
 def _gelu_backward(dinp, inp, dout):
     for i in prange(inp.size):
-        x = inp[i]
-        u = GELU_SCALE * (x + GELU_CUBE * x * x * x)
-        s = ONE / (ONE + math.exp(-TWO * u))                    # 0.5 (1 + tanh u)
-        du = GELU_SCALE * (ONE + np.float32(3.0) * GELU_CUBE * x * x)
-        # 0.5 x (1 - tanh^2 u) du = 2 x s (1 - s) du
-        dinp[i] += dout[i] * (s + TWO * x * s * (ONE - s) * du)
+        dinp[i] += dout[i] * _gelu_grad(inp[i])
 
 
 def gelu_backward(dinp, inp, dout):
     # dinp, inp, dout: matching shapes
     _gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- gated MLP
+# inp: (N,2F) = [up | gate] (fcw's rows are [up; gate]), out: (N,F) = up * act(gate).
+# silu(g) = g * sigmoid(g); GeGLU's act is the GELU above (Gemma's gelu_pytorch_tanh).
+
+@threaded
+def _swiglu_forward(out, inp):
+    N, F = out.shape
+    for i in prange(N):
+        for c in range(F):
+            g = inp[i, F + c]
+            out[i, c] = inp[i, c] * (g / (ONE + _exp(-g)))
+
+
+def swiglu_forward(out, inp):
+    # out: (B,T,F), inp: (B,T,2F)
+    F = out.shape[-1]
+    _swiglu_forward(out.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+@threaded
+def _swiglu_backward(dinp, dout, inp):
+    N, F = dout.shape
+    for i in prange(N):
+        for c in range(F):
+            up, g, dy = inp[i, c], inp[i, F + c], dout[i, c]
+            sig = ONE / (ONE + _exp(-g))
+            dinp[i, c] += dy * (g * sig)
+            dinp[i, F + c] += dy * up * (sig * (ONE + g * (ONE - sig)))   # silu'(g)
+
+
+def swiglu_backward(dinp, dout, inp):
+    # dinp: (B,T,2F), dout: (B,T,F), inp: (B,T,2F)
+    F = dout.shape[-1]
+    _swiglu_backward(dinp.reshape(-1, 2 * F), dout.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+@threaded
+def _geglu_forward(out, inp):
+    N, F = out.shape
+    for i in prange(N):
+        for c in range(F):
+            out[i, c] = inp[i, c] * _gelu(inp[i, F + c])
+
+
+def geglu_forward(out, inp):
+    # out: (B,T,F), inp: (B,T,2F)
+    F = out.shape[-1]
+    _geglu_forward(out.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+@threaded
+def _geglu_backward(dinp, dout, inp):
+    N, F = dout.shape
+    for i in prange(N):
+        for c in range(F):
+            up, g, dy = inp[i, c], inp[i, F + c], dout[i, c]
+            dinp[i, c] += dy * _gelu(g)
+            dinp[i, F + c] += dy * up * _gelu_grad(g)
+
+
+def geglu_backward(dinp, dout, inp):
+    # dinp: (B,T,2F), dout: (B,T,F), inp: (B,T,2F)
+    F = dout.shape[-1]
+    _geglu_backward(dinp.reshape(-1, 2 * F), dout.reshape(-1, F), inp.reshape(-1, 2 * F))
+
+
+# ----------------------------------------------------------------------------- softcap
+
+@threaded
+def _softcap_forward(out, inp, cap):
+    for i in prange(inp.size):
+        out[i] = cap * _tanh(inp[i] / cap)
+
+
+def softcap_forward(out, inp, cap):
+    # out = cap * tanh(inp / cap), any matching shapes; out may be inp (Gemma 2's logits)
+    _softcap_forward(out.reshape(-1), inp.reshape(-1), np.float32(cap))
+
+
+@threaded
+def _softcap_backward(dinp, dout, out, cap):
+    for i in prange(out.size):
+        y = out[i] / cap
+        dinp[i] += dout[i] * (ONE - y * y)
+
+
+def softcap_backward(dinp, dout, out, cap):
+    # dinp += dout * (1 - (out/cap)^2): tanh's derivative from the forward's OUTPUT
+    _softcap_backward(dinp.reshape(-1), dout.reshape(-1), out.reshape(-1), np.float32(cap))
 
 
 # ----------------------------------------------------------------------------- residual
@@ -361,7 +814,7 @@ def _crossentropy_forward(losses, probs, logits, targets, V):
             mx = max(mx, x[j])
         s = 0.0
         for j in range(V):
-            p[j] = math.exp(x[j] - mx)
+            p[j] = _exp(x[j] - mx)
             s += p[j]
         s32 = np.float32(s)
         for j in range(V):

@@ -2,8 +2,10 @@
 
 PyTorch is only the array library here: allocation, host<->device copies and cuBLAS matmuls.
 Nothing uses autograd; every forward and backward is an explicit kernel, one file per op family:
-encoder.py, layernorm.py, matmul.py (cuBLAS), gelu.py, attention.py (flash attention),
-classifier.py (fused softmax + cross-entropy), adamw.py; bench.py is `llmpy bench gpu`.
+encoder.py, layernorm.py, matmul.py (cuBLAS), gelu.py, attention.py (flash attention, with
+grouped-query heads, softcap and sliding window), classifier.py (fused softmax + cross-entropy,
+with an optional final-logit softcap), adamw.py; for the Llama/Gemma decoder also
+embedding.py, rmsnorm.py, rope.py, glu.py (SwiGLU, GeGLU) and softcap.py; `llmpy bench gpu` lives in llmpy/bench/gpu.py.
 
 Device: the CUDA GPU when there is one. Without one, Triton's interpreter runs the same kernels
 on CPU tensors (TRITON_INTERPRET=1, which the process must set before triton is imported),
@@ -49,10 +51,15 @@ from ..base import Backend, Capabilities
 from .adamw import adamw_update, master_weights, sum_squares  # noqa: F401
 from .attention import attention_backward, attention_forward  # noqa: F401
 from .classifier import crossentropy_backward, crossentropy_forward  # noqa: F401
+from .embedding import embedding_backward, embedding_forward  # noqa: F401
 from .encoder import encoder_backward, encoder_forward  # noqa: F401
 from .gelu import gelu_backward, gelu_forward  # noqa: F401
+from .glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward  # noqa: F401
 from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm_forward  # noqa: F401
 from .matmul import matmul_backward, matmul_forward  # noqa: F401
+from .rmsnorm import residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward  # noqa: F401
+from .rope import rope_backward, rope_forward  # noqa: F401
+from .softcap import softcap_backward, softcap_forward  # noqa: F401
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, for MFU.
 # The first name contained in the device's name counts, so "H100 PCIe" goes before "H100".

@@ -21,9 +21,11 @@ def _encoder_forward_kernel(out, inp, wte, wpe, N, T, C, ROWS: tl.constexpr,
 
 
 @triton.jit
-def _wte_backward_kernel(dwte, dout, ids, rows, N, C, SEG: tl.constexpr, BLOCK_C: tl.constexpr):
+def _wte_backward_kernel(dwte, dout, ids, rows, N, C, scale, SEG: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
     # ids: (N,) sorted token ids, rows: (N,) where each came from. The first position of each
-    # run of equal ids sums the run, SEG positions at a time; the others have nothing to do.
+    # run of equal ids sums the run, SEG positions at a time, and adds it times scale (the
+    # forward's embedding scale); the others have nothing to do.
     i = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tok = tl.load(ids + i)
@@ -42,7 +44,7 @@ def _wte_backward_kernel(dwte, dout, ids, rows, N, C, SEG: tl.constexpr, BLOCK_C
         more = tl.load(ids + j, mask=j < N, other=-1) == tok
     if prev != tok:
         p = dwte + tok * C + cols
-        d = tl.load(p, mask=cols < C).to(tl.float32) + acc
+        d = tl.load(p, mask=cols < C).to(tl.float32) + acc * scale
         tl.store(p, d.to(p.dtype.element_ty), mask=cols < C)
 
 
@@ -58,6 +60,16 @@ def _wpe_backward_kernel(dwpe, dout, B, T, C, ROWS: tl.constexpr, BLOCK_C: tl.co
     tl.store(p, (tl.load(p, mask=mask).to(tl.float32) + acc).to(p.dtype.element_ty), mask=mask)
 
 
+def wte_backward(dwte, dout, inp, scale):
+    """dwte: (Vp,C) += scale * the rows of dout: (...,C) summed by token id, inp: (...) int."""
+    C = dout.shape[-1]
+    N = inp.numel()
+    ids, rows = torch.sort(inp.reshape(-1), stable=True)        # (N,) each
+    block = min(triton.next_power_of_2(C), 256)
+    _wte_backward_kernel[(N, triton.cdiv(C, block))](dwte, dout, ids, rows, N, C, scale, SEG=16,
+                                                     BLOCK_C=block)
+
+
 def encoder_forward(out, inp, wte, wpe):
     # out: (B,T,C), inp: (B,T) int, wte: (Vp,C), wpe: (maxT,C)
     B, T, C = out.shape
@@ -69,9 +81,6 @@ def encoder_forward(out, inp, wte, wpe):
 def encoder_backward(dwte, dwpe, dout, inp):
     # dwte: (Vp,C), dwpe: (maxT,C), dout: (B,T,C), inp: (B,T) int
     B, T, C = dout.shape
-    ids, rows = torch.sort(inp.reshape(-1), stable=True)        # (B*T,) each
-    block = min(triton.next_power_of_2(C), 256)
-    _wte_backward_kernel[(B * T, triton.cdiv(C, block))](dwte, dout, ids, rows, B * T, C,
-                                                          SEG=16, BLOCK_C=block)
+    wte_backward(dwte, dout, inp, 1.0)
     _wpe_backward_kernel[(triton.cdiv(T, ROWS),)](dwpe, dout, B, T, C, ROWS=ROWS,
                                                    BLOCK_C=triton.next_power_of_2(C))

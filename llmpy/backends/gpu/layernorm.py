@@ -16,25 +16,38 @@ from .launch import ROWS, SPAN, configs, tuning
 from .matmul import add_partial_sums
 
 
-# (ROWS, num_warps): the last is one row a program, the one config that small problems take
-@triton.autotune(configs=configs([(dict(ROWS=1), 8, 1), (dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1),
-                                  (dict(ROWS=4), 8, 1), (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS)),
-                 **tuning("C", "RESIDUAL"))
 @triton.jit
-def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2, N, C, eps,
-                              RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    # RESIDUAL: normalise inp + inp2 and store that sum in residual, as it is rounded there: the
-    # backward reads it back from residual
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < N) & (cols[None, :] < C)
-    o = rows[:, None] * C + cols[None, :]                       # (ROWS,BLOCK_C); B*T*C < 2**31
+def load_rows(inp, residual, inp2, o, mask, RESIDUAL: tl.constexpr):
+    """A forward program's rows of inp at offsets o, float32 (ROWS,BLOCK_C). RESIDUAL: the rows
+    of inp + inp2 instead, stored in residual as rounded there (the backward reads the sum back
+    from it)."""
     x = tl.load(inp + o, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL:
         x += tl.load(inp2 + o, mask=mask, other=0.0).to(tl.float32)
         x = x.to(residual.dtype.element_ty)
         tl.store(residual + o, x, mask=mask)
         x = x.to(tl.float32)
+    return x
+
+
+# (ROWS, num_warps), for the forward and the backward (rmsnorm.py's too): the last is one row a
+# program, the one config that small problems take
+FORWARD_CONFIGS = configs([(dict(ROWS=1), 8, 1), (dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1),
+                           (dict(ROWS=4), 8, 1), (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS))
+BACKWARD_CONFIGS = configs([(dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1), (dict(ROWS=4), 4, 1),
+                            (dict(ROWS=4), 8, 1), (dict(ROWS=8), 8, 1), (dict(ROWS=1), 8, 1),
+                            (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS))
+
+
+@triton.autotune(configs=FORWARD_CONFIGS, **tuning("C", "RESIDUAL"))
+@triton.jit
+def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2, N, C, eps,
+                              RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    o = rows[:, None] * C + cols[None, :]                       # (ROWS,BLOCK_C); B*T*C < 2**31
+    x = load_rows(inp, residual, inp2, o, mask, RESIDUAL)
     mu = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mu[:, None], 0.0)
     rs = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)      # biased variance, as torch
@@ -47,10 +60,7 @@ def _layernorm_forward_kernel(out, mean, rstd, inp, weight, bias, residual, inp2
 
 
 # dinp is added into, so the timing runs restore it
-@triton.autotune(configs=configs([(dict(ROWS=2), 4, 1), (dict(ROWS=2), 8, 1), (dict(ROWS=4), 4, 1),
-                                  (dict(ROWS=4), 8, 1), (dict(ROWS=8), 8, 1), (dict(ROWS=1), 8, 1),
-                                  (dict(ROWS=1), 4, 1)], dict(ROWS=ROWS)),
-                 restore_value=["dinp"], **tuning("C", "SUMS"))
+@triton.autotune(configs=BACKWARD_CONFIGS, restore_value=["dinp"], **tuning("C", "SUMS"))
 @triton.jit
 def _layernorm_backward_kernel(dinp, dw_part, db_part, ds_part, dout, inp, weight, mean, rstd,
                                N, C, SUMS: tl.constexpr, SPAN: tl.constexpr, ROWS: tl.constexpr,

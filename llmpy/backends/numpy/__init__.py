@@ -3,8 +3,9 @@
 Conventions (every backend follows them):
 - outputs are preallocated arrays passed in; forward ops overwrite them;
 - backward ops ADD into the gradients of inputs and parameters (zeroing is the caller's job);
-- B = batch, T = time, C = channels, OC = output channels, NH = heads, hs = C // NH,
-  V = vocab size, Vp = padded vocab size.
+- B = batch, T = time, C = channels, OC = output channels, NH = heads, NKV = key/value heads,
+  hd = head size (GPT-2: C // NH), F = the gated MLP's width, V = vocab size,
+  Vp = padded vocab size.
 Matmuls go to BLAS through `@`; everything else is plain vectorised NumPy in float32.
 """
 import math
@@ -103,45 +104,73 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
 
 # ----------------------------------------------------------------------------- attention
 
-def _split_heads(qkv, NH):
-    # qkv: (B,T,3C) -> q, k, v views, each (B,NH,T,hs)
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // NH
-    x = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
-    return x[0], x[1], x[2]
+def _split_heads(qkv, NH, hd):
+    # qkv: (B,T,(NH+2*NKV)*hd), per position [q heads | k heads | v heads] -> views
+    # q: (B,NKV,G,T,hd), k, v: (B,NKV,1,T,hd) with G = NH // NKV query heads per kv head:
+    # query head h = kv*G + g reads kv head h // G (HF's repeat_kv), and the size-1 axis
+    # broadcasts each K, V over its group instead of copying it G times
+    B, T, D = qkv.shape
+    NKV = (D // hd - NH) // 2
+    x = qkv.reshape(B, T, NH + 2 * NKV, hd).transpose(0, 2, 1, 3)     # (B,heads,T,hd)
+    q = x[:, :NH].reshape(B, NKV, NH // NKV, T, hd)
+    return q, x[:, NH:NH + NKV, None], x[:, NH + NKV:, None]
 
 
-def attention_forward(out, preatt, att, inp):
-    # out: (B,T,C), preatt: (B,NH,T,T), att: (B,NH,T,T), inp: (B,T,3C) holding q,k,v
+def _masked(T, window):
+    # (T,T) True where query i may not see key j: the future (j > i) and, with a window, the
+    # keys at or before i - window, so that i sees i - window < j <= i, `window` keys with itself
+    # (transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    return (j > i) | (j <= i - window) if window > 0 else j > i
+
+
+def attention_forward(out, preatt, att, inp, scale=None, softcap=0.0, window=0):
+    # out: (B,T,NH*hd), preatt: (B,NH,T,T), att: (B,NH,T,T),
+    # inp: (B,T,(NH+2*NKV)*hd) holding q,k,v (GPT-2: NKV = NH)
+    # preatt = the scores softmax reads: scale*q.k, capped (Gemma 2) then masked
     B, NH, T, _ = att.shape
-    q, k, v = _split_heads(inp, NH)                             # each (B,NH,T,hs)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    np.matmul(q, k.swapaxes(-1, -2), out=preatt)
+    hd = out.shape[-1] // NH
+    q, k, v = _split_heads(inp, NH, hd)                         # (B,NKV,G,T,hd), (B,NKV,1,T,hd)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    pre = preatt.reshape(q.shape[:3] + (T, T))                  # (B,NKV,G,T,T) view
+    np.matmul(q, k.swapaxes(-1, -2), out=pre)
     preatt *= scale
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)          # (T,T), True above diagonal
-    preatt[..., future] = -np.inf                               # causal mask
+    if softcap > 0:
+        softcap_forward(preatt, preatt, softcap)
+    preatt[..., _masked(T, window)] = -np.inf
     np.subtract(preatt, preatt.max(axis=-1, keepdims=True), out=att)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    y = att @ v                                                 # (B,NH,T,hs)
-    out[...] = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+    y = att.reshape(pre.shape) @ v                              # (B,NKV,G,T,hd)
+    out[...] = y.reshape(B, NH, T, hd).transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
-def attention_backward(dinp, dpreatt, datt, dout, inp, att):
-    # dinp: (B,T,3C), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,C), inp: (B,T,3C),
-    # att: (B,NH,T,T)
+def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=0.0, window=0):
+    # dinp: (B,T,(NH+2*NKV)*hd), dpreatt: (B,NH,T,T), datt: (B,NH,T,T), dout: (B,T,NH*hd),
+    # inp: (B,T,(NH+2*NKV)*hd), att: (B,NH,T,T); dpreatt, datt are zeroed scratch.
+    # window needs no work here: masked entries have att == 0, so their gradient is 0.
     B, NH, T, _ = att.shape
-    q, k, v = _split_heads(inp, NH)                             # each (B,NH,T,hs)
-    dq, dk, dv = _split_heads(dinp, NH)                         # views into dinp
-    hs = q.shape[-1]
-    scale = 1.0 / math.sqrt(hs)
-    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)       # (B,NH,T,hs)
-    datt += dy @ v.swapaxes(-1, -2)                             # y = att @ v
-    dv += att.swapaxes(-1, -2) @ dy
+    hd = dout.shape[-1] // NH
+    q, k, v = _split_heads(inp, NH, hd)                         # (B,NKV,G,T,hd), (B,NKV,1,T,hd)
+    dq, dk, dv = _split_heads(dinp, NH, hd)                     # views into dinp
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    grouped = q.shape[:3] + (T, T)                              # (B,NKV,G,T,T)
+    att, datt5, dpre = att.reshape(grouped), datt.reshape(grouped), dpreatt.reshape(grouped)
+    dy = dout.reshape(B, T, NH, hd).transpose(0, 2, 1, 3).reshape(q.shape)   # (B,NKV,G,T,hd)
+    datt5 += dy @ v.swapaxes(-1, -2)                            # y = att @ v
+    dv += (att.swapaxes(-1, -2) @ dy).sum(axis=2, keepdims=True)   # each kv head: its group's sum
     # softmax backward: dpre = att * (datt - sum_j datt_j att_j); masked entries have att == 0
-    dpreatt += att * (datt - (datt * att).sum(axis=-1, keepdims=True))
-    dq += (dpreatt @ k) * scale                                 # preatt = q @ k^T * scale
-    dk += (dpreatt.swapaxes(-1, -2) @ q) * scale
+    dpre += att * (datt5 - (datt5 * att).sum(axis=-1, keepdims=True))
+    ds = dpre                   # the gradient of s = scale*q.k, which the cap (if any) reads
+    if softcap > 0:
+        # the capped scores are recomputed: the backward is given att, whose log would lose them
+        # where att underflows
+        capped = (q @ k.swapaxes(-1, -2)) * scale
+        softcap_forward(capped, capped, softcap)
+        ds = np.zeros_like(dpre)
+        softcap_backward(ds, dpre, capped, softcap)
+    dq += (ds @ k) * scale                                      # preatt = q @ k^T * scale
+    dk += (ds.swapaxes(-1, -2) @ q).sum(axis=2, keepdims=True) * scale
 
 
 # ----------------------------------------------------------------------------- gelu
@@ -178,6 +207,127 @@ def residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bi
     # add passes through unchanged (model.py).
     residual_forward(residual, inp1, inp2)
     layernorm_forward(out, mean, rstd, residual, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+
+def rmsnorm_forward(out, rstd, inp, weight, eps, offset=0.0):
+    # out: (...,C), rstd: (...), inp: (...,C), weight: (C,)
+    # offset=1.0 is Gemma's x*(1+w): HF stores w zero-initialised
+    rstd[...] = 1.0 / np.sqrt((inp * inp).mean(axis=-1) + eps)  # no mean subtracted
+    np.multiply(inp, rstd[..., None], out=out)                  # normalized
+    out *= offset + weight
+
+
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset=0.0):
+    # dinp: (...,C), dweight: (C,), dout: (...,C), inp: (...,C), weight: (C,), rstd: (...)
+    C = inp.shape[-1]
+    norm = inp * rstd[..., None]                                # (...,C)
+    dnorm = dout * (offset + weight)                            # (...,C)
+    dweight += (dout * norm).reshape(-1, C).sum(axis=0)
+    # layernorm's backward without the mean term: d(rstd)/dx = -rstd^3 x / C
+    dinp += (dnorm - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]
+
+
+def residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offset=0.0):
+    # residual: (B,T,C) = inp1 + inp2, then out: (B,T,C), rstd: (B,T) its rmsnorm, as
+    # residual_layernorm_forward; the backward is rmsnorm_backward into the residual's gradient
+    residual_forward(residual, inp1, inp2)
+    rmsnorm_forward(out, rstd, residual, weight, eps, offset)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding_forward(out, inp, wte, scale=1.0):
+    # out: (B,T,C), inp: (B,T) int, wte: (Vp,C); scale: Gemma's sqrt(C), rounded by the caller
+    np.multiply(wte[inp], scale, out=out)
+
+
+def embedding_backward(dwte, dout, inp, scale=1.0):
+    # dwte: (Vp,C), dout: (B,T,C), inp: (B,T) int
+    C = dout.shape[-1]
+    np.add.at(dwte, inp.ravel(), dout.reshape(-1, C) * scale)  # repeated ids accumulate
+
+
+# ----------------------------------------------------------------------------- rope
+
+def rope_forward(out, inp, cos, sin):
+    # out, inp: (B,T,H,hd), views allowed, out not aliasing inp; cos, sin: (T,hd/2).
+    # HF's rotate-half pairing: element i of the first half turns with element i of the second
+    half = inp.shape[-1] // 2
+    x1, x2 = inp[..., :half], inp[..., half:]                   # (B,T,H,hd/2)
+    c, s = cos[:, None], sin[:, None]                           # (T,1,hd/2): every head's
+    np.multiply(x1, c, out=out[..., :half])
+    out[..., :half] -= x2 * s
+    np.multiply(x2, c, out=out[..., half:])
+    out[..., half:] += x1 * s
+
+
+def rope_backward(dinp, dout, cos, sin):
+    # dinp, dout: (B,T,H,hd), cos, sin: (T,hd/2). The rotation is orthogonal: its gradient is
+    # the rotation by -angle
+    half = dout.shape[-1] // 2
+    d1, d2 = dout[..., :half], dout[..., half:]                 # (B,T,H,hd/2)
+    c, s = cos[:, None], sin[:, None]                           # (T,1,hd/2)
+    dinp[..., :half] += d1 * c + d2 * s
+    dinp[..., half:] += d2 * c - d1 * s
+
+
+# ----------------------------------------------------------------------------- gated MLP
+
+def _sigmoid(x):
+    # through tanh: exp(-x) overflows (with a warning) for x < -88 in float32
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def swiglu_forward(out, inp):
+    # out: (B,T,F), inp: (B,T,2F) = [up | gate] (llm.c's fcw = [c_fc; c_fc2]); out = up * silu(gate)
+    F = out.shape[-1]
+    up, gate = inp[..., :F], inp[..., F:]                       # (B,T,F) views
+    np.multiply(gate, _sigmoid(gate), out=out)
+    out *= up
+
+
+def swiglu_backward(dinp, dout, inp):
+    # dinp: (B,T,2F), dout: (B,T,F), inp: (B,T,2F)
+    F = dout.shape[-1]
+    up, gate = inp[..., :F], inp[..., F:]                       # (B,T,F) views
+    sig = _sigmoid(gate)
+    dinp[..., :F] += dout * gate * sig
+    dinp[..., F:] += dout * up * sig * (1.0 + gate * (1.0 - sig))   # d silu(g) / dg
+
+
+def geglu_forward(out, inp):
+    # out: (B,T,F), inp: (B,T,2F) = [up | gate]; out = up * gelu_tanh(gate) (Gemma)
+    F = out.shape[-1]
+    gelu_forward(out, inp[..., F:])
+    out *= inp[..., :F]
+
+
+def geglu_backward(dinp, dout, inp):
+    # dinp: (B,T,2F), dout: (B,T,F), inp: (B,T,2F)
+    F = dout.shape[-1]
+    up, gate = inp[..., :F], inp[..., F:]                       # (B,T,F) views
+    g = np.empty_like(dout)
+    gelu_forward(g, gate)
+    dinp[..., :F] += dout * g
+    gelu_backward(dinp[..., F:], gate, dout * up)
+
+
+# ----------------------------------------------------------------------------- softcap
+
+def softcap_forward(out, inp, cap):
+    # out, inp: matching shapes, out may be inp; out = cap * tanh(inp / cap) (Gemma 2)
+    np.divide(inp, cap, out=out)
+    np.tanh(out, out=out)
+    out *= cap
+
+
+def softcap_backward(dinp, dout, out, cap):
+    # dinp, dout, out: matching shapes. Reads the forward's OUTPUT: tanh' = 1 - tanh^2, so the
+    # input (which the forward may have overwritten) is not needed
+    t = out / cap
+    dinp += dout * (1.0 - t * t)
 
 
 # ----------------------------------------------------------------------------- softmax + cross-entropy

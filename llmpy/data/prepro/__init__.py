@@ -15,7 +15,8 @@ def cmd_tinystories(args):
 
 def cmd_text(args):
     from .text import prepro
-    prepro(args.files, args.out, args.val_fraction, args.shard_tokens, args.name, args.workers)
+    prepro(args.files, args.out, args.val_fraction, args.shard_tokens, args.name, args.workers,
+           args.tokenizer)
 
 
 def cmd_fineweb(args):
@@ -75,6 +76,10 @@ def add_parser(sub):
     s.add_argument("--shard-tokens", type=int, default=10 ** 8,
                    help="tokens per shard (default: %(default)s)")
     s.add_argument("--name", help="shard name prefix (default: the first file's name)")
+    s.add_argument("--tokenizer", metavar="DIR",
+                   help="a Hugging Face model directory: encode with its tokenizer.json instead "
+                        "of GPT-2's BPE (uint32 token files, version 7, for a vocabulary past "
+                        "65,536)")
 
     s = _dataset(datasets, "fineweb", cmd_fineweb, "FineWeb / FineWeb-Edu, as llm.c shards them",
                  "Write NAME_val_000000.bin (the first shard), NAME_train_000001.bin, ... from the "

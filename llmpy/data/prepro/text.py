@@ -8,6 +8,7 @@ import re
 
 from ...errors import LlmpyError
 from ...io.files import ensure_dir
+from ...io.hf_tokenizer import HFTokenizer
 from .common import encode_documents, read_text, write_token_files
 
 
@@ -57,15 +58,19 @@ def remove_stale_shards(out, name, keep):
             print(f"removed {os.path.join(out, f)}, left by an earlier run")
 
 
-def prepro(files, out, val_fraction=0.1, shard_tokens=10 ** 8, name=None, workers=None):
+def prepro(files, out, val_fraction=0.1, shard_tokens=10 ** 8, name=None, workers=None,
+           tokenizer=None):
+    """tokenizer: a Hugging Face model directory (its tokenizer.json) instead of GPT-2's BPE;
+    its tokens come as uint32 when its ids pass uint16's, and are written so (version 7)."""
     if not 0 <= val_fraction < 1:
         raise LlmpyError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
     if shard_tokens < 1:
         raise LlmpyError(f"--shard-tokens {shard_tokens}: must be positive")
     name = name or os.path.splitext(os.path.basename(files[0]))[0]
+    tok = HFTokenizer(tokenizer) if tokenizer else None   # a bad directory fails first
     documents = [d for f in files for d in read_documents(f)]
     ensure_dir(out)
-    tokens = encode_documents(documents, workers)
+    tokens = tok.encode_documents(documents) if tok else encode_documents(documents, workers)
     n_val = int(val_fraction * tokens.size)
     if val_fraction > 0 and n_val == 0:
         raise LlmpyError(f"{files[0]}{' ...' if len(files) > 1 else ''}: {tokens.size:,} tokens "
