@@ -7,6 +7,7 @@ from .bench import add_parsers as add_bench_parsers
 from .data.prepro import add_parser as add_prepro_parser
 from .errors import LlmpyError
 from .model.build import PRESETS
+from .train.signals import Stopped
 from .train.config import (BACKEND_HELP, EMBEDDED_DEFAULT, MODEL_HELP, EvalConfig, TrainConfig,
                            add_arguments, check_range, from_arguments, require_positive)
 
@@ -209,6 +210,9 @@ def main(argv=None):
     except LlmpyError as e:
         print(f"llmpy: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:              # a preempted run, after its checkpoint
+        print(f"llmpy: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("llmpy: interrupted", file=sys.stderr)
         return 130

@@ -2,9 +2,11 @@
 checkpoint write) and resumed with --resume logs the same per-step losses, bit for bit, as an
 uninterrupted run; checkpoints rotate (keep-last K, major ones kept); bad checkpoints and run
 directories give one line and exit 1."""
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -86,30 +88,60 @@ def sample_at(stdout, step):
     return stdout.split(f"--- sample at step {step} ---\n")[1].split("\n---")[0]
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(files, tmp_path):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+@pytest.fixture(scope="module")
+def reference(files, tmp_path_factory):
+    """An uninterrupted run: (its run directory, its stdout, seconds from its start to its
+    first logged step, its median step in seconds)."""
+    ref_dir = tmp_path_factory.mktemp("reference") / "ref"
+    t0 = time.time()
     ref = spawn(argv(files, ref_dir))
-    ref_out, ref_err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_err
+    wait_for(lambda: log_lines(ref_dir) >= 1, ref, timeout=300)
+    startup = time.time() - t0
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    ms = sorted(json.loads(line)["ms"] for line in (ref_dir / "log.jsonl").read_text().splitlines())
+    return ref_dir, out, startup, ms[len(ms) // 2] / 1e3
 
+
+def same_checkpoint(a, b):
+    """Every file of two checkpoints, byte for byte: the weights, AdamW's moments and the
+    manifest (step, DataLoader position, RNG and outlier windows, sha256s)."""
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b)) and "adamw_m.bin" in names and "manifest.json" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), (a, name)
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(files, reference, tmp_path):
+    ref_dir, ref_out, startup, step_s = reference
+    run_dir = tmp_path / "run"
     seed = int(time.time())
     print(f"kill moments from seed {seed}")
     rng = random.Random(seed)
-    kills = 0
-    for i in range(5):
-        if i == 2:   # the process sleeps inside a checkpoint write: kill it there
+    # where each kill lands: while starting (fresh, then resuming: the checkpoint being read, the
+    # log trimmed), inside a checkpoint write, or at a random moment of a random step (not just
+    # after a log write: within one median step of it)
+    moments = ["startup", "step", "checkpoint", "startup", "step", "step"]
+    for moment in moments:
+        if moment == "checkpoint":   # the process sleeps inside a checkpoint write: kill it there
             p = spawn(argv(files, run_dir, "--resume"), {SLEEP_ENV: "30"}, quiet=True)
             wait_for(lambda: any((d / "model.bin").exists() for d in run_dir.glob("ckpt_*.tmp")),
                      p)
             assert not list(run_dir.glob("ckpt_*.tmp/manifest.json"))
-        else:        # after a random number of logged steps: in a step, an eval or a write
+        elif moment == "startup":    # well before the first step, whose startup it measured
+            before = log_lines(run_dir)
+            p = spawn(argv(files, run_dir, "--resume"), quiet=True)
+            time.sleep(rng.uniform(0.05, 0.5) * startup)
+        else:
             p = spawn(argv(files, run_dir, "--resume"), quiet=True)
             target = log_lines(run_dir) + rng.randint(1, 15)
             wait_for(lambda: log_lines(run_dir) >= target, p)
+            time.sleep(rng.uniform(0, step_s))
         p.send_signal(signal.SIGKILL)
         p.communicate()
-        kills += p.returncode == -signal.SIGKILL
-    assert kills == 5
+        assert p.returncode == -signal.SIGKILL, moment
+        if moment == "startup":
+            assert log_lines(run_dir) <= before      # killed before a step (a torn line goes)
     final = spawn(argv(files, run_dir, "--resume"))
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
@@ -121,11 +153,60 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(files, tmp_path):
     # keep the newest 2, plus the majors at multiples of 30; no debris of the killed writes
     assert sorted(d.name for d in run_dir.iterdir() if d.name.startswith("ckpt_")) == \
         [f"ckpt_{s:08d}" for s in (30, 60, 75, 80)]
-    assert (run_dir / "ckpt_00000080" / "model.bin").read_bytes() == \
-        (ref_dir / "ckpt_00000080" / "model.bin").read_bytes()
+    for s in (75, 80):
+        same_checkpoint(run_dir / f"ckpt_{s:08d}", ref_dir / f"ckpt_{s:08d}")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["total_batch_size"] == 0 and config["model"]["channels"] == 8
     assert "git_commit" in config
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_preempted_run_saves_and_resumes_bit_identical(files, reference, tmp_path, sig, code):
+    """SIGTERM (a scheduler's preemption) or SIGINT: the step under way finishes, a checkpoint
+    is written at it (off the --checkpoint-every schedule), one line says where, and the exit
+    status is a signal's; --resume then continues as if nothing had happened."""
+    ref_dir, ref_out, _, _ = reference
+    run_dir = tmp_path / "run"
+    p = spawn(argv(files, run_dir, "--checkpoint-every", "50"))
+    wait_for(lambda: log_lines(run_dir) >= 12, p)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == code, err
+    step = log_lines(run_dir)
+    saved = run_dir / f"ckpt_{step:08d}"
+    assert err.splitlines() == [f"llmpy: {signal.Signals(sig).name}: stopped after step {step}; "
+                                f"saved {saved}; continue with --resume"]
+    assert 12 <= step < 50 and llmpy.train.checkpoints.read_manifest(str(saved))["step"] == step
+    final = spawn(argv(files, run_dir, "--resume"))
+    out, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    assert f"resuming from {saved} (step {step})" in out
+    assert records(run_dir) == records(ref_dir)
+    assert sample_at(out, STEPS) == sample_at(ref_out, STEPS)
+    same_checkpoint(run_dir / f"ckpt_{STEPS:08d}", ref_dir / f"ckpt_{STEPS:08d}")
+
+
+def test_a_second_writer_is_refused(files, tmp_path):
+    """Two processes training in one run directory: the second ends at once in one line naming
+    the first's PID, and leaves the first's log alone. The lock dies with its holder: once the
+    first is SIGKILLed, a resume takes the directory."""
+    run_dir = tmp_path / "run"
+    first = spawn(argv(files, run_dir, "--resume"), {SLEEP_ENV: "60"}, quiet=True)
+    wait_for(lambda: any((d / "model.bin").exists() for d in run_dir.glob("ckpt_*.tmp")), first)
+    log = (run_dir / "log.jsonl").read_bytes()
+    second = spawn(argv(files, run_dir, "--resume"))
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 1 and err.splitlines() == [
+        f"llmpy: error: {run_dir}: another process (PID {first.pid}) is training in this run "
+        "directory; wait for it to end, or choose another --run-dir"], err
+    assert "step" not in out and (run_dir / "log.jsonl").read_bytes() == log
+    assert first.poll() is None
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    third = spawn(argv(files, run_dir, "--resume", "--steps", "7", "--sample-every", "0"))
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err
+    assert [r["step"] for r in records(run_dir)] == list(range(1, 8))
 
 
 @pytest.mark.parametrize("backend", [be.name for be in BACKENDS if be.name in ("numpy", "cpu")])
@@ -156,6 +237,18 @@ def test_resume_is_bit_identical_on_every_cpu_backend(backend, tmp_path, monkeyp
     assert len(records(tmp_path / "run")) == 6
     llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
     assert records(tmp_path / "run") == records(tmp_path / "ref")
+
+
+def reseal(ckpt, edit=lambda manifest: manifest):
+    """Rewrite a checkpoint's manifest for its files as they are now, then edit(manifest), with
+    its own sha256 made to match: a change that only the checks of the fields can see."""
+    ck, path = llmpy.train.checkpoints, ckpt / "manifest.json"
+    manifest = json.loads(path.read_text())
+    ck.write_manifest(str(ckpt), {k: v for k, v in manifest.items()
+                                  if k not in ("files", "sha256", "sha256_manifest")})
+    manifest = edit(json.loads(path.read_text()))
+    manifest["sha256_manifest"] = ck._self_hash(manifest)
+    path.write_text(json.dumps(manifest))
 
 
 def cli_error(capsys, args):
@@ -211,14 +304,19 @@ def test_model_from_a_run_directory_takes_the_master_weights(run4, capsys):
     _, params = read_model(str(ckpt / "model.bin"))
     exact = params + np.float32(1e-3)
     exact.astype("<f4").tofile(ckpt / "adamw_master.bin")
-    manifest = json.loads((ckpt / "manifest.json").read_text())    # listed, as save() does
-    manifest["files"]["adamw_master.bin"] = exact.nbytes
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    reseal(ckpt)                                                   # listed, as save() does
     model = build_model(str(run_dir), get_backend("numpy"))
     assert np.array_equal(model.params.buf, exact)
+    # a damaged one: the checkpoint before it, and a word on stderr; nothing renamed, as the
+    # run may be going on
     (ckpt / "adamw_master.bin").write_bytes(bytes(8))
-    msg = cli_error(capsys, ["sample", "--model", str(run_dir)])
-    assert str(ckpt / "adamw_master.bin") in msg and "8 bytes" in msg
+    model = build_model(str(run_dir), get_backend("numpy"))
+    assert np.array_equal(model.params.buf,
+                          read_model(str(run_dir / "ckpt_00000002" / "model.bin"))[1])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(ckpt) in err[0] and "adamw_master.bin is truncated: 8 bytes" \
+        in err[0] and "skipped" in err[0], err
+    assert ckpt.is_dir()
 
 
 def test_debris_of_crashed_writes_and_deletes(run4, capsys, monkeypatch):
@@ -268,12 +366,138 @@ def test_resume_from_python_keeps_what_the_config_sets(run4, capsys):
     assert records(run_dir)[-1]["lr"] == pytest.approx(get_lr(4, 1e-3, "wsd", 10, 5, 0.0))
 
 
-def test_truncated_checkpoint(run4, capsys):
+def zero_inside(path):
+    """800 KB of zeros over the middle of the file, at the same size."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 4:len(raw) // 4 + 800_000] = bytes(800_000)
+    path.write_bytes(bytes(raw))
+
+
+def edit_manifest(ckpt, edit):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    (ckpt / "manifest.json").write_text(json.dumps(edit(manifest)))
+
+
+def drop(key):
+    return lambda m: {k: v for k, v in m.items() if k != key}
+
+
+def at_window(pos):
+    return lambda m: {**m, "train_loader": {**m["train_loader"], "window_pos": pos}}
+
+
+# a damage to the newest checkpoint -> the words of its one-line report
+DAMAGES = {
+    "same-size zeros in model.bin": (lambda c: zero_inside(c / "model.bin"),
+                                     "model.bin does not match its sha256"),
+    "truncated adamw_v.bin": (lambda c: (c / "adamw_v.bin").write_bytes(
+        (c / "adamw_v.bin").read_bytes()[:-4]), "adamw_v.bin is truncated"),
+    "adamw_m.bin deleted": (lambda c: (c / "adamw_m.bin").unlink(), "adamw_m.bin is missing"),
+    "manifest without files": (lambda c: edit_manifest(c, drop("files")), "own sha256"),
+    "manifest without train_loader": (lambda c: edit_manifest(c, drop("train_loader")),
+                                      "own sha256"),
+    "manifest a list": (lambda c: edit_manifest(c, lambda m: [m]), "holds list, not an object"),
+    "manifest window_pos 1e9": (lambda c: edit_manifest(c, at_window(1e9)), "own sha256"),
+    "manifest not JSON": (lambda c: (c / "manifest.json").write_text("{"),
+                          "unreadable manifest.json"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_checkpoint_is_set_aside_and_the_one_before_used(run4, capsys, damage):
+    """A checkpoint whose files or manifest changed since they were written: one line names it
+    and the problem, it is renamed (kept), and the run resumes from the checkpoint before it,
+    bit for bit as if nothing had happened."""
     run_dir, args = run4
-    path = run_dir / "ckpt_00000004" / "adamw_v.bin"
-    path.write_bytes(path.read_bytes()[:-4])
+    want, ckpt = records(run_dir), run_dir / "ckpt_00000004"
+    shutil.copytree(ckpt, run_dir.parent / "good")
+    damage_it, words = DAMAGES[damage]
+    damage_it(ckpt)
+    damaged = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    assert cli.main(args + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    aside = run_dir / "corrupt_ckpt_00000004"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llmpy: warning: {ckpt}: "), err
+    assert words in err and lines[0].endswith(f"; set aside as {aside}"), err
+    assert f"resuming from {run_dir / 'ckpt_00000002'} (step 2)" in out
+    assert {f.name: f.read_bytes() for f in aside.iterdir()} == damaged
+    assert records(run_dir) == want
+    same_checkpoint(ckpt, run_dir.parent / "good")
+
+
+# a field save() would never write, in a manifest sealed as if it had -> words of the report
+FIELDS = {
+    "no files": (drop("files"), "manifest files None"),
+    "no train_loader": (drop("train_loader"), "'train_loader' is NoneType, not dict"),
+    "adamw_step past step": (lambda m: {**m, "adamw_step": 5}, "adamw_step 5 is not an int"),
+    "another step": (lambda m: {**m, "step": 3}, "step 3 is not the directory's"),
+    "window_pos a float": (at_window(1e9), "not a position of ints"),
+    "a string in the loss window": (lambda m: {**m, "loss_window": ["1.0"]}, "more than floats"),
+    "rng not an object": (lambda m: {**m, "rng": 7}, "'rng' is int, not dict"),
+}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_every_manifest_field_is_checked(run4, field):
+    run_dir, _ = run4
+    edit, words = FIELDS[field]
+    ckpt = run_dir / "ckpt_00000004"
+    reseal(ckpt, edit)
+    with pytest.raises(llmpy.train.checkpoints.Corrupt, match=re.escape(words)):
+        llmpy.train.checkpoints.read_manifest(str(ckpt))
+
+
+def test_a_position_outside_the_data_is_an_error(run4, capsys):
+    """A window past the data's, in a manifest that verifies (another --train-data, say): one
+    line, not a wrap-around to some other window; the checkpoint stays."""
+    run_dir, args = run4
+    reseal(run_dir / "ckpt_00000004", at_window(10 ** 9))
     msg = cli_error(capsys, args + ["--resume"])
-    assert str(path) in msg and "truncated" in msg
+    assert "train.bin" in msg and "window 1000000000" in msg and "outside" in msg
+    assert (run_dir / "ckpt_00000004").is_dir()
+
+
+def test_no_checkpoint_verifies(run4, capsys):
+    run_dir, args = run4
+    for s in (2, 4):
+        zero_inside(run_dir / f"ckpt_{s:08d}" / "model.bin")
+    assert cli.main(args + ["--resume"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all("set aside" in line for line in err[:2])
+    assert err[2] == f"llmpy: error: {run_dir}: none of its 2 checkpoint(s) verifies (each " \
+        "reported above); they are set aside, so --resume now starts the run afresh"
+
+
+def test_disk_full_during_a_checkpoint(files, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of checkpoint 4 (model.bin written, adamw_m.bin not): one line, the
+    partial checkpoint removed, checkpoint 2 intact; --resume continues from it."""
+    run_dir = tmp_path / "run"
+    args = argv(files, run_dir, "--steps", "4", "--checkpoint-every", "2", "--sample-every", "0")
+    write_model = llmpy.train.checkpoints.write_model
+    full = []
+
+    def write_then_fill(path, *a, **kw):
+        write_model(path, *a, **kw)
+        full.append("ckpt_00000004.tmp" in path)
+
+    def fsync(fd, fsync=os.fsync):
+        if any(full):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+    monkeypatch.setattr(llmpy.train.checkpoints, "write_model", write_then_fill)
+    monkeypatch.setattr(os, "fsync", fsync)
+    msg = cli_error(capsys, args)
+    monkeypatch.undo()
+    ckpt = run_dir / "ckpt_00000004"
+    assert msg == (f"llmpy: error: {ckpt}: checkpoint not written: {ckpt}.tmp/adamw_m.bin: "
+                   f"cannot write: No space left on device; {run_dir / 'ckpt_00000002'} is "
+                   "intact")
+    assert sorted(d.name for d in run_dir.iterdir()) == ["ckpt_00000002", "config.json", "lock",
+                                                         "log.jsonl"]
+    llmpy.train.checkpoints.read_manifest(str(run_dir / "ckpt_00000002"))
+    assert cli.main(args + ["--resume"]) == 0
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
 
 
 def test_checkpoint_of_another_model_size(run4, capsys, files, tmp_path):
@@ -306,6 +530,20 @@ def test_fresh_run_into_old_checkpoints(run4, capsys):
     run_dir, args = run4
     msg = cli_error(capsys, args)
     assert str(run_dir) in msg and "--resume" in msg
+
+
+def test_fresh_run_into_an_old_log(files, tmp_path, capsys):
+    """A run directory with an earlier run's log and config but no checkpoint: a run without
+    --resume does not overwrite them."""
+    run_dir = tmp_path / "run"
+    args = argv(files, run_dir, "--steps", "2", "--checkpoint-every", "0", "--sample-every", "0")
+    assert cli.main(args) == 0
+    kept = {f: (run_dir / f).read_bytes() for f in ("log.jsonl", "config.json")}
+    msg = cli_error(capsys, args + ["--steps", "3"])
+    assert msg == (f"llmpy: error: {run_dir}: holds log.jsonl and config.json of an earlier run; "
+                   "pass --resume to continue it (from its start, as it has no checkpoint), or "
+                   "choose another --run-dir")
+    assert kept == {f: (run_dir / f).read_bytes() for f in kept}
 
 
 def test_unwritable_run_dir(files, tmp_path, capsys):

@@ -182,8 +182,17 @@ class DataLoader:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "window_pos": self.window_pos}
 
     def load_state(self, state):
+        """A position that state() gave for these files. One outside them is an error, not a
+        wrap-around to some other window: a resume with other data, or a damaged state."""
         self.epoch, self.shard_pos, self.window_pos = (state["epoch"], state["shard_pos"],
                                                        state["window_pos"])
+        if not (0 <= self.shard_pos < len(self.files)
+                and 0 <= self.window_pos < len(self._order()[1])):
+            pos = f"shard {self.shard_pos}, window {self.window_pos}"
+            self.reset()
+            raise LlmpyError(f"{self.files[0]}: the saved position ({pos}) is outside these "
+                             f"{len(self.files)} file(s) at B={self.B} T={self.T}: resume with "
+                             "the data the run was written with")
         self._skip_empty()
 
     def next_batch(self):

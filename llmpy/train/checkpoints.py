@@ -8,28 +8,42 @@ RUN_DIR/
     adamw_m.bin           AdamW's first moment, raw little-endian float32, layout of model.bin
     adamw_v.bin           AdamW's second moment, the same
     adamw_master.bin      float32 master weights, when the backend keeps bf16 params
-    manifest.json         step, file sizes, DataLoader position, RNG and outlier-window state
+    manifest.json         step, each file's size and sha256, DataLoader position, RNG and
+                          outlier-window state, and a sha256 of the manifest's own fields
+  lock                    the PID of the process that trains in the directory (see lock())
+  corrupt_ckpt_00000100/  a checkpoint that failed its checks on load, set aside, never deleted
 
 A checkpoint is written into ckpt_XXXXXXXX.tmp/ (every file fsync'ed, the manifest last), then
 renamed into place and the run directory fsync'ed: a crash at any moment leaves either no new
-checkpoint or a complete one, never a half-written one under a checkpoint's name.
+checkpoint or a complete one, never a half-written one under a checkpoint's name. What a crash
+cannot do, a disk can: bits rot and files get truncated or overwritten in place at the same
+size. So a resume checks every file against its sha256 and every manifest field, sets a
+checkpoint that fails aside and resumes from the newest one that passes.
 """
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
 
 from ..io.modelfile import read_model, write_model
 from ..errors import LlmpyError
-from ..io.files import atomic_write, ensure_dir, file_size, write_json
+from ..io.files import atomic_write, ensure_dir, write_json
 from ..model.gpt2 import load_params
 
-FORMAT, VERSION = "llmpy-checkpoint", 1
+FORMAT, VERSION = "llmpy-checkpoint", 2     # 2: sha256 of every file and of the manifest
 CKPT = re.compile(r"^ckpt_(\d{8})$")
+LOCK = "lock"
+REQUIRED = ("model.bin", "adamw_m.bin", "adamw_v.bin")     # adamw_master.bin is optional
+# The manifest fields besides the files, with their JSON types: loop.RunState.state() writes them
+STATE_FIELDS = {"batch": dict, "train_loader": dict, "rng": dict, "loss_window": list,
+                "grad_window": list, "nonfinite": int}
 # Test hook: seconds to sleep inside a checkpoint write, so a test can kill the process there.
 SLEEP_ENV = "LLMPY_TEST_CHECKPOINT_SLEEP"
 
@@ -56,13 +70,65 @@ def git_commit():
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+_held = []      # the open lock files of the run directories this process trains in
+
+
+def lock(run_dir):
+    """Take RUN_DIR/lock for as long as this process trains there (until release_locks): a
+    second writer would trim the first one's log and race it for the checkpoint names. flock
+    belongs to the open file, so the OS drops it when the process dies however it dies, and a
+    crash never leaves a stale lock behind. The file holds the holder's PID for the message.
+    Windows has no flock: there, one writer per directory is the user's care."""
+    if os.name == "nt":
+        return
+    import fcntl
+    path = os.path.join(run_dir, LOCK)
+    try:
+        f = open(path, "a+")          # a+: never truncate the PID of a process that holds it
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot open the run directory's lock: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise LlmpyError(f"{run_dir}: another process (PID {pid}) is training in this run "
+                         "directory; wait for it to end, or choose another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held.append(f)
+
+
+@contextlib.contextmanager
+def locks_released():
+    """Release the locks taken inside when it ends, by an exception too: a train() that failed
+    frees its run directory for the next one in this process (tests, notebooks)."""
+    n = len(_held)
+    try:
+        yield
+    finally:
+        while len(_held) > n:
+            _held.pop().close()
+
+
 def prepare(run_dir, resume):
-    """Create the run directory; refuse to mix a new run into old checkpoints unless
-    resuming."""
+    """Create the run directory and lock it; refuse to mix a new run into an earlier run's
+    checkpoints, or to overwrite its log and config, unless resuming."""
     ensure_dir(run_dir, "run directory")
-    if not resume and checkpoints(run_dir):
+    lock(run_dir)
+    if resume:
+        return
+    if checkpoints(run_dir):
         raise LlmpyError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to "
                          "continue it, or choose another --run-dir")
+    earlier = [f for f in ("log.jsonl", "config.json") if os.path.exists(os.path.join(run_dir, f))]
+    if earlier:
+        raise LlmpyError(f"{run_dir}: holds {' and '.join(earlier)} of an earlier run; pass "
+                         "--resume to continue it (from its start, as it has no checkpoint), "
+                         "or choose another --run-dir")
 
 
 def write_config(run_dir, config):
@@ -103,13 +169,13 @@ def newest_checkpoint(run_dir):
 
 
 def newest_weights(run_dir):
-    """(GPT2Config, (num_params,) float32) of run_dir's newest complete checkpoint: its float32
-    master weights where a bf16 run saved them (its model.bin holds them rounded to bf16)."""
-    path = newest_checkpoint(run_dir)
-    if path is None:
+    """(GPT2Config, (num_params,) float32) of run_dir's newest checkpoint that verifies: its
+    float32 master weights where a bf16 run saved them (its model.bin holds them rounded to
+    bf16). A reader sets nothing aside: the run may be going on."""
+    if not checkpoints(run_dir):
         raise LlmpyError(f"{run_dir}: a directory with no complete checkpoint (ckpt_*/ with "
                          "a manifest.json) to load a model from")
-    manifest = _manifest(path)
+    path, manifest = verified(run_dir, set_aside_bad=False)
     cfg, params = read_model(os.path.join(path, "model.bin"))
     if "adamw_master.bin" in manifest["files"]:
         params = np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4")
@@ -124,9 +190,36 @@ def _remove(path):
     shutil.rmtree(path)
 
 
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _self_hash(manifest):
+    """The sha256 of a manifest's fields but "sha256_manifest" itself, in a canonical form
+    (json.dumps writes floats by repr, which reads back to the same float)."""
+    rest = {k: v for k, v in manifest.items() if k != "sha256_manifest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(path, fields):
+    """Checkpoint directory `path`'s manifest.json: fields plus the size and sha256 of every
+    other file in it, and the manifest's own sha256."""
+    names = sorted(f for f in os.listdir(path) if f != "manifest.json")
+    manifest = {**fields, "files": {f: os.path.getsize(os.path.join(path, f)) for f in names},
+                "sha256": {f: sha256(os.path.join(path, f)) for f in names}}
+    manifest["sha256_manifest"] = _self_hash(manifest)
+    write_json(os.path.join(path, "manifest.json"), manifest)
+
+
 def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
     """Write checkpoint `step`; state: the JSON-able rest (DataLoader, RNG, outlier windows).
-    Then keep the newest keep_last (0: all) plus every multiple of major_every."""
+    Then keep the newest keep_last (0: all) plus every multiple of major_every. A write that
+    fails (a full disk) leaves the checkpoints before it as they were, and removes its own
+    partial files, whose space the next attempt needs."""
     be = model.backend
     params = be.to_host(model.params.buf)
     if not np.isfinite(params).all():
@@ -138,52 +231,132 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
         if leftover.startswith("ckpt_") and os.path.isdir(path) and (
                 not CKPT.match(leftover) or not os.path.exists(os.path.join(path, "manifest.json"))):
             shutil.rmtree(path)
-    os.makedirs(tmp)
-    write_model(os.path.join(tmp, "model.bin"), model.config, params)
-    atomic_write(os.path.join(tmp, "adamw_m.bin"), [np.asarray(be.to_host(opt.m), dtype="<f4")])
-    atomic_write(os.path.join(tmp, "adamw_v.bin"), [np.asarray(be.to_host(opt.v), dtype="<f4")])
-    if opt.master is not None:   # bf16 params: their float32 master copy is the real state
-        atomic_write(os.path.join(tmp, "adamw_master.bin"),
-                     [np.asarray(be.to_host(opt.master), dtype="<f4")])
-    time.sleep(float(os.environ.get(SLEEP_ENV, 0)))
-    sizes = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
-    manifest = {"format": FORMAT, "version": VERSION, "step": step, "adamw_step": opt.step,
-                "files": sizes, **state}
-    write_json(os.path.join(tmp, "manifest.json"), manifest)
-    _fsync_dir(tmp)                           # the files' names, before the directory's
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    try:
+        os.makedirs(tmp)
+        write_model(os.path.join(tmp, "model.bin"), model.config, params)
+        atomic_write(os.path.join(tmp, "adamw_m.bin"),
+                     [np.asarray(be.to_host(opt.m), dtype="<f4")])
+        atomic_write(os.path.join(tmp, "adamw_v.bin"),
+                     [np.asarray(be.to_host(opt.v), dtype="<f4")])
+        if opt.master is not None:   # bf16 params: their float32 master copy is the real state
+            atomic_write(os.path.join(tmp, "adamw_master.bin"),
+                         [np.asarray(be.to_host(opt.master), dtype="<f4")])
+        time.sleep(float(os.environ.get(SLEEP_ENV, 0)))
+        write_manifest(tmp, {"format": FORMAT, "version": VERSION, "step": step,
+                             "adamw_step": opt.step, **state})
+        _fsync_dir(tmp)                       # the files' names, before the directory's
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except (LlmpyError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = str(e) if isinstance(e, LlmpyError) else f"{e.filename}: {e.strerror}"
+        before = newest_checkpoint(run_dir)
+        raise LlmpyError(f"{final}: checkpoint not written: {why}; "
+                         + (f"{before} is intact" if before else "no earlier checkpoint")) from None
     done = sorted(checkpoints(run_dir))
     for s in done[:-keep_last] if keep_last else []:
         if not (major_every and s % major_every == 0):
             _remove(os.path.join(run_dir, f"ckpt_{s:08d}"))
 
 
-def _manifest(path):
-    """Checkpoint `path`'s manifest, once every file it lists has the size it records."""
+class Corrupt(Exception):
+    """A checkpoint that fails its checks: set aside, and the one before it used."""
+
+
+def _check(cond, what):
+    if not cond:
+        raise Corrupt(what)
+
+
+def _is_int(x):
+    return type(x) is int
+
+
+def read_manifest(path):
+    """Checkpoint `path`'s manifest, once its fields and every file it lists check out
+    (sizes, then sha256). Raises Corrupt naming the first problem."""
     try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            manifest = json.load(f)
+        with open(os.path.join(path, "manifest.json"), "rb") as f:
+            manifest = json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise LlmpyError(f"{path}/manifest.json: unreadable checkpoint manifest: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise LlmpyError(f"{path}/manifest.json: not an {FORMAT} version {VERSION} manifest")
-    for fname, size in manifest["files"].items():
-        have = file_size(os.path.join(path, fname))
-        if have != size:
-            raise LlmpyError(f"{path}/{fname}: {'truncated' if have < size else 'grown'}: "
-                             f"{have} bytes, the manifest says {size}; delete {path} to resume "
-                             "from the checkpoint before it")
+        raise Corrupt(f"unreadable manifest.json: {e}") from None
+    _check(isinstance(manifest, dict), f"manifest.json holds {type(manifest).__name__}, not an "
+           "object")
+    _check(manifest.get("format") == FORMAT and manifest.get("version") == VERSION,
+           f"manifest.json is not an {FORMAT} version {VERSION} manifest")
+    _check(manifest.get("sha256_manifest") == _self_hash(manifest),
+           "manifest.json does not match its own sha256 (edited or damaged)")
+    step = manifest.get("step")
+    _check(_is_int(step) and f"ckpt_{step:08d}" == os.path.basename(os.path.normpath(path)),
+           f"manifest step {step!r} is not the directory's")
+    _check(_is_int(manifest.get("adamw_step")) and 0 <= manifest["adamw_step"] <= step,
+           f"adamw_step {manifest.get('adamw_step')!r} is not an int in 0..{step}")
+    files, hashes = manifest.get("files"), manifest.get("sha256")
+    _check(isinstance(files, dict) and isinstance(hashes, dict) and set(files) == set(hashes)
+           and set(REQUIRED) <= set(files) <= set(REQUIRED) | {"adamw_master.bin"}
+           and all(_is_int(n) for n in files.values()),
+           f"manifest files {files!r} are not {', '.join(REQUIRED)} (and adamw_master.bin) "
+           "with their sizes and sha256")
+    for field, typ in STATE_FIELDS.items():
+        _check(type(manifest.get(field)) is typ, f"manifest field {field!r} is "
+               f"{type(manifest.get(field)).__name__}, not {typ.__name__}")
+    loader = manifest["train_loader"]
+    _check(all(_is_int(loader.get(k)) and loader[k] >= 0
+               for k in ("epoch", "shard_pos", "window_pos")),
+           f"train_loader {loader!r} is not a position of ints >= 0")
+    _check(all(type(x) is float for x in manifest["loss_window"] + manifest["grad_window"]),
+           "the outlier windows hold more than floats")
+    for fname, size in files.items():
+        have = os.path.getsize(os.path.join(path, fname)) if os.path.isfile(
+            os.path.join(path, fname)) else None
+        _check(have is not None, f"{fname} is missing")
+        _check(have == size, f"{fname} is {'truncated' if have < size else 'grown'}: {have} "
+               f"bytes, the manifest says {size}")
+        _check(sha256(os.path.join(path, fname)) == hashes[fname],
+               f"{fname} does not match its sha256 (its bytes changed since it was written)")
     return manifest
 
 
-def load_latest(run_dir, model, opt):
-    """Load the newest complete checkpoint into model and opt. Returns its manifest (with the
-    step, the DataLoader position and the RNG state), or None when there is none yet."""
-    path = newest_checkpoint(run_dir)
-    if path is None:
+def set_aside(path):
+    """Rename a bad checkpoint out of the checkpoints' names (never delete it: it may be
+    all there is of some run): corrupt_ckpt_XXXXXXXX, or .1, .2, ... after it."""
+    base = os.path.join(os.path.dirname(path), "corrupt_" + os.path.basename(path))
+    new, i = base, 0
+    while os.path.exists(new):
+        i += 1
+        new = f"{base}.{i}"
+    os.replace(path, new)
+    return new
+
+
+def verified(run_dir, set_aside_bad=True):
+    """(path, manifest) of run_dir's newest checkpoint that verifies, or None when it has no
+    checkpoint. Each newer one that fails is reported in one line (stderr) and, with
+    set_aside_bad, renamed. None verifying is an error."""
+    done = checkpoints(run_dir)
+    for step in sorted(done, reverse=True):
+        path = done[step]
+        try:
+            return path, read_manifest(path)
+        except (Corrupt, OSError) as e:
+            why = e if isinstance(e, Corrupt) else f"{e.filename}: {e.strerror}"
+            note = f"set aside as {set_aside(path)}" if set_aside_bad else "skipped"
+            print(f"llmpy: warning: {path}: {why}; {note}", file=sys.stderr, flush=True)
+    if done:
+        raise LlmpyError(f"{run_dir}: none of its {len(done)} checkpoint(s) verifies (each "
+                         "reported above)" + ("; they are set aside, so --resume now starts the "
+                                              "run afresh" if set_aside_bad else ""))
+    return None
+
+
+def load_latest(run_dir, model, opt, set_aside_bad=True):
+    """Load the newest checkpoint that verifies into model and opt (see verified). Returns its
+    manifest (with the step, the DataLoader position and the RNG state), or None when there
+    is none yet. Under torchrun only rank 0 sets bad ones aside; the others skip them."""
+    found = verified(run_dir, set_aside_bad)
+    if found is None:
         return None
-    manifest = _manifest(path)
+    path, manifest = found
     cfg, params = read_model(os.path.join(path, "model.bin"))
     mc = model.config
     if cfg != mc:

@@ -227,11 +227,11 @@ class Dist:
         (so on many nodes the run directory must be on a filesystem they share) and keeps its
         shard. Returns the manifest, or None."""
         if not self.zero:
-            return checkpoints.load_latest(run_dir, model, opt)
+            return checkpoints.load_latest(run_dir, model, opt, self.rank == 0)
         n, zeros = len(model.params), model.backend.zeros
         full = SimpleNamespace(m=zeros(n, np.float32), v=zeros(n, np.float32), master=None,
                                step=0)
-        manifest = checkpoints.load_latest(run_dir, model, full)
+        manifest = checkpoints.load_latest(run_dir, model, full, self.rank == 0)
         s = self.shard(n)
         opt.m[:], opt.v[:], opt.step = full.m[s], full.v[s], full.step
         if full.master is not None:

@@ -22,7 +22,7 @@ from ..io.modelfile import write_model
 from ..io.tokenizer import EOT, Tokenizer
 from ..model.build import build_model
 from ..model.gpt2 import flops_per_token
-from . import checkpoints, distributed
+from . import checkpoints, distributed, signals
 from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
                      restore_flags)
 from .optim import AdamW, AdamWConfig, OutlierDetector, clip_scale, get_lr
@@ -156,7 +156,12 @@ def guard(step, loss, norm, model, run, cfg):
 def train(cfg, explicit=None):
     """explicit: the fields given on the command line (cli.py); for a config built in Python,
     the fields that differ from TrainConfig's defaults. The embedded default and --resume fill
-    in the others."""
+    in the others. SIGTERM or SIGINT ends it after the current step with signals.Stopped."""
+    with checkpoints.locks_released(), signals.Preemption() as preempt:
+        return _train(cfg, explicit, preempt)
+
+
+def _train(cfg, explicit, preempt):
     if explicit is None:
         explicit = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
     restored = (restore_flags(cfg, explicit, cfg.run_dir,
@@ -272,11 +277,17 @@ def train(cfg, explicit=None):
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+            stop = not last and preempt.agreed(dist)
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last) or (
+                    stop and cfg.run_dir):
                 full = dist.full_optimizer(opt)   # all ranks: ZeRO-1 gathers the shards
                 if main:
                     checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
                                 cfg.major_every)
+            if stop:
+                dist.close()
+                raise preempt.stopped(step, cfg.run_dir and os.path.join(cfg.run_dir,
+                                                                         f"ckpt_{step:08d}"))
     finally:
         if log:
             log.close()
