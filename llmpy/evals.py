@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .errors import LlmpyError
+from .errors import LlmpyError, require_finite
 from .io.files import HEADER_BYTES, atomic_write, make_header, read_header
 
 EVAL_MAGIC, EVAL_VERSION = 20240522, 1
@@ -164,6 +164,7 @@ def evaluate(cfg, explicit):
         cfg.val_data = bundled_data("shakespeare_val.bin")
     check_fields(cfg)                     # the flags as given and as restored
     model = build_model(cfg.model, get_backend(cfg.backend))
+    require_finite(model.backend.to_host(model.params.buf), f"{cfg.model}: the weights")
     B, T, mc = cfg.batch_size, cfg.seq_len, model.config
     check_seq_len(T, mc)
     r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
@@ -175,6 +176,8 @@ def evaluate(cfg, explicit):
         loader.require_batches(batches, cfg.val_data)
         r.update(val_data=cfg.val_data, val_loss=val_loss(model, loader, batches),
                  val_tokens=batches * B * T)
+        if not math.isfinite(r["val_loss"]):     # finite weights can still overflow
+            raise LlmpyError(f"{cfg.model}: the val loss on {cfg.val_data} is {r['val_loss']}")
     if examples:
         correct, total = hellaswag(model, examples, B, T)
         r.update(hellaswag_data=cfg.hellaswag_data, hellaswag_correct=correct,

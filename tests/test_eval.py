@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import BACKENDS
 from llmpy import cli
+from llmpy.evals import write_evalfile
 from test_gpt2 import CFG, random_weights, write_llmc_model, write_llmc_tokens
 from test_hellaswag import CFG as HS_CFG
 from test_hellaswag import independent_evalfile, random_examples, torch_predictions
@@ -107,3 +108,26 @@ def test_bad_input(files, capsys):
     with pytest.raises(SystemExit) as e:      # argparse: the usage, and what is missing
         cli.main(["eval", *map(str, val)])
     assert e.value.code == 2 and "required: --model" in capsys.readouterr().err
+
+
+def test_non_finite_results_exit_1(files, capsys):
+    """A model with a NaN weight gives a NaN loss: one line and exit 1, never `val loss nan`
+    with exit 0, nor NaN in --json (not JSON); HellaSwag alone too, whose argmin over NaNs would
+    still count "correct" answers. Finite weights whose loss overflows: the same."""
+    path, flat, _ = files
+    bad = flat.copy()
+    bad[7] = np.nan
+    write_llmc_model(path / "nan.bin", CFG, bad)
+    rc, err = run(capsys, "--model", path / "nan.bin", "--val-data", path / "val.bin", "-b", 2,
+                  "-t", 8, "--backend", "numpy")
+    assert rc == 1 and err == (f"llmpy: error: {path / 'nan.bin'}: the weights: 1 of "
+                               f"{flat.size:,} values are not finite (NaN or inf)")
+    write_evalfile(path / "hs.bin", [(1, [1, 2, 3], [[4], [5, 6], [7], [8, 9]])])
+    assert cli.main(["eval", "--model", str(path / "nan.bin"), "--hellaswag-data",
+                     str(path / "hs.bin"), "--backend", "numpy"]) == 1
+    assert "not finite" in capsys.readouterr().err
+    write_llmc_model(path / "huge.bin", CFG, flat * np.float32(1e30))   # finite, overflowing
+    rc, err = run(capsys, "--model", path / "huge.bin", "--val-data", path / "val.bin", "-b", 2,
+                  "-t", 8, "--backend", "numpy")
+    assert rc == 1 and err.startswith(f"llmpy: error: {path / 'huge.bin'}: the val loss on "
+                                      f"{path / 'val.bin'} is "), err

@@ -174,6 +174,28 @@ def test_pytorch_model_bin(hf_dir, tmp_path):
     assert (tmp_path / "pt.bin").read_bytes() == (tmp_path / "st.bin").read_bytes()
 
 
+def test_convert_refuses_non_finite_weights(tmp_path):
+    """NaN weights are not converted, either way: one line, exit 1, nothing written."""
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file, save_file
+    flat = random_weights(CFG, seed=3)
+    bad = flat.copy()
+    bad[100] = np.nan
+    write_model(tmp_path / "nan.bin", CFG, bad)
+    assert_one_line_error(cli("convert", tmp_path / "nan.bin", tmp_path / "hf"), "nan.bin",
+                          "1 of", "not finite")
+    assert not (tmp_path / "hf").exists()
+    write_model(tmp_path / "m.bin", CFG, flat)
+    assert cli("convert", tmp_path / "m.bin", tmp_path / "hf").returncode == 0
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = np.full_like(tensors[name], np.inf)
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(cli("convert", tmp_path / "hf", tmp_path / "back.bin"), "hf",
+                          f"{tensors[name].size:,} of", "not finite")
+    assert not (tmp_path / "back.bin").exists()
+
+
 @needs_hf
 def test_llmpy_bin_loads_in_transformers(tmp_path):
     flat = random_weights(CFG, seed=3)

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from ..errors import LlmpyError, first_line
+from ..errors import LlmpyError, first_line, require_finite
 from ..model.layout import GPT2_LAYOUT, FlatTensors, GPT2Config
 from .files import article, atomic_write, check_output_file, ensure_dir
 from .modelfile import BF16, FP32, read_model, write_model
@@ -268,12 +268,14 @@ def convert(src, out, dtype="fp32", tokenizer=""):
             raise LlmpyError(f"--dtype {dtype}: applies to a conversion to an llm.c .bin; "
                              "the HF model.safetensors is written in fp32")
         cfg, flat = read_model(src)
+        require_finite(flat, f"{src}: the weights")
         write_hf(out, cfg, flat)
         print(f"wrote {out}/ (config.json, model.safetensors) from {src}")
     else:
         for path in filter(None, (out, tokenizer)):     # before a download, or half the output
             check_output_file(path)
         cfg, flat = read_hf(src)
+        require_finite(flat, f"{src}: the weights")
         if tokenizer:
             write_gpt2_tokenizer(tokenizer, cfg)
         write_model(out, cfg, flat, version={"fp32": FP32, "bf16": BF16}[dtype])
