@@ -169,3 +169,26 @@ def test_bench_fineweb_runs_on_every_token(tmp_path, gpt2_reference):
     assert len(out["cases"]) == (2 if os.cpu_count() > 1 else 1) + 1
     for case in out["cases"].values():
         assert case["median_s"] > 0 and case["tokens_per_s"] == tokens / case["median_s"]
+
+
+def test_a_failing_worker_is_one_line():
+    """A worker that runs out of memory (a batch no machine holds): one line naming the job and
+    the error, not the worker's traceback and then the parent's."""
+    r = llmpy("bench", "cpu", "--model", "tiny", "-b", 10 ** 12, "-t", 8, "--impls", "numpy")
+    assert_one_line_error(r, "the sgemm worker on --model tiny failed: ", "MemoryError")
+    assert "Traceback" not in r.stdout
+
+
+def test_the_worker_imports_this_llmpy(tmp_path, monkeypatch):
+    """Run from a directory holding another `llmpy` (a clone's, say), the worker still imports
+    the llmpy that runs the benchmark, as the parent does."""
+    fake = tmp_path / "llmpy" / "bench"
+    fake.mkdir(parents=True)
+    (tmp_path / "llmpy" / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text("raise SystemExit('the llmpy of the current directory')")
+    monkeypatch.chdir(tmp_path)
+    r = cli("bench", "cpu", "--model", "tiny", "-b", 2, "-t", 8, "--steps", 1, "--warmup", 0,
+            "--threads", 1, "--impls", "numpy", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["numpy"]["step_s"][0] > 0

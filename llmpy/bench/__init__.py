@@ -193,14 +193,30 @@ def worker(job):
             "ops": ops, "peak_rss_mb": peak_rss_mb()}
 
 
+# `python -m llmpy.bench` would import the llmpy of the current directory first (a clone's,
+# not the one running): the worker starts from this llmpy's own parent directory instead.
+WORKER = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
+          "runpy.run_module('llmpy.bench', run_name='__main__')")
+
+
 def run_worker(job):
-    """worker(job) in a fresh interpreter whose BLAS, OpenMP and Numba get job['threads']."""
+    """worker(job) in a fresh interpreter whose BLAS, OpenMP and Numba get job['threads'].
+    A worker that fails (out of memory, say) is one line naming the job, not its traceback."""
+    from ..errors import LlmpyError
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "NUMBA_NUM_THREADS"):
         env[var] = str(job["threads"])
-    out = subprocess.run([sys.executable, "-m", "llmpy.bench", json.dumps(job)], env=env,
-                         stdout=subprocess.PIPE, text=True, check=True)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", WORKER, root, json.dumps(job)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rc = out.returncode
+    if rc:
+        lines = out.stderr.strip().splitlines()
+        why = lines[-1] if lines else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
+        raise LlmpyError(f"bench: the {job['impl']} worker on --model {job['model']} failed: "
+                         f"{why}")
+    sys.stderr.write(out.stderr)             # its warnings, as a worker in-process would show
     return json.loads(out.stdout.splitlines()[-1])
 
 
