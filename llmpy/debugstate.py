@@ -15,7 +15,8 @@ from .io.modelfile import num_params, read_model
 from .train.config import check_seq_len
 from .data.loader import DataLoader, bundled_data
 from .errors import LlmpyError
-from .io.files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
+from .io.files import (HEADER_BYTES, atomic_write, check_output_file, file_size, make_header,
+                       read_header)
 from .model.gpt2 import param_shapes
 
 STATE_MAGIC = 20240327
@@ -97,6 +98,7 @@ def default_out(model_path):
 
 def make_debug_state(model_path, data_path, B, T, out):
     """Run the PyTorch reference on the first batch of data_path and write the debug state."""
+    check_output_file(out)                # before the reference runs, which may take minutes
     steps = _torchref("writing a debug state")
     cfg, params = read_model(model_path)
     check_seq_len(T, cfg, "-t")

@@ -131,7 +131,23 @@ def test_bad_flags_fail_before_training(files):
     assert_one_line_error(train(files, "-b", 0), "--batch-size must be at least 1")
     assert_one_line_error(train(files, "--save", files), str(files), "names a directory")
     (files / "afile").write_text("")
-    assert_one_line_error(train(files, "--save", files / "afile" / "out.bin"), "afile")
+    # before the first step, not when the run ends and writes it
+    r = train(files, "--save", files / "afile" / "out.bin")
+    assert_one_line_error(r, f"{files / 'afile'}: is a file, not a directory")
+    assert "step" not in r.stdout
+
+
+def test_debug_state_checks_its_output_before_the_reference_runs(files, monkeypatch):
+    import llmpy.debugstate
+
+    def no_reference(what):
+        raise AssertionError("the reference ran")
+    monkeypatch.setattr(llmpy.debugstate, "_torchref", no_reference)
+    out = files / "none" / "s.bin"
+    assert_one_line_error(cli("debug-state", files / "m.bin", "--out", out), str(out),
+                          "no such directory")
+    assert_one_line_error(cli("debug-state", files / "m.bin", "--out", files), str(files),
+                          "is a directory")
 
 
 # every numeric flag has its range (TrainConfig's bounds): (flag, value, words of the error)
