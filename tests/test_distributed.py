@@ -218,3 +218,33 @@ def test_bad_flags(files, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["llmpy: error: distributed training (WORLD_SIZE=2) needs PyTorch: "
                    "pip install torch"], err
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(files, tmp_path):
+    """SIGTERM to rank 1 alone (a scheduler may reach the ranks a step apart): every rank
+    finishes the same step, rank 0 saves a checkpoint at it, and each exits 143 in one line."""
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "run"
+    args = train_args(files, "preempted", steps=100000, dist_timeout=TIMEOUT, run_dir=run_dir)
+    ranks = [subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args],
+                              env=dict(env, RANK=str(r), LOCAL_RANK="0"), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    try:
+        for line in ranks[0].stdout:
+            if line.startswith("step    3/"):
+                break
+        else:
+            pytest.fail("rank 0 never reached step 3: " + ranks[0].stderr.read())
+        ranks[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=TIMEOUT + 60)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in ranks] == [143, 143], errs
+    step = len((files / "preempted.jsonl").read_text().splitlines())
+    saved = run_dir / f"ckpt_{step:08d}"
+    assert errs == [f"llmpy: SIGTERM: stopped after step {step}; saved {saved}; continue with "
+                    "--resume\n"] * 2
+    assert json.loads((saved / "manifest.json").read_text())["step"] == step
