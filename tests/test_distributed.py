@@ -146,25 +146,33 @@ def test_zero1_resume_is_exact(files, zero):
     assert np.array_equal(weights(files, "resumed"), weights(files, "zero"))
 
 
+def two_ranks_at_step_3(args, rank1_out):
+    """`llmpy train ARGS` as rank 0 and rank 1 of a job, as torchrun starts them on two nodes
+    (its environment), without an agent; returned once rank 0 has printed step 3. rank 1's
+    stdout and stderr go to rank1_out."""
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args],
+                              env=dict(env, RANK=str(r), LOCAL_RANK="0"), text=True,
+                              stdout=subprocess.PIPE if r == 0 else rank1_out,
+                              stderr=subprocess.PIPE if r == 0 else rank1_out)
+             for r in range(2)]
+    for line in ranks[0].stdout:
+        if line.startswith("step    3/"):
+            return ranks
+    for p in ranks:
+        p.kill()
+    pytest.fail("rank 0 never reached step 3: " + ranks[0].stderr.read())
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_hung_rank_ends_the_job(files, sig):
     """The ranks run as torchrun starts them on two nodes (its environment), without an agent
     that would stop the survivor: rank 0 itself must notice rank 1's death (a closed
     connection) or hang (the timeout), and exit 1 with one line."""
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
     args = train_args(files, f"killed_{sig}", steps=100000, dist_timeout=TIMEOUT)
-    ranks = [subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args],
-                              env=dict(env, RANK=str(r), LOCAL_RANK="0"), text=True,
-                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL)
-             for r in range(2)]
+    ranks = two_ranks_at_step_3(args, subprocess.DEVNULL)
     try:
-        for line in ranks[0].stdout:
-            if line.startswith("step    3/"):
-                break
-        else:
-            pytest.fail("rank 0 never reached step 3: " + ranks[0].stderr.read())
         ranks[1].send_signal(getattr(signal, sig))
         t0 = time.monotonic()
         _, err = ranks[0].communicate(timeout=TIMEOUT + 60)
@@ -223,19 +231,10 @@ def test_bad_flags(files, monkeypatch, capsys):
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(files, tmp_path):
     """SIGTERM to rank 1 alone (a scheduler may reach the ranks a step apart): every rank
     finishes the same step, rank 0 saves a checkpoint at it, and each exits 143 in one line."""
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
     run_dir = tmp_path / "run"
     args = train_args(files, "preempted", steps=100000, dist_timeout=TIMEOUT, run_dir=run_dir)
-    ranks = [subprocess.Popen([sys.executable, "-m", "llmpy", "train", *args],
-                              env=dict(env, RANK=str(r), LOCAL_RANK="0"), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    ranks = two_ranks_at_step_3(args, subprocess.PIPE)
     try:
-        for line in ranks[0].stdout:
-            if line.startswith("step    3/"):
-                break
-        else:
-            pytest.fail("rank 0 never reached step 3: " + ranks[0].stderr.read())
         ranks[1].send_signal(signal.SIGTERM)
         errs = [p.communicate(timeout=TIMEOUT + 60)[1] for p in ranks]
     finally:
