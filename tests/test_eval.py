@@ -110,6 +110,8 @@ def test_bad_input(files, capsys):
     assert e.value.code == 2 and "required: --model" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",        # the 1e30 weights
+                            "ignore:invalid:RuntimeWarning")
 def test_non_finite_results_exit_1(files, capsys):
     """A model with a NaN weight gives a NaN loss: one line and exit 1, never `val loss nan`
     with exit 0, nor NaN in --json (not JSON); HellaSwag alone too, whose argmin over NaNs would
