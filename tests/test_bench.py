@@ -14,7 +14,7 @@ import pytest
 
 from llmpy.cli import main
 from llmpy.model.layout import GPT2Config
-from llmpy.model.build import preset
+from llmpy.model.build import PRESETS, preset
 from test_cli import assert_one_line_error, cli, help_text, llmpy
 
 
@@ -231,6 +231,25 @@ def test_gpu_session_dry_run(tmp_path):
     assert llama_cfg["layer_types"] == ["full"] and llama_cfg["rope_scaling"]
     assert gemma_cfg["layer_types"] == ["sliding", "full"] and gemma_cfg["sliding_window"] == 4
     assert gemma_cfg["qk_norm"] and gemma_cfg["post_norms"] and gemma_cfg["head_dim"] == 16
+
+
+def test_gpu_session_models_are_compiled_for_an_h100():
+    """tests/gpu_compile.py compiles the decoder's kernels as bench/gpu_session.sh's decoders
+    launch them: the same presets at the same T."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = open(os.path.join(root, "bench", "gpu_session.sh")).read()
+    models = re.search(r"^models=\((.*)\)$", script, re.M).group(1)
+    session = {spec.split()[0]: int(re.search(r"-t (\d+)", spec).group(1))
+               for spec in re.findall(r'"([^"]+)"', models)}
+    assert set(session) == {"d12", "llama-3.2-1b", "gemma3-270m"}
+    # imported in a process of its own: it makes torch see a GPU
+    r = subprocess.run([sys.executable, "-c", "import json, gpu_compile as g; print(json.dumps("
+                        "[g.BENCH_T, list(g.DECODERS)]))"], cwd=os.path.dirname(__file__),
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    T, compiled = json.loads(r.stdout)
+    decoders = {m: t for m, t in session.items() if m not in PRESETS}
+    assert decoders and set(decoders) <= set(compiled) and set(decoders.values()) == {T}
 
 
 def torch_oom():
