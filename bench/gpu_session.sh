@@ -57,9 +57,10 @@ print(' | '.join(f'{p} {v(p)}' for p in ('torch', 'triton', 'transformers')))"
 
 echo "=== 1. GPU tests"
 t0=$SECONDS
+# the decoder's first: they have never run on a GPU, and a part cut short loses its end
 timeout "$tests_limit" python3 -m pytest -q -s -p no:cacheprovider "${pytest_run[@]}" \
-    tests/test_gpu.py tests/test_gpu_decoder.py tests/test_ops.py tests/test_decoder_ops.py \
-    tests/test_gpt2.py tests/test_llama.py tests/test_bench.py \
+    tests/test_gpu_decoder.py tests/test_decoder_ops.py tests/test_llama.py tests/test_gpu.py \
+    tests/test_ops.py tests/test_gpt2.py tests/test_bench.py \
     tests/test_distributed.py::test_nccl_on_one_gpu_matches_one_process \
     -k "gpu and not cli and not session" \
     2>&1 | tee "$OUT/tests.log" | grep -v "test_gpu:"
