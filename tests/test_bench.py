@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llmpy.cli import main
@@ -105,6 +106,27 @@ def test_bench_gpu_ours_and_summary():
     failed = bench.summary({**r, "training": {**r["training"], "baseline": {"error": "E: x"}},
                             "attention": {**r["attention"], "sdpa_fwd": {"error": "E: y"}}})
     assert re.search("baseline +failed: E: x", failed) and "vs SDPA failed" in failed
+
+
+def test_bench_gpu_model_from_a_hf_directory(tmp_path):
+    """--model DIR: its family from config.json, its config and weights as written; a T past
+    its max_position_embeddings is one line."""
+    bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
+    from llmpy.io.hf import write_hf
+    from llmpy.io.llama3 import write_llama_hf
+    from llmpy.model import llama
+    cfg = llama.preset("llama-tiny", max_seq_len=64)
+    flat = bench.initial_weights("decoder", cfg, seed=3)
+    write_llama_hf(str(tmp_path / "llama"), cfg, flat)
+    gcfg = GPT2Config(max_seq_len=32, num_layers=1, num_heads=2, channels=32)
+    gflat = bench.initial_weights("gpt2", gcfg, seed=4)
+    write_hf(str(tmp_path / "gpt2"), gcfg, gflat)
+    family, got_cfg, got = bench.bench_config(str(tmp_path / "llama"), 64)
+    assert family == "decoder" and got_cfg.num_kv_heads == 2 and np.array_equal(got, flat)
+    family, got_cfg, got = bench.bench_config(str(tmp_path / "gpt2"), 32)
+    assert family == "gpt2" and got_cfg == gcfg and np.array_equal(got, gflat)
+    with pytest.raises(bench.LlmpyError, match="--seq-len 128 is longer than .* 64$"):
+        bench.bench_config(str(tmp_path / "llama"), 128)
 
 
 class FakeGPU:
