@@ -6,7 +6,6 @@ from .backends import set_thread_env
 from .bench import add_parsers as add_bench_parsers
 from .data.prepro import add_parser as add_prepro_parser
 from .errors import LlmpyError
-from .model.build import PRESETS
 from .train.signals import Stopped
 from .train.config import (BACKEND_HELP, EMBEDDED_DEFAULT, MODEL_HELP, EvalConfig, TrainConfig,
                            add_arguments, check_range, from_arguments, require_positive)
@@ -90,7 +89,8 @@ def cmd_bench_gpu(args):
         from .bench.gpu import bench_gpu
     except ImportError as e:
         raise LlmpyError(f"bench gpu needs torch, triton and a CUDA GPU: {e}") from None
-    bench_gpu(args.model, args.batch_size, args.seq_len, args.steps, args.warmup, args.json)
+    bench_gpu(args.model, args.batch_size, args.seq_len, args.steps, args.warmup, args.block,
+              args.track_steps, args.dry_run, args.json)
 
 
 def make_parser():
@@ -180,18 +180,32 @@ def make_parser():
     b = sub.add_parser("bench", help="benchmarks, each against its baseline in the same run")
     bench = b.add_subparsers(dest="bench", required=True)
     add_bench_parsers(bench)
-    g = bench.add_parser("gpu", help="GPT-2 training on the gpu backend vs PyTorch + "
-                         "torch.compile, and flash attention vs SDPA",
-                         description="Needs a CUDA GPU. See llmpy/bench/gpu.py.")
-    g.add_argument("--model", default="d12", choices=PRESETS,
-                   help="preset (default: d12, GPT-2 124M's shape)")
-    g.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64, 32, 16],
-                   help="the batch sizes to try; the largest that fits runs (default: 64 32 16)")
-    g.add_argument("-t", "--seq-len", type=int, default=1024, help="T (default: 1024)")
+    g = bench.add_parser("gpu", help="training on the gpu backend vs PyTorch + torch.compile "
+                         "(nanoGPT's GPT-2, transformers' Llama/Gemma), and flash attention vs "
+                         "SDPA", description="Needs a CUDA GPU. See llmpy/bench/gpu.py.")
+    g.add_argument("--model", default="d12",
+                   help="a GPT-2 preset (d6 ... d48, tiny), a decoder preset (llama-tiny, "
+                        "smollm2-135m, llama-3.2-1b, gemma3-270m) or a Hugging Face model "
+                        "directory (default: d12, GPT-2 124M's shape)")
+    g.add_argument("-b", "--batch-size", type=int, nargs="+", default=None,
+                   help="the batch sizes to try; the largest that fits runs (default: 64 32 16 "
+                        "for GPT-2, 16 8 4 for the decoders)")
+    g.add_argument("-t", "--seq-len", type=int, default=None,
+                   help="T (default: 1024 for GPT-2, 2048 for the decoders)")
     g.add_argument("--steps", type=int, default=30,
                    help="timed steps per side (default: 30; under its power cap a GPU's clock "
                         "moves, and single steps by up to 10%%)")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    g.add_argument("--block", type=int, default=5,
+                   help="timed steps a side in a row: the sides alternate by blocks "
+                        "(default: 5)")
+    g.add_argument("--track-steps", type=int, default=20,
+                   help="steps of bf16 against float32 first, at B=4 T=256 (default: 20; 0: "
+                        "none)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="on the CPU in Triton's interpreter (TRITON_INTERPRET=1), at a tiny "
+                        "shape of the model's family: a check of the benchmark, not a "
+                        "measurement")
     g.add_argument("--json", action="store_true", help="print the results as JSON")
     g.set_defaults(func=cmd_bench_gpu)
     return p

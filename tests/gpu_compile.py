@@ -1,6 +1,7 @@
 """Compile every Triton kernel of the gpu backend for an H100 (sm_90), without a GPU, as GPT-2
 124M trains in bf16, and the decoder's kernels as Llama-3.2-1B and Gemma-3-270M (a head size of
-256, one kv head) train: the launch constants the backend uses on a GPU and every autotune
+256, one kv head) train in `llmpy bench gpu` (bench/gpu_session.sh; tests/test_bench.py checks
+that its models are these): the launch constants the backend uses on a GPU and every autotune
 config of every tuned kernel (of flash attention, those its pruning keeps for the head size).
 Catches what Triton's interpreter cannot: block shapes a GPU refuses, dtype mixes the GPU
 compiler rejects, shared memory beyond the H100's 227 KB, and bf16 tensors streamed with scalar
@@ -14,6 +15,7 @@ Run by tests/test_gpu.py in a subprocess: the kernels must be imported without
 TRITON_INTERPRET (which would make them interpreted functions) and as if a GPU were there (so
 that the GPU's launch sizes and configs are chosen); nothing is launched.
 Prints one line per compile and exits 1 if any fails."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,19 +34,22 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from llmpy.backends.gpu import (adamw, attention, classifier, embedding,  # noqa: E402
                                 encoder, gelu, glu, layernorm, rmsnorm, rope, softcap)
 from llmpy.backends.gpu.launch import ELEMENTS, ROWS, SPAN  # noqa: E402
+from llmpy.model import llama  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY = 227 * 1024                      # an H100's most per block
 C, V, HS = 768, 50257, 64                       # GPT-2 124M
 P, F, I, X = "*bf16", "*fp32", "*i64", "i32"    # bf16 / float32 / token pointers, an int
-# The decoder's shapes: channels, query and kv heads, head size, MLP width, vocabulary,
-# sequence length; the GLU's activation, and the attention variant compiled (Gemma's covers
-# the softcap and the window)
-DECODERS = {"llama-3.2-1b": dict(C=2048, NH=32, NKV=8, HS=64, FFN=8192, V=128256, T=2048,
-                                 GELU=False, SOFTCAP=False, WINDOW=False),
-            "gemma-3-270m": dict(C=640, NH=4, NKV=1, HS=256, FFN=2048, V=262144, T=2048,
-                                 GELU=True, SOFTCAP=True, WINDOW=True)}
-
+# The decoders that bench/gpu_session.sh trains with `llmpy bench gpu`, at its T, built from
+# the same presets: their kernels as those models launch them (each kind of layer's attention,
+# QK-norm's heads, the activation, the softcaps); and Gemma 2's softcaps, which neither has, at
+# Gemma 3's shape (Gemma 2 has no QK-norm, and a window on every other layer: here on all).
+BENCH_T = 2048
+GEMMA3 = llama.preset("gemma3-270m")
+DECODERS = {"llama-3.2-1b": llama.preset("llama-3.2-1b"), "gemma3-270m": GEMMA3,
+            "gemma-2 softcaps": dataclasses.replace(GEMMA3, attn_softcap=50.0,
+                                                    final_softcap=30.0, qk_norm=False,
+                                                    layer_types=("sliding",) * 18)}
 
 def kernels():
     """(kernel, {argument: type}, {constexpr: value}, num_warps), for every launch."""
@@ -116,14 +121,17 @@ def attention_kernels(hs, heads, grouped, softcap, window, T):
                 config.num_stages
 
 
-def decoder_kernels(C, NH, NKV, HS, T, GELU, SOFTCAP, WINDOW, **sizes):
-    """The decoder's kernels at one model's shape (DECODERS; the sizes not named here only
-    set which arguments are multiples of 16, decoder_divisible)."""
+def decoder_kernels(cfg, T):
+    """The decoder's kernels as model.llama.Llama launches them for cfg at length T (the sizes
+    it does not name here only set which arguments are multiples of 16, decoder_divisible)."""
+    C, NH, NKV, HS = cfg.channels, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     strides = ("x_outer", "x_inner", "y_outer", "y_inner", "dx_outer", "dx_inner", "dy_outer",
                "dy_inner")
-    # whole rows (H = 1, which Triton specializes), and the heads of packed qkv rows
-    # (Gemma 3's QK-norm)
-    for H, width in ((dict(H=1), C), *(((dict(), HS),) if SOFTCAP else ())):
+    # (width, heads): whole rows (H = 1, which Triton specializes), and with QK-norm the heads
+    # of q and of k inside the packed qkv rows (one kv head is whole rows again)
+    norms = [(C, 1)] + ([(HS, NH), (HS, NKV)] if cfg.qk_norm else [])
+    for width, heads in dict.fromkeys(norms):
+        H = dict(H=1) if heads == 1 else dict()
         types = dict(dict.fromkeys(strides, X), H=X, N=X, C=X, eps="fp32", offset="fp32")
         block = triton.next_power_of_2(width)
         narrow = rmsnorm._rmsnorm_forward_kernel.early_config_prune(
@@ -142,13 +150,17 @@ def decoder_kernels(C, NH, NKV, HS, T, GELU, SOFTCAP, WINDOW, **sizes):
     for kernel, types in ((glu._glu_forward_kernel, dict(out=P, inp=P, N=X, F=X)),
                           (glu._glu_backward_kernel, dict(dinp=P, dout=P, inp=P, N=X, F=X))):
         for config in kernel.configs:
-            yield kernel, types, dict(GELU=GELU, **config.kwargs), config.num_warps, \
-                config.num_stages
+            yield kernel, types, dict(GELU=cfg.mlp_act == "gelu_tanh", **config.kwargs), \
+                config.num_warps, config.num_stages
     strides = {name: X for name in ("o_b", "o_t", "o_h", "i_b", "i_t", "i_h")}
-    for add in (False, True):                   # forward, backward
-        yield (rope._rope_kernel,
-               dict(out=P, inp=P, cos=P, sin=P, T=X, H=X, half=X, sign="fp32", **strides),
-               dict(ADD=add, BLOCK_H=triton.next_power_of_2(NH + NKV), BLOCK_D=HS // 2), 4, 3)
+    # the heads turned in one launch: q's and k's together, or each after its QK-norm
+    for heads in dict.fromkeys((NH, NKV) if cfg.qk_norm else (NH + NKV,)):
+        block = triton.next_power_of_2(heads)
+        for add in (False, True):                   # forward, backward
+            yield (rope._rope_kernel,
+                   dict(out=P, inp=P, cos=P, sin=P, T=X, H=X, half=X, sign="fp32", **strides),
+                   dict(ADD=add, BLOCK_H=block, BLOCK_D=HS // 2,
+                        **(dict(H=1) if heads == 1 else dict())), rope.warps(block, HS // 2), 3)
     yield (embedding._embedding_forward_kernel,
            dict(out=P, inp=I, wte=P, N=X, C=X, scale="fp32"),
            dict(ROWS=ROWS, BLOCK_C=triton.next_power_of_2(C)), 4, 3)
@@ -156,9 +168,12 @@ def decoder_kernels(C, NH, NKV, HS, T, GELU, SOFTCAP, WINDOW, **sizes):
            dict(BLOCK=ELEMENTS), 4, 3)
     yield (softcap._softcap_backward_kernel, dict(dinp=P, dout=P, out=P, N=X, cap="fp32"),
            dict(BLOCK=ELEMENTS), 4, 3)
-    yield from classifier_kernels(SOFTCAP)
+    yield from classifier_kernels(cfg.final_softcap > 0)
     G = NH // NKV
-    yield from attention_kernels(HS, min(G & -G, 8), G > 1, SOFTCAP, WINDOW, T)
+    # one variant per kind of layer: a window shorter than T masks, a longer one does not
+    variants = {(cfg.attn_softcap > 0, 0 < cfg.window(l) < T) for l in range(cfg.num_layers)}
+    for capped, windowed in sorted(variants):
+        yield from attention_kernels(HS, min(G & -G, 8), G > 1, capped, windowed, T)
 
 
 def jit_function(kernel):
@@ -171,12 +186,16 @@ def jit_function(kernel):
 DIVISIBLE = {"N", "C", "Vp", "T"}
 
 
-def decoder_divisible(C, NH, NKV, HS, FFN, V, T, **switches):
+def decoder_divisible(cfg, T):
     """DIVISIBLE at a decoder's shape: the rows (a multiple of 16 as GPT-2's), and each integer
     argument whose value there is a multiple of 16. RoPE's and RMSNorm's strides are multiples
-    of the head size (or C, or 0)."""
-    values = dict(C=C, NH=NH, NKV=NKV, F=FFN, V=V, Vp=-(-V // 128) * 128, T=T, H=NH + NKV,
-                  half=HS // 2, **dict.fromkeys(("o_b", "o_t", "o_h", "i_b", "i_t", "i_h"), HS),
+    of the head size (or C, or 0); a window is 0 or the model's."""
+    HS = cfg.head_dim
+    values = dict(C=cfg.channels, NH=cfg.num_heads, NKV=cfg.num_kv_heads, F=cfg.ffn_dim,
+                  V=cfg.vocab_size, Vp=cfg.padded_vocab_size, T=T, half=HS // 2,
+                  window=cfg.sliding_window,
+                  H=cfg.num_heads if cfg.qk_norm else cfg.num_heads + cfg.num_kv_heads,
+                  **dict.fromkeys(("o_b", "o_t", "o_h", "i_b", "i_t", "i_h"), HS),
                   **dict.fromkeys(("x_outer", "x_inner", "y_outer", "y_inner", "dx_outer",
                                    "dx_inner", "dy_outer", "dy_inner"), HS))
     return {"N"} | {name for name, value in values.items() if value % 16 == 0}
@@ -243,8 +262,8 @@ def binder_names():
 def main():
     failed, seen, reserved = 0, set(), binder_names()
     shapes = [("gpt2-124m", kernels(), DIVISIBLE)] + [
-        (model, decoder_kernels(**shape), decoder_divisible(**shape))
-        for model, shape in DECODERS.items()]
+        (model, decoder_kernels(cfg, BENCH_T), decoder_divisible(cfg, BENCH_T))
+        for model, cfg in DECODERS.items()]
     for model, kernel, types, constants, num_warps, num_stages, divisible in (
             (model, *launch, divisible) for model, launches, divisible in shapes
             for launch in launches):

@@ -10,11 +10,12 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llmpy.cli import main
 from llmpy.model.layout import GPT2Config
-from llmpy.model.build import preset
+from llmpy.model.build import PRESETS, preset
 from test_cli import assert_one_line_error, cli, help_text, llmpy
 
 
@@ -42,13 +43,14 @@ def test_bench_gpu_ours_and_summary():
     """`bench gpu`'s own side, op table included, and its report, on a small model (in
     Triton's interpreter where there is no GPU); the baseline needs a GPU."""
     bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
-    # GPT-2's vocabulary (the data's token ids), everything else small: the interpreter is slow
-    cfg, B, T = GPT2Config(max_seq_len=16, num_layers=2, num_heads=2, channels=32), 2, 16
-    data = bench.batches(cfg, B, T, 2)          # one untimed step and one timed
-    host = bench.GPT2(cfg, bench.get_backend("numpy"))
-    bench.init_weights(host, 0)
-    seconds, losses, extra = bench.ours(cfg, host.params.buf, data, warmup=1)
-    assert seconds > 0 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    B, T = 2, 16
+    family, cfg, flat = bench.bench_config("d12", T, dry_run=True)     # d12's family, tiny
+    assert family == "gpt2" and cfg.num_layers == 1
+    step, details, info = bench.ours(family, cfg, flat)(B, T)
+    data = bench.batches(cfg, B, T, 2)
+    losses = [step(*xy) for xy in data]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    extra = details(*data[-1])
     ops = extra["ops"]
     assert ops["attention_backward"][0] == cfg.num_layers
     assert ops["residual_layernorm_forward"][0] == 2 * cfg.num_layers
@@ -58,21 +60,31 @@ def test_bench_gpu_ours_and_summary():
     gaps = bench.idle_gaps([(12, 20, "b"), (0, 10, "a"), (15, 18, "c"), (25, 30, "d")])
     assert gaps == {"span_ms": 0.03, "idle_ms": 0.007,
                     "largest": [[0.005, "b", "d"], [0.002, "a", "b"]]}
-    side = {"ms_per_step": 1e3 * seconds, "tokens_per_s": B * T / seconds, "mfu": 0.0,
-            "peak_memory_gib": 0.0, "first_loss": losses[0], "last_loss": losses[-1],
+    side = {"ms_per_step": 1.0, "tokens_per_s": B * T / 1e-3, "mfu": 0.0,
+            "peak_memory_gib": None, "first_loss": losses[0], "last_loss": losses[-1],
             "kernels": {"nvjet_tst_128x256": [3, 5.0], "_layernorm_forward_kernel": [2, 1.5],
                         "Memset (Device)": [1, 0.25]}, "gaps": gaps}
     timing = {"ms": 1.0, "tflops": 1.0}
+    spread = {"min": 0.9, "median": 1.0, "max": 1.2}
     r = {
         "device": "cpu", "date": "today", "commit": "abc", "torch": "t", "triton": "t",
-        "model": "tiny", "training": {"B": B, "T": T, "ours": {**side, **extra},
-                                      "ours_stored_gelu": {**side, **extra}, "baseline": side,
-                                      "speedup": 1.0, "speedup_stored_gelu": 1.1},
-        "attention": {"B": B, "T": T, "NH": 4, "hs": 32, "ours_fwd": timing,
+        "model": "d12", "family": "gpt2",
+        "tracking": {"B": 4, "T": 256, "steps": 20, "dtype": "bfloat16", "max_abs_diff": 0.0123,
+                     "tolerance": 0.01, "within": False},
+        "training": {"B": B, "T": T, "mode": "alternating runs", "block": 5, "blocks": 4,
+                     "did_not_fit": [64], "ours": {**side, **info, **extra},
+                     "ours_stored_gelu": {**side, **info, **extra}, "baseline": side,
+                     "speedup": 1.0, "speedup_spread": spread, "speedup_stored_gelu": 1.1,
+                     "speedup_stored_gelu_spread": spread},
+        "attention": {"B": B, "T": T, "NH": 4, "NKV": 4, "hs": 32, "ours_fwd": timing,
                       "sdpa_fwd": timing, "ours_fwd_bwd": timing, "sdpa_fwd_bwd": timing},
         "tuned": {**bench.tuned_configs(), "_k (64,)": "BLOCK: 64"}}
     report = bench.summary(r)
-    assert "ours_stored_gelu" in report
+    assert "largest loss difference 0.0123 (OVER 0.01)" in report
+    assert "4 blocks of 5 timed steps a side, alternating whole runs; did not fit at B=[64]" \
+        in report
+    assert ("speedup (tokens/s, ours / nanoGPT + torch.compile): 1.000x (per block of 5 steps: "
+            "min 0.900x, median 1.000x, max 1.200x)") in report
     assert "every GELU output kept (--no-recompute-gelu): 1.100x" in report
     # the interpreter has no GPU memory to fill: train.py recomputes there, as llm.c by default;
     # on a GPU this small model fits with every GELU output kept
@@ -94,6 +106,172 @@ def test_bench_gpu_ours_and_summary():
     failed = bench.summary({**r, "training": {**r["training"], "baseline": {"error": "E: x"}},
                             "attention": {**r["attention"], "sdpa_fwd": {"error": "E: y"}}})
     assert re.search("baseline +failed: E: x", failed) and "vs SDPA failed" in failed
+
+
+def test_bench_gpu_model_from_a_hf_directory(tmp_path):
+    """--model DIR: its family from config.json, its config and weights as written; a T past
+    its max_position_embeddings is one line."""
+    bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
+    from llmpy.io.hf import write_hf
+    from llmpy.io.llama3 import write_llama_hf
+    from llmpy.model import llama
+    cfg = llama.preset("llama-tiny", max_seq_len=64)
+    flat = bench.initial_weights("decoder", cfg, seed=3)
+    write_llama_hf(str(tmp_path / "llama"), cfg, flat)
+    gcfg = GPT2Config(max_seq_len=32, num_layers=1, num_heads=2, channels=32)
+    gflat = bench.initial_weights("gpt2", gcfg, seed=4)
+    write_hf(str(tmp_path / "gpt2"), gcfg, gflat)
+    family, got_cfg, got = bench.bench_config(str(tmp_path / "llama"), 64)
+    assert family == "decoder" and got_cfg.num_kv_heads == 2 and np.array_equal(got, flat)
+    family, got_cfg, got = bench.bench_config(str(tmp_path / "gpt2"), 32)
+    assert family == "gpt2" and got_cfg == gcfg and np.array_equal(got, gflat)
+    with pytest.raises(bench.LlmpyError, match="--seq-len 128 is longer than .* 64$"):
+        bench.bench_config(str(tmp_path / "llama"), 128)
+
+
+class FakeGPU:
+    """Sides whose models take `size` units of memory per batch row on a GPU of `capacity`
+    units, each freed when the driver lets go of its step: what run_at and throughput see."""
+
+    def __init__(self, capacity, sizes):
+        self.capacity, self.sizes, self.held, self.log = capacity, sizes, {}, []
+
+    def side(self, name):
+        import weakref
+        import torch
+
+        def make(B, T):
+            if sum(self.held.values()) + self.sizes[name] * B > self.capacity:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            model = type("Model", (), {})()        # the memory, held by the step
+            self.held[name] = self.sizes[name] * B
+            weakref.finalize(model, self.held.pop, name)
+            self.log.append(f"build {name}")
+
+            def step(x, y):
+                model.steps = getattr(model, "steps", 0) + 1
+                self.log.append(name)
+                return 1.0
+            return step, lambda x, y: {"details": name}, {}
+        return make
+
+
+def fake_throughput(bench, gpu, batch_sizes, steps=4, block=2):
+    cfg = GPT2Config(max_seq_len=8, num_layers=1, num_heads=1, channels=8)
+    named = [(name, gpu.side(name), name == "ours_extra") for name in gpu.sizes]
+    return bench.throughput("gpt2", cfg, None, batch_sizes, 8, steps, 1, block,
+                            make_sides=lambda *_: named)
+
+
+def test_bench_gpu_interleaves_sides_that_fit_together():
+    bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
+    gpu = FakeGPU(capacity=10, sizes={"baseline": 2, "ours": 1, "ours_extra": 2})
+    r = fake_throughput(bench, gpu, [2])
+    assert r["mode"] == "interleaved" and r["B"] == 2 and r["did_not_fit"] == []
+    # each built once, warmed up, then blocks of 2 steps, the order reversed every block
+    assert gpu.log == ["build baseline", "baseline", "build ours", "ours", "build ours_extra",
+                       "ours_extra"] + ["baseline"] * 2 + ["ours"] * 2 + ["ours_extra"] * 4 + \
+        ["ours"] * 2 + ["baseline"] * 2
+    assert gpu.held == {}                                   # all freed
+    for name in ("ours", "baseline", "ours_extra"):
+        assert len(r[name]["block_ms"]) == 2 and r[name]["details"] == name
+    base, ours = r["baseline"]["block_ms"], r["ours"]["block_ms"]
+    assert r["speedup"] == pytest.approx(sum(base) / sum(ours))
+    ratios = sorted(b / o for b, o in zip(base, ours))
+    assert r["speedup_spread"] == pytest.approx({"min": ratios[0], "median": sum(ratios) / 2,
+                                                 "max": ratios[1]})
+    assert "speedup_extra" in r
+
+
+def test_bench_gpu_alternates_runs_and_searches_down():
+    """At B=4 the baseline alone does not fit: the next B. At B=2 each fits alone but not
+    together: the baseline goes on alone with the first half of its blocks, ours runs both its
+    halves, then the baseline again (ABBA); an optional side that does not fit alone is
+    reported, not retried."""
+    bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
+    gpu = FakeGPU(capacity=5, sizes={"baseline": 2, "ours": 2, "ours_extra": 3})
+    r = fake_throughput(bench, gpu, [2, 4], steps=8)
+    assert r["B"] == 2 and r["did_not_fit"] == [4] and r["mode"] == "alternating runs"
+    # B=4 built nothing; at B=2 ours did not fit beside the baseline, ours_extra not alone;
+    # ours is built anew for its second half (ours_extra's runs came between)
+    assert gpu.log == ["build baseline", "baseline"] + ["baseline"] * 4 + 2 * (
+        ["build ours", "ours"] + ["ours"] * 4) + ["build baseline", "baseline"] + ["baseline"] * 4
+    assert gpu.held == {}
+    assert r["ours_extra"]["oom"] and "speedup_extra" not in r
+    assert len(r["ours"]["block_ms"]) == len(r["baseline"]["block_ms"]) == 4
+    assert r["baseline"]["details"] == "baseline" and r["ours"]["details"] == "ours"
+    # nothing fits: one line
+    with pytest.raises(bench.LlmpyError, match=r"no batch size in \[8\] fits"):
+        fake_throughput(bench, FakeGPU(capacity=5, sizes={"baseline": 1, "ours": 1}), [8])
+
+
+def test_gpu_session_dry_run(tmp_path):
+    """bench/gpu_session.sh --dry-run: the GPU session's script end to end on the CPU, in
+    Triton's interpreter at tiny shapes of each model it benchmarks (about 45 s of CPU). Each
+    model's raw JSON: both sides trained from the same weights on the same batches, in
+    interleaved blocks, and ours in float16 tracked float32."""
+    bench = pytest.importorskip("llmpy.bench.gpu", reason="needs torch and triton")
+    pytest.importorskip("transformers")
+    if bench.DEVICE.type == "cuda":
+        pytest.skip("the dry run is for machines without a GPU; on one, run the session")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
+                                                            "LLMPY_GPU_DTYPE")}
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "--dry-run"], cwd=root,
+                       env={**env, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "tests collected" in (tmp_path / "tests.log").read_text()
+    session = (tmp_path / "session.txt").read_text()
+    configs = {}
+    for model in ("d12", "llama-3.2-1b", "gemma3-270m"):
+        out = json.loads((tmp_path / f"bench_{model}.json").read_text())
+        assert out["dry_run"] and out["model"] == model
+        t, configs[model] = out["training"], out["config"]
+        assert (t["B"], t["T"], t["mode"], t["blocks"], t["block"]) == (1, 8, "interleaved",
+                                                                         2, 1)
+        names = ["ours", "baseline"] + (["ours_stored_gelu"] if model == "d12" else [])
+        for name in names:
+            side = t[name]
+            assert "error" not in side and "details_error" not in side, (model, name, side)
+            assert len(side["block_ms"]) == 2 and side["tokens_per_s"] > 0
+            # the same weights and first batch: the same first loss, to the baseline's bf16
+            # autocast
+            assert side["first_loss"] == pytest.approx(t["ours"]["first_loss"], rel=1e-3)
+            assert 0 < side["last_loss"] < side["first_loss"] + 1
+        assert t["speedup"] == pytest.approx(sum(t["baseline"]["block_ms"])
+                                             / sum(t["ours"]["block_ms"]))
+        s = t["speedup_spread"]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+        k = out["tracking"]
+        assert k["dtype"] == "float16" and len(k["losses"]["float32"]) == 2 and k["within"]
+        assert out["attention"]["ours_fwd_bwd"]["ms"] > 0
+        assert f"--- bench {model}:" in session and f"{model} B=1 T=8 | DRY RUN" in session
+    # each model's tiny shape keeps what its kernels branch on
+    llama_cfg, gemma_cfg = configs["llama-3.2-1b"], configs["gemma3-270m"]
+    assert llama_cfg["num_heads"] // llama_cfg["num_kv_heads"] == 4
+    assert llama_cfg["layer_types"] == ["full"] and llama_cfg["rope_scaling"]
+    assert gemma_cfg["layer_types"] == ["sliding", "full"] and gemma_cfg["sliding_window"] == 4
+    assert gemma_cfg["qk_norm"] and gemma_cfg["post_norms"] and gemma_cfg["head_dim"] == 16
+
+
+def test_gpu_session_models_are_compiled_for_an_h100():
+    """tests/gpu_compile.py compiles the decoder's kernels as bench/gpu_session.sh's decoders
+    launch them: the same presets at the same T."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = open(os.path.join(root, "bench", "gpu_session.sh")).read()
+    models = re.search(r"^models=\((.*)\)$", script, re.M).group(1)
+    session = {spec.split()[0]: int(re.search(r"-t (\d+)", spec).group(1))
+               for spec in re.findall(r'"([^"]+)"', models)}
+    assert set(session) == {"d12", "llama-3.2-1b", "gemma3-270m"}
+    # imported in a process of its own: it makes torch see a GPU
+    r = subprocess.run([sys.executable, "-c", "import json, gpu_compile as g; print(json.dumps("
+                        "[g.BENCH_T, list(g.DECODERS)]))"], cwd=os.path.dirname(__file__),
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    T, compiled = json.loads(r.stdout)
+    decoders = {m: t for m, t in session.items() if m not in PRESETS}
+    assert decoders and set(decoders) <= set(compiled) and set(decoders.values()) == {T}
 
 
 def torch_oom():

@@ -415,7 +415,12 @@ def test_bench_gpu_needs_cuda():
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--batch-size", "64", "0"], "--batch-size must be >= 1, got 0")])
+    (["--batch-size", "64", "0"], "--batch-size must be >= 1, got 0"),
+    (["--steps", "4", "--block", "5"], "--steps 4 must be at least --block 5"),
+    (["--track-steps", "-1"], "--track-steps must be >= 0, got -1"),
+    (["--model", "d13"], "--model d13: not a preset (d6, d12, d24, d36, d48, tiny, llama-tiny, "
+                         "smollm2-135m, llama-3.2-1b, gemma3-270m) nor a Hugging Face model "
+                         "directory")])
 def test_bench_gpu_checks_arguments_first(args, message):
     r = run_cli("bench", "gpu", *args, env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 1

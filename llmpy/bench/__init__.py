@@ -115,10 +115,11 @@ class OpTimer:
         def call(*args, **kwargs):
             self.sync()
             t0 = time.perf_counter()
-            fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
             self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.calls[name] = self.calls.get(name, 0) + 1
+            return out                          # sum_squares returns its sum
         return call
 
     def table(self, step_seconds):

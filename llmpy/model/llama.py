@@ -493,6 +493,12 @@ PRESETS = {
     "smollm2-135m": dict(max_seq_len=8192, vocab_size=49152, num_layers=30, num_heads=9,
                          num_kv_heads=3, channels=576, ffn_dim=1536, norm_eps=1e-5,
                          rope_theta=100000.0),
+    # meta-llama/Llama-3.2-1B's shape (config.json): llama3 rope scaling, tied embeddings
+    "llama-3.2-1b": dict(max_seq_len=131072, vocab_size=128256, num_layers=16, num_heads=32,
+                         num_kv_heads=8, channels=2048, ffn_dim=8192, norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling=dict(
+                             factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192)),
     "gemma3-270m": dict(max_seq_len=32768, vocab_size=262144, num_layers=18, num_heads=4,
                         num_kv_heads=1, head_dim=256, channels=640, ffn_dim=2048,
                         norm_eps=1e-6, rope_theta=1000000.0, rope_local_theta=10000.0,

@@ -38,13 +38,21 @@ def _rope_kernel(out, inp, cos, sin, T, H, half, sign, o_b, o_t, o_h, i_b, i_t, 
     tl.store(y + half, y2.to(out.dtype.element_ty), mask=mask)
 
 
+def warps(BLOCK_H, BLOCK_D):
+    """At least 4 elements a thread, up to 4 warps: a program's bf16 halves then load as
+    vectors. One kv head of Gemma 3's (after its QK-norm, k turns on its own) is 128 elements,
+    which 4 warps would load one a thread, a scalar 2-byte load each."""
+    return max(1, min(4, BLOCK_H * BLOCK_D // 128))
+
+
 def _rope(out, inp, cos, sin, sign, add):
     B, T, H, hd = inp.shape
     assert inp.stride(-1) == 1 and out.stride(-1) == 1 and cos.is_contiguous() \
         and sin.is_contiguous(), "rope: the channels of a head must be contiguous"
+    BLOCK_H, BLOCK_D = triton.next_power_of_2(H), triton.next_power_of_2(hd // 2)
     _rope_kernel[(B * T,)](out, inp, cos, sin, T, H, hd // 2, sign, *out.stride()[:3],
-                           *inp.stride()[:3], ADD=add, BLOCK_H=triton.next_power_of_2(H),
-                           BLOCK_D=triton.next_power_of_2(hd // 2))
+                           *inp.stride()[:3], ADD=add, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+                           num_warps=warps(BLOCK_H, BLOCK_D))
 
 
 def rope_forward(out, inp, cos, sin):
