@@ -4,7 +4,8 @@ RUN_DIR/
   config.json             the full TrainConfig, the model shape, the git commit
   log.jsonl               one JSON object per step
   ckpt_00000100/          one directory per checkpoint, complete once it has this name:
-    model.bin             the weights, an llm.c model file (llmpy sample/train read it)
+    model.bin             GPT-2's weights, an llm.c model file (llmpy sample/train read it)
+    model/                or the Llama / Gemma decoder's: a Hugging Face directory (io/weights.py)
     adamw_m.bin           AdamW's first moment, raw little-endian float32, layout of model.bin
     adamw_v.bin           AdamW's second moment, the same
     adamw_master.bin      float32 master weights, when the backend keeps bf16 params
@@ -23,7 +24,7 @@ import time
 
 import numpy as np
 
-from ..io.modelfile import read_model, write_model
+from ..io.weights import file_sizes, read_weights, write_weights
 from ..errors import LlmpyError
 from ..io.files import atomic_write, ensure_dir, file_size, write_json
 from ..model.gpt2 import load_params
@@ -103,14 +104,14 @@ def newest_checkpoint(run_dir):
 
 
 def newest_weights(run_dir):
-    """(GPT2Config, (num_params,) float32) of run_dir's newest complete checkpoint: its float32
+    """(model config, (num_params,) float32) of run_dir's newest complete checkpoint: its float32
     master weights where a bf16 run saved them (its model.bin holds them rounded to bf16)."""
     path = newest_checkpoint(run_dir)
     if path is None:
         raise LlmpyError(f"{run_dir}: a directory with no complete checkpoint (ckpt_*/ with "
                          "a manifest.json) to load a model from")
     manifest = _manifest(path)
-    cfg, params = read_model(os.path.join(path, "model.bin"))
+    cfg, params = read_weights(path)
     if "adamw_master.bin" in manifest["files"]:
         params = np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4")
     return cfg, params
@@ -139,18 +140,19 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
                 not CKPT.match(leftover) or not os.path.exists(os.path.join(path, "manifest.json"))):
             shutil.rmtree(path)
     os.makedirs(tmp)
-    write_model(os.path.join(tmp, "model.bin"), model.config, params)
+    write_weights(tmp, model, params)
     atomic_write(os.path.join(tmp, "adamw_m.bin"), [np.asarray(be.to_host(opt.m), dtype="<f4")])
     atomic_write(os.path.join(tmp, "adamw_v.bin"), [np.asarray(be.to_host(opt.v), dtype="<f4")])
     if opt.master is not None:   # bf16 params: their float32 master copy is the real state
         atomic_write(os.path.join(tmp, "adamw_master.bin"),
                      [np.asarray(be.to_host(opt.master), dtype="<f4")])
     time.sleep(float(os.environ.get(SLEEP_ENV, 0)))
-    sizes = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
+    sizes = file_sizes(tmp)
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "adamw_step": opt.step,
                 "files": sizes, **state}
     write_json(os.path.join(tmp, "manifest.json"), manifest)
-    _fsync_dir(tmp)                           # the files' names, before the directory's
+    for d, _, _ in os.walk(tmp):              # the files' names, before the directory's
+        _fsync_dir(d)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
     done = sorted(checkpoints(run_dir))
@@ -184,7 +186,7 @@ def load_latest(run_dir, model, opt):
     if path is None:
         return None
     manifest = _manifest(path)
-    cfg, params = read_model(os.path.join(path, "model.bin"))
+    cfg, params = read_weights(path)
     mc = model.config
     if cfg != mc:
         shape = ("L={0.num_layers} NH={0.num_heads} C={0.channels} V={0.vocab_size} "
