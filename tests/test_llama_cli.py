@@ -120,6 +120,18 @@ RUN = dict(model="llama-tiny", train_data=bundled_data("shakespeare_train.bin"),
            keep_last=2, resume=True)
 
 
+def crash_at(monkeypatch, n):
+    """The next run's n-th step dies (an exception, as a killed process would stop there)."""
+    calls, forward_backward = [], llmpy.train.loop.forward_backward
+
+    def crashing(*a):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("crash")
+        return forward_backward(*a)
+    monkeypatch.setattr(llmpy.train.loop, "forward_backward", crashing)
+
+
 def test_llama_tiny_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     """llama-tiny on the bundled Shakespeare (GPT-2's tokens) with a schedule, accumulation,
     clipping, weight decay, val, samples and checkpoints; a run that dies at step 5 and
@@ -129,16 +141,8 @@ def test_llama_tiny_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
                                                save=str(tmp_path / "ref.bin")))
     ref_out = capsys.readouterr().out
     assert "--- sample at step 6 ---" in ref_out
-    calls = []
-    forward_backward = llmpy.train.loop.forward_backward
-
-    def crash_at_5(*a):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("crash")
-        return forward_backward(*a)
-    monkeypatch.setattr(llmpy.train.loop, "forward_backward", crash_at_5)
-    with pytest.raises(RuntimeError):
+    crash_at(monkeypatch, 5)
+    with pytest.raises(RuntimeError, match="crash"):
         llmpy.train.loop.train(TrainConfig(**RUN, run_dir=str(tmp_path / "run")))
     monkeypatch.undo()
     llmpy.train.loop.train(TrainConfig(**RUN, run_dir=str(tmp_path / "run")))
@@ -163,6 +167,28 @@ def test_llama_tiny_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     ours.forward(x)
     ref = hf_logits(ckpt / "model", x)
     assert np.abs(ours.acts.logits[..., :50257] - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3_text"])
+def test_every_family_resumes_exactly(kind, tmp_path, monkeypatch):
+    """Qwen2's biases and Gemma 3's switches, which llm.c's llama3 file cannot hold, go
+    through the checkpoint's HF directory and resume bit for bit."""
+    config, _ = FAMILIES[kind]
+    hf_model(kind, **SMALL, **config).save_pretrained(tmp_path / "m")
+    write_tokens(tmp_path / "t.bin", np.random.default_rng(4).integers(0, SMALL["vocab_size"],
+                                                                        400))
+    args = dict(model=str(tmp_path / "m"), train_data=str(tmp_path / "t.bin"), backend="numpy",
+                batch_size=2, seq_len=8, steps=4, lr=1e-2, weight_decay=0.1, shuffle=True,
+                val_every=0, sample_every=0, checkpoint_every=2, resume=True)
+    final = llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "ref")))
+    crash_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="crash"):
+        llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
+    monkeypatch.undo()
+    llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
+    assert records(tmp_path / "run" / "log.jsonl") == records(tmp_path / "ref" / "log.jsonl")
+    cfg, params = read_weights(tmp_path / "run" / "ckpt_00000004")
+    assert cfg.model_type == kind and np.array_equal(params, final.params.buf)
 
 
 def test_hf_model_trains_with_its_own_tokenizer(llama_tok, tmp_path, capsys):
@@ -353,3 +379,36 @@ def test_data_parallel_buckets_come_from_the_table():
     gl = DecoderLayout(g)
     assert sorted(gl.per_layer() + gl.whole_model()) == sorted(names)
     assert {"qnormw", "knormw", "attpostw", "fcpostw"} <= set(gl.per_layer())
+
+
+# ----------------------------------------------------------------------------- bench
+
+@pytest.mark.parametrize("which", ["llama-tiny", "gemma3"])
+def test_bench_cpu_and_sample_run(which, tmp_path):
+    """bench cpu times llmpy and transformers' model (SDPA, torch.optim.AdamW) from the same
+    weights and batch, and counts the step's matmul FLOPs from the decoder's shapes; bench
+    sample runs the KV cache, the recompute and transformers' generate."""
+    model = which
+    if which == "gemma3":
+        config, _ = FAMILIES["gemma3_text"]
+        hf_model("gemma3_text", **SMALL, **config).save_pretrained(tmp_path / which)
+        model = tmp_path / which
+    B, T = 2, 8
+    r = cli("bench", "cpu", "--model", model, "-b", B, "-t", T, "--steps", 1, "--warmup", 0,
+            "--threads", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    cfg = build_model(str(model), NUMPY).config
+    C, L, F, A = cfg.channels, cfg.num_layers, cfg.ffn_dim, cfg.num_heads * cfg.head_dim
+    weights = L * (cfg.qkv_dim * C + C * A + 2 * F * C + C * F) + cfg.padded_vocab_size * C
+    assert out["matmul_gflop"] == pytest.approx(6 * B * T * weights / 1e9)
+    first = out["torch"]["losses"][0]
+    for impl in ("cpu", "torch", "numpy"):
+        assert out[impl]["losses"][0] == pytest.approx(first, rel=1e-5), impl   # same start
+    assert out["torch_over_cpu"] > 0 and out["cpu_vs_sgemm_bound"] > 0
+    r = cli("bench", "sample", "--model", model, "--tokens", 3, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["same_tokens"] and out["hf_skipped"] is None and out["hf_s"] > 0
+    assert out["hf_class"] == ("LlamaForCausalLM" if which == "llama-tiny"
+                               else "Gemma3ForCausalLM")

@@ -244,7 +244,10 @@ def bench_cpu(args):
     if "torch" in impls and importlib.util.find_spec("torch") is None:
         raise LlmpyError("the PyTorch baseline needs torch (pip install torch==2.13.0), or "
                          "leave it out: --impls cpu,numpy")
-    cfg = model_config(args.model)
+    try:
+        cfg = model_config(args.model)
+    except LlmpyError as e:
+        raise LlmpyError(f"--model {args.model}: {e}") from None
     check_seq_len(args.seq_len, cfg)
     job = dict(model=args.model, batch=args.batch_size, seq=args.seq_len, warmup=args.warmup,
                steps=args.steps, threads=args.threads or os.cpu_count())
