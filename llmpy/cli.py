@@ -26,14 +26,15 @@ def cmd_sample(args):
     import numpy as np
     from .backends import get_backend
     from .generate import generate_rows
-    from .io.tokenizer import Tokenizer
-    from .model.build import build_model
+    from .model.build import build_model, model_tokenizer, require_tokenizer, start_ids
     require_positive(args, "num_samples")
     for name in ("tokens", "temperature", "top_k", "seed"):
         check_range(name, getattr(args, name), least=0)
     model = build_model(args.model, get_backend(args.backend))
-    tok = Tokenizer()
-    prompt = tok.encode(args.prompt) if args.prompt else []
+    if model.source.checkpoint:       # stderr: stdout is the text alone
+        print(f"sampling from {model.source.checkpoint}", file=sys.stderr)
+    tok = model_tokenizer(model) or require_tokenizer(model, f"sample --model {args.model}")
+    prompt = start_ids(tok, tok.encode(args.prompt) if args.prompt else [])
     rng = np.random.default_rng(args.seed)
     try:          # checks the prompt, runs it and samples the first token: before any output
         rows = generate_rows(model, prompt, args.tokens, rng, args.num_samples,
@@ -46,15 +47,17 @@ def cmd_sample(args):
             print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(ids.tolist())}")
         return
     sys.stdout.write(args.prompt)
-    out = []
+    # the text of all the ids so far, printed as it grows: a SentencePiece tokenizer decodes a
+    # token's leading space only after another token
+    out, shown = [], ""
     for ids in rows:
         out.append(int(ids[0]))
         text = tok.decode(out)
         if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
-            sys.stdout.write(text)
+            sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
-            out = []
-    sys.stdout.write(tok.decode(out) + "\n")
+            shown = text
+    sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
 
 
 def cmd_plot(args):

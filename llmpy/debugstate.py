@@ -17,7 +17,6 @@ from .data.loader import DataLoader, bundled_data
 from .errors import LlmpyError
 from .io.files import (HEADER_BYTES, atomic_write, check_output_file, file_size, make_header,
                        read_header)
-from .model.gpt2 import param_shapes
 
 STATE_MAGIC = 20240327
 STATE_VERSION = 2
@@ -25,6 +24,9 @@ STATE_VERSION = 2
 # Both sides compute in float32, summing in different orders: measured errors are ~1e-6
 # (see tests/test_interop.py); 1e-4 leaves room for BLAS differences but not for a bug.
 TOL = 1e-4
+# test-model's AdamW steps, as llm.c's test_gpt2.c makes them; a llama3 debug state holds the
+# reference's losses and gradient norms of STATE_STEPS of them
+LR, WEIGHT_DECAY, STATE_STEPS = 1e-4, 0.01, 10
 
 
 @dataclass
@@ -81,14 +83,15 @@ def write_debug_state(path, state):
                         state.grads.astype("<f4")])
 
 
-def _torchref(what):
-    """The PyTorch reference, imported only by the commands that need it."""
+def _torchref(what, module="steps"):
+    """The PyTorch reference (torchref.steps for GPT-2, torchref.llama for the decoder, which
+    is transformers' own model), imported only by the commands that need it."""
     try:
-        from torchref import steps
+        import importlib
+        return importlib.import_module(f"torchref.{module}")
     except ImportError as e:
         raise LlmpyError(f"{what} needs the PyTorch reference ({e}): "
                          "pip install 'llmpy[test]'") from None
-    return steps
 
 
 def default_out(model_path):
@@ -96,17 +99,41 @@ def default_out(model_path):
     return os.path.splitext(model_path)[0] + "_debug_state.bin"
 
 
+def is_llama_file(path):
+    """Whether path starts with llm.c's llama3 magic (else it is read as GPT-2's)."""
+    from .io.llama3 import LLAMA_MAGIC
+    try:
+        return np.fromfile(path, dtype="<i4", count=1).tolist() == [LLAMA_MAGIC]
+    except OSError:
+        return False
+
+
 def make_debug_state(model_path, data_path, B, T, out):
-    """Run the PyTorch reference on the first batch of data_path and write the debug state."""
+    """Run the PyTorch reference on the first batch of data_path and write the debug state:
+    GPT-2's (torchref's nanoGPT-style model), or for a llama3 .bin llm.c's llama3 debug state
+    (transformers' LlamaForCausalLM in float32), with the losses and gradient norms of
+    STATE_STEPS AdamW steps (test-model's lr and weight decay) on that batch."""
     check_output_file(out)                # before the reference runs, which may take minutes
-    steps = _torchref("writing a debug state")
-    cfg, params = read_model(model_path)
+    llama = is_llama_file(model_path)
+    steps = _torchref("writing a debug state", "llama" if llama else "steps")
+    if llama:
+        from .io.llama3 import read_llama_model
+        cfg, params, _ = read_llama_model(model_path)
+    else:
+        cfg, params = read_model(model_path)
     check_seq_len(T, cfg, "-t")
     x, y = DataLoader(data_path or bundled_data("shakespeare_val.bin"), B, T,
                       cfg.vocab_size).next_batch()
     logits, loss, grads = steps.forward_backward(cfg, params, x, y)
-    write_debug_state(out, DebugState(x, y, logits, loss, grads))
-    print(f"wrote {out}: B={B} T={T}, reference loss {loss:.6f}")
+    if llama:
+        from .io.llama3 import LlamaDebugState, write_llama_debug_state
+        losses, norms = steps.adamw_history(cfg, params, x, y, STATE_STEPS, LR, WEIGHT_DECAY)
+        write_llama_debug_state(out, cfg, LlamaDebugState(x, y, logits, loss, grads, losses,
+                                                          norms))
+    else:
+        write_debug_state(out, DebugState(x, y, logits, loss, grads))
+    print(f"wrote {out}: B={B} T={T}, reference loss {loss:.6f}"
+          + (f", {STATE_STEPS} AdamW steps to loss {losses[-1]:.6f}" if llama else ""))
 
 
 # ----------------------------------------------------------------------------- test-model
@@ -122,22 +149,35 @@ def compare(name, ours, ref, tol=TOL, note=""):
     return ok
 
 
-def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay=0.01, tol=TOL):
+def check_model(model_path, state_path, backend, steps=10, lr=LR, weight_decay=WEIGHT_DECAY,
+                tol=TOL):
     """llm.c's test_gpt2: forward/backward on the stored batch vs the debug state, then `steps`
-    AdamW updates vs the PyTorch reference's losses. Raises LlmpyError if anything is off."""
-    from .train.optim import AdamW, AdamWConfig
+    AdamW updates vs the reference's losses: the PyTorch reference's, run now, for GPT-2; for a
+    llama3 .bin the losses and gradient norms the llama3 debug state holds (llm.c's
+    test_llama3). Raises LlmpyError if anything is off."""
+    from .train.optim import AdamW, AdamWConfig, global_norm
     from .model.build import build_model
     model = build_model(model_path, backend)
     cfg, V = model.config, model.config.vocab_size
-    state = read_debug_state(state_path, cfg)
-    ref_losses = []
-    if steps:
-        torchref = _torchref("checking AdamW steps (--steps 0 skips them)")
-        params = backend.to_host(model.params.buf).copy()                  # (num_params,)
-        ref_losses = torchref.adamw_losses(cfg, params, state.x, state.y, steps, lr, weight_decay)
+    llama = is_llama_file(model_path)
+    ref_norms = []
+    if llama:
+        from .io.llama3 import read_llama_debug_state
+        state = read_llama_debug_state(state_path, cfg)
+        ref_losses, ref_norms = state.losses[:steps].tolist(), state.norms[:steps].tolist()
+    else:
+        state = read_debug_state(state_path, cfg)
+        ref_losses = []
+        if steps:
+            torchref = _torchref("checking AdamW steps (--steps 0 skips them)")
+            params = backend.to_host(model.params.buf).copy()                  # (num_params,)
+            ref_losses = torchref.adamw_losses(cfg, params, state.x, state.y, steps, lr,
+                                               weight_decay)
     B, T = state.x.shape
     print(f"model {model_path}: L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} V={V} "
           f"| debug state {state_path}: B={B} T={T} | backend {backend.name}")
+    if llama and steps > len(ref_losses):
+        print(f"the debug state holds {len(ref_losses)} AdamW steps: comparing those")
     print(f"OK when max|ours - ref| / max|ref| <= {tol:g} per tensor")
     print(f"{'tensor':<12} {'max abs err':>12} {'max rel err':>12}  result")
     opt = AdamW(model, AdamWConfig(lr=lr, weight_decay=weight_decay))
@@ -151,7 +191,7 @@ def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay
     results.append(compare("loss", loss, state.loss, tol))
     grads = backend.to_host(model.grads.buf)
     o = 0
-    for name, shape in param_shapes(cfg):
+    for name, shape in model.params.shapes.items():
         n = int(np.prod(shape))
         results.append(compare("d" + name, grads[o:o + n], state.grads[o:o + n], tol))
         o += n
@@ -160,6 +200,10 @@ def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay
             loss = model.forward(state.x, state.y)
             model.zero_grad()
             model.backward()
+        if ref_norms:
+            norm = global_norm(model.grads.buf, backend)
+            results.append(compare(f"norm {step}", norm, ref_norms[step], tol,
+                                   f"grad norm {norm:.6f}, reference {ref_norms[step]:.6f}"))
         opt.update()
         results.append(compare(f"step {step}", loss, ref, tol,
                                f"loss {loss:.6f}, reference {ref:.6f}"))

@@ -100,6 +100,19 @@ def read_evalfile(path, vocab_size=None):
     return examples
 
 
+def read_hellaswag(path, model):
+    """read_evalfile for this model, whose ids must be GPT-2's: llm.c's HellaSwag file holds
+    GPT-2 tokens, which mean other text to another tokenizer."""
+    from .model.build import has_gpt2_ids
+    if not has_gpt2_ids(model):
+        source = model.source
+        what = source.tokenizer_path() or f"a vocabulary of {model.config.vocab_size:,} tokens"
+        raise LlmpyError(f"{path}: HellaSwag's eval file holds GPT-2 tokens, but {source.spec} "
+                         f"has its own tokenizer ({what}); HellaSwag scores models with GPT-2's "
+                         "tokenizer only")
+    return read_evalfile(path, model.config.vocab_size)
+
+
 def fill_row(inputs, targets, mask, row, ctx, end):
     """One completion as one row: inputs = context + completion; each completion token is the
     target at the position before it. A row longer than T loses its first tokens."""
@@ -147,12 +160,11 @@ def evaluate(cfg, explicit):
     from .backends import get_backend
     from .train.config import check_fields, check_seq_len
     from .data.loader import DataLoader, bundled_data
-    from .io.hf import is_hf_dir
-    from .model.build import build_model
+    from .model.build import build_model, is_model_dir
     from .train.config import restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
-    if os.path.isdir(cfg.model) and not is_hf_dir(cfg.model):     # a run directory
+    if os.path.isdir(cfg.model) and not is_model_dir(cfg.model):     # a run directory
         batches = {"val_data", "batch_size", "seq_len"}
         # and the run's --val-batches where its batches are these, so that its last val loss
         # comes out as the log has it
@@ -170,7 +182,7 @@ def evaluate(cfg, explicit):
     r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
     # read every file before the first forward pass, so bad input fails at once
     loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None
-    examples = read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_data else None
+    examples = read_hellaswag(cfg.hellaswag_data, model) if cfg.hellaswag_data else None
     if loader:
         batches = cfg.val_batches or sum(loader.windows)
         loader.require_batches(batches, cfg.val_data)

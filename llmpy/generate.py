@@ -103,6 +103,13 @@ class Decoder:
         return a.logits
 
 
+def make_decoder(model, max_len, rows=1):
+    """The model's KV-cache decoder: Decoder for GPT-2, model/llama.py's for the Llama/Gemma
+    decoder (grouped kv heads, rope, sliding windows in a ring)."""
+    from .model.llama import Decoder as LlamaDecoder, Llama
+    return (LlamaDecoder if isinstance(model, Llama) else Decoder)(model, max_len, rows)
+
+
 def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     """An iterator of n (rows,) arrays of token ids: `rows` continuations of the same prompt,
     sampled independently, one cached decode step for all of them. The prompt and the new
@@ -118,7 +125,7 @@ def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
         raise LlmpyError(f"the prompt ({len(seq)} tokens) and {n} new tokens do not fit in the "
                          f"model's max_seq_len {maxT}")
     try:
-        decoder = Decoder(model, len(seq) + n - 1, rows)   # the last new token is never run
+        decoder = make_decoder(model, len(seq) + n - 1, rows)   # the last new token: never run
     except MemoryError:
         raise LlmpyError(f"{rows} rows of {len(seq) + n - 1} positions: the KV cache does not "
                          "fit in memory") from None

@@ -327,10 +327,10 @@ def test_hub_retry_warnings_are_quiet(tmp_path, monkeypatch):
     from huggingface_hub.utils import logging as hf_logging
     levels = []
 
-    def offline(repo, filename):
+    def offline(repo, allow_patterns):
         levels.append(hf_logging.get_verbosity())
         raise OSError("offline")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     before = hf_logging.get_verbosity()
     assert_one_line_error(cli("convert", "gpt2", tmp_path / "o.bin"), "gpt2",
                           "hub download failed: OSError: offline")

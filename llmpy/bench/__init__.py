@@ -1,13 +1,15 @@
 """`llmpy bench cpu` and `llmpy bench sample`: llm.py beside its baselines, in the same run.
 
 bench cpu: a training step (forward, backward, AdamW) on the cpu backend, beside PyTorch eager
-(torchref's nanoGPT-style model and torch.optim.AdamW: same weights, batch and thread count), the
-NumPy reference backend, and the step's matmuls alone as NumPy sgemm calls, which bound the step
-from below. Each runs in its own subprocess, so each peak RSS is its own and every library sees
+(torchref's nanoGPT-style model for GPT-2; for the Llama / Gemma decoder transformers' own
+LlamaForCausalLM, Gemma3ForCausalLM, ... with SDPA attention; torch.optim.AdamW; same weights,
+batch and thread count), the NumPy reference backend, and the step's matmuls alone as NumPy sgemm calls,
+which bound the step from below. Each runs in its own subprocess, so each peak RSS is its own and every library sees
 the thread count before it starts its threads.
 
 bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute and
-Hugging Face transformers' generate (its own KV cache) on the same weights.
+Hugging Face transformers' generate (its own KV cache; GPT2LMHeadModel, or the decoder's
+*ForCausalLM) on the same weights.
 """
 import importlib.util
 import json
@@ -18,6 +20,8 @@ import sys
 import time
 
 import numpy as np
+
+from ..model.layout import GPT2Config
 
 IMPLS = ("cpu", "torch", "numpy")
 NAMES = {"cpu": "llmpy cpu", "torch": "PyTorch eager", "numpy": "llmpy numpy"}
@@ -55,8 +59,14 @@ def matmul_shapes(cfg, B, T):
     """[(what, M, N, K, count)]: every GEMM of one training step as (M,K) @ (K,N). The
     attention's (T,T) products are left out: at T=64 they are under 1% of the FLOPs."""
     BT, C, L = B * T, cfg.channels, cfg.num_layers
-    weights = [("qkv", 3 * C, C, L), ("attproj", C, C, L), ("fc", 4 * C, C, L),
-               ("fcproj", C, 4 * C, L), ("classifier", cfg.padded_vocab_size, C, 1)]
+    if isinstance(cfg, GPT2Config):
+        weights = [("qkv", 3 * C, C, L), ("attproj", C, C, L), ("fc", 4 * C, C, L),
+                   ("fcproj", C, 4 * C, L)]
+    else:                         # the decoder: GQA's narrower k, v; the gated MLP's [up; gate]
+        A, F = cfg.num_heads * cfg.head_dim, cfg.ffn_dim
+        weights = [("qkv", cfg.qkv_dim, C, L), ("attproj", C, A, L), ("fc", 2 * F, C, L),
+                   ("fcproj", C, F, L)]
+    weights.append(("classifier", cfg.padded_vocab_size, C, 1))
     shapes = []
     for name, OC, IC, n in weights:
         shapes += [(f"{name} forward", BT, OC, IC, n), (f"{name} dinp", BT, IC, OC, n),
@@ -147,15 +157,24 @@ def train_llmpy(spec, backend_name, B, T, warmup, steps):
     return records, timer.table(sum(step()[1]))
 
 
+def torch_model(host, attn="sdpa"):
+    """The PyTorch baseline holding host's weights: torchref's GPT-2, or transformers' own
+    *ForCausalLM of the decoder with PyTorch's fused attention (SDPA), as users run it."""
+    if isinstance(host.config, GPT2Config):
+        from torchref.gpt2 import from_flat
+        return from_flat(host.config, host.params.buf)
+    from torchref.llama import from_flat
+    return from_flat(host.config, host.params.buf, attn=attn)
+
+
 def train_torch(spec, B, T, warmup, steps, threads):
     import torch
-    from torchref.gpt2 import from_flat
     from ..backends import get_backend
     from ..model.build import build_model
     torch.set_num_threads(threads)
     host = build_model(spec, get_backend("numpy"))
     cfg = host.config
-    ref = from_flat(cfg, host.params.buf)
+    ref = torch_model(host)
     del host
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.0)                # llmpy's AdamW defaults
@@ -163,7 +182,11 @@ def train_torch(spec, B, T, warmup, steps, threads):
     loss = [None]                                   # the forward's loss tensor, for backward
 
     def forward():
-        loss[0] = ref(x, y)[1]
+        if isinstance(cfg, GPT2Config):
+            loss[0] = ref(x, y)[1]
+        else:
+            from torchref.llama import loss_of
+            loss[0] = loss_of(ref, x, y)[1]
         return loss[0].item()
 
     def step():
@@ -178,8 +201,8 @@ def worker(job):
         return {"seconds": time_hf_generate(job["model"], job["tokens"], job["seed"],
                                             job["threads"])}
     if job["impl"] == "sgemm":
-        from ..model.build import preset
-        wall, cpu = time_gemms(preset(job["model"]), job["batch"], job["seq"])
+        from ..model.build import model_config
+        wall, cpu = time_gemms(model_config(job["model"]), job["batch"], job["seq"])
         return {"seconds": wall, "cpu_time_s": cpu}
     args = job["model"], job["batch"], job["seq"], job["warmup"], job["steps"]
     if job["impl"] == "torch":
@@ -224,7 +247,7 @@ def run_worker(job):
 # ----------------------------------------------------------------------------- bench cpu
 
 def bench_cpu(args):
-    from ..model.build import PRESETS, preset
+    from ..model.build import model_config
     from ..train.config import check_range, check_seq_len, require_positive
     from ..errors import LlmpyError
     require_positive(args, "batch_size", "seq_len")
@@ -233,14 +256,15 @@ def bench_cpu(args):
     impls = [i for i in args.impls.split(",") if i]
     if any(i not in IMPLS for i in impls):
         raise LlmpyError(f"--impls {args.impls}: choose from {', '.join(IMPLS)}")
-    if args.model not in PRESETS:
-        raise LlmpyError(f"--model {args.model}: choose a preset: {', '.join(PRESETS)}")
     if args.steps < 1:
         raise LlmpyError(f"--steps {args.steps}: time at least one step")
     if "torch" in impls and importlib.util.find_spec("torch") is None:
         raise LlmpyError("the PyTorch baseline needs torch (pip install torch==2.13.0), or "
                          "leave it out: --impls cpu,numpy")
-    cfg = preset(args.model)
+    try:
+        cfg = model_config(args.model)
+    except LlmpyError as e:
+        raise LlmpyError(f"--model {args.model}: {e}") from None
     check_seq_len(args.seq_len, cfg)
     job = dict(model=args.model, batch=args.batch_size, seq=args.seq_len, warmup=args.warmup,
                steps=args.steps, threads=args.threads or os.cpu_count())
@@ -312,10 +336,11 @@ def op_table(ops, who):
 def time_weight_reads(model, reps=5):
     """Seconds for one matrix-vector product with every weight matrix, one after the other:
     the memory traffic that a decode step cannot avoid (median of reps)."""
-    from ..generate import Decoder
-    decoder, L = Decoder(model, 1), model.config.num_layers
+    from ..generate import make_decoder
+    decoder, L = make_decoder(model, 1), model.config.num_layers
     p = decoder.params
     mats = [p.wte] + [w[l] for w in (p.qkvw, p.attprojw, p.fcw, p.fcprojw) for l in range(L)]
+    mats += [p.lm_head] if hasattr(p, "lm_head") else []          # an untied classifier
     vecs = [(np.ones((1, W.shape[1]), np.float32), np.empty((1, W.shape[0]), np.float32))
             for W in mats]
     times = []
@@ -328,11 +353,14 @@ def time_weight_reads(model, reps=5):
 
 
 def hf_model(model):
-    """transformers' GPT2LMHeadModel holding the model's weights, in eval mode."""
+    """transformers' model holding the model's weights, in eval mode: GPT2LMHeadModel, or the
+    decoder's *ForCausalLM with SDPA attention."""
     import torch
     import transformers
     from ..io.hf import config_to_hf, params_to_hf
     cfg = model.config
+    if not isinstance(cfg, GPT2Config):
+        return torch_model(model).eval()
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(cfg)))
     flat = model.backend.to_host(model.params.buf)             # (num_params,) float32
     tensors = {k: torch.from_numpy(v) for k, v in params_to_hf(cfg, flat).items()}
@@ -348,44 +376,51 @@ def hf_generate(hf, prompt, n, **sampling):
     with torch.inference_mode():
         out = hf.generate(x, attention_mask=torch.ones_like(x), min_new_tokens=n,
                           max_new_tokens=n, use_cache=True,
-                          pad_token_id=hf.config.eos_token_id, **sampling)   # else it warns
+                          pad_token_id=prompt[0], **sampling)   # else it warns
     return out[0, len(prompt):].tolist()
 
 
 def time_hf_generate(spec, n, seed, threads):
-    """Seconds for transformers to sample n tokens after <|endoftext|> (temperature 1, no top-k)
+    """Seconds for transformers to sample n tokens after bench_start (temperature 1, no top-k)
     from the weights build_model(spec) gives every backend, after a short warm-up. A run_worker
     job: in a process of its own, as a user runs it (in the process of our cpu backend, with
     its Numba threads and its libgomp settings, it took 1.2x as long)."""
     import torch
     from ..backends import get_backend
-    from ..io.tokenizer import EOT
     from ..model.build import build_model
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    hf = hf_model(build_model(spec, get_backend("numpy")))
+    model = build_model(spec, get_backend("numpy"))
+    start, hf = bench_start(model), hf_model(model)
     sampling = dict(do_sample=True, top_k=0, temperature=1.0)
-    hf_generate(hf, [EOT], 2, **sampling)                                 # warm-up
+    hf_generate(hf, start, 2, **sampling)                                 # warm-up
     t0 = time.perf_counter()
-    hf_generate(hf, [EOT], n, **sampling)
+    hf_generate(hf, start, n, **sampling)
     return time.perf_counter() - t0
+
+
+def bench_start(model):
+    """The token every side starts from: <|endoftext|> in GPT-2's vocabulary, else id 0 (the
+    time per token does not depend on which)."""
+    from ..io.tokenizer import EOT
+    return [EOT] if model.config.vocab_size > EOT else [0]
 
 
 def bench_sample(args):
     from ..backends import get_backend
     from ..train.config import check_range, require_positive
     from ..generate import generate, generate_recompute
-    from ..io.tokenizer import EOT
     from ..model.build import build_model
     require_positive(args, "tokens", "batch_size", "seq_len")
     check_range("seed", args.seed, least=0)
     model = build_model(args.model, get_backend(args.backend))
     n, B, T = args.tokens, args.batch_size, min(args.seq_len, model.config.max_seq_len)
     model.forward(np.zeros((B, T), np.int64))     # llm.c's shape for the recompute, warmed up
-    list(generate(model, [EOT], 2, np.random.default_rng(0)))          # warm-up
+    start = bench_start(model)
+    list(generate(model, start, 2, np.random.default_rng(0)))          # warm-up
     times, ids = {}, {}
-    for name, gen in (("kv_cache", lambda rng: generate(model, [EOT], n, rng)),
-                      ("recompute", lambda rng: generate_recompute(model, [EOT], n, rng, T=T))):
+    for name, gen in (("kv_cache", lambda rng: generate(model, start, n, rng)),
+                      ("recompute", lambda rng: generate_recompute(model, start, n, rng, T=T))):
         t0 = time.perf_counter()
         ids[name] = list(gen(np.random.default_rng(args.seed)))
         times[name] = time.perf_counter() - t0
@@ -398,7 +433,10 @@ def bench_sample(args):
         job = dict(impl="hf_sample", model=args.model, tokens=n, seed=args.seed,
                    threads=os.cpu_count())                      # bench cpu's default
         hf_s = run_worker(job)["seconds"]
-    r = {"config": {"model": args.model, "tokens": n, "recompute_B": B, "recompute_T": T,
+    from ..model.llama import ARCHITECTURES
+    r = {"hf_class": ARCHITECTURES.get(getattr(model.config, "model_type", ""),
+                                       "GPT2LMHeadModel"),
+         "config": {"model": args.model, "tokens": n, "recompute_B": B, "recompute_T": T,
                     "backend": model.backend.name, "load_average_1min": load_average()},
          "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
          "kv_cache_tokens_per_s": n / times["kv_cache"],
@@ -424,7 +462,7 @@ def bench_sample(args):
         print(f"HF transformers generate:       skipped: {hf_skipped}")
     else:
         print(f"HF transformers generate:       {hf_s:8.2f} s {r['hf_tokens_per_s']:8.1f} "
-              f"tokens/s   (GPT2LMHeadModel, its KV cache, {os.cpu_count()} threads)")
+              f"tokens/s   ({r['hf_class']}, its KV cache, {os.cpu_count()} threads)")
     print(f"KV cache is {r['speedup']:.1f}x faster than the recompute; same tokens: "
           f"{r['same_tokens']}")
     if hf_s is not None:
@@ -447,8 +485,9 @@ def add_parsers(bench):
                          "the whole (B,T) window per token, as llm.c's train_gpt2.c samples, and "
                          "with HF transformers' GPT2LMHeadModel.generate on the same weights "
                          "(where torch and transformers are installed).")
-    c.add_argument("--model", default="d12", help="a preset (default: d12, GPT-2 124M with "
-                   "random weights)")
+    c.add_argument("--model", default="d12", help="as train's --model: a preset (GPT-2's, or "
+                   "llama-tiny, smollm2-135m, gemma3-270m), an llm.c .bin, an HF directory "
+                   "(default: d12, GPT-2 124M with random weights)")
     s.add_argument("--model", default="d12", help="as sample's --model (default: d12, random "
                    "weights: the time per token does not depend on them)")
     c.add_argument("-b", "--batch-size", type=int, default=4, help="B (default: 4)")

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import LlmpyError, first_line, require_finite
 from ..model.layout import GPT2_LAYOUT, FlatTensors, GPT2Config
 from .files import article, atomic_write, check_output_file, ensure_dir
-from .modelfile import BF16, FP32, read_model, write_model
+from .modelfile import BF16, FP32, write_model
 
 # llm.c tensor -> HF tensor name; a name with {} is one tensor per layer ({} = layer index).
 HF_NAMES = GPT2_LAYOUT.hf_names()
@@ -28,13 +28,16 @@ NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOCAL_SUFFIXES = (".bin", ".safetensors", ".json")   # a file's name, never a hub model's
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_INDEX = "model.safetensors.index.json"             # sharded weights (io/llama3.py reads them)
+# what download() fetches of a hub repository
+HUB_FILES = ["config.json", "*.safetensors", HF_INDEX, "tokenizer.json", "tokenizer_config.json"]
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
 
 
 def is_hf_dir(path):
     """Whether path is a Hugging Face model directory: one holding its weights file."""
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
-                                       for f in HF_WEIGHTS)
+                                       for f in (*HF_WEIGHTS, HF_INDEX))
 
 
 # ----------------------------------------------------------------------------- config
@@ -167,9 +170,11 @@ def _read_pytorch_bin(path):
 
 
 def download(name):
-    """A hub model (gpt2, gpt2-medium, openai-community/gpt2-xl, ...) -> its local directory."""
+    """A hub model (gpt2, openai-community/gpt2-xl, HuggingFaceTB/SmolLM2-135M, ...) -> its
+    local directory: config.json, the safetensors weights (one file or the shards of an index)
+    and the tokenizer's files, nothing else the repository holds (other frameworks' weights)."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import snapshot_download
         from huggingface_hub.utils import logging as hf_logging
     except ImportError:
         raise LlmpyError(f"{name}: downloading from the Hugging Face hub needs huggingface_hub: "
@@ -178,14 +183,16 @@ def download(name):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()     # a warning per retry; the error below says it all
     try:
-        config = hf_hub_download(name, "config.json")
-        hf_hub_download(name, "model.safetensors")
-    except Exception as e:   # network, missing repo, missing file: all the user's to fix
+        path = snapshot_download(name, allow_patterns=HUB_FILES)
+    except Exception as e:   # network, missing repo, gated repo: all the user's to fix
         raise LlmpyError(f"{name}: not a local directory, and the hub download failed: "
                          f"{type(e).__name__}: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    return os.path.dirname(config)
+    if not is_hf_dir(path):
+        raise LlmpyError(f"{name}: the hub repository has no model.safetensors (or its "
+                         "shards' index)")
+    return path
 
 
 def read_config(config_path):
@@ -204,14 +211,8 @@ def read_config(config_path):
 
 
 def read_hf(src):
-    """(GPT2Config, flat params) from an HF model directory or hub name."""
-    if not os.path.isdir(src):
-        if os.path.exists(src):
-            raise LlmpyError(f"{src}: not an HF model directory (config.json + model.safetensors "
-                             "or pytorch_model.bin), an llm.c model file, or a hub name")
-        if src.endswith(LOCAL_SUFFIXES) or not HUB_ID.match(src):   # a mistyped local path
-            raise LlmpyError(f"{src}: no such file or directory")
-        src = download(src)
+    """(GPT2Config, flat params) from an HF GPT-2 model directory (model/build.py finds it:
+    a local one, or a hub name's download)."""
     config_path = os.path.join(src, "config.json")
     cfg = config_from_hf(read_config(config_path), config_path)
     weights = os.path.join(src, HF_WEIGHTS[0])
@@ -258,26 +259,50 @@ def write_gpt2_tokenizer(path, cfg):
 
 
 def convert(src, out, dtype="fp32", tokenizer=""):
-    """llm.c model file -> HF directory, or HF directory / hub name -> llm.c model file
-    (and, optionally, llm.c's tokenizer file)."""
-    if os.path.isfile(src):
+    """An llm.c model file (GPT-2's or llama3's) or a run directory -> an HF directory (a run
+    directory -> an llm.c file where OUT ends in .bin); an HF directory or hub name -> an llm.c
+    model file (and, optionally, llm.c's GPT-2 tokenizer file). The Llama / Gemma family's HF
+    directories get the source's tokenizer.json where it has one; llm.c's llama3 file holds
+    Llama and Mistral, and refuses in one line what it cannot express (Gemma, Qwen2)."""
+    from ..model.build import is_model_dir, load_weights
+    from ..model.layout import GPT2Config
+    from .llama3 import check_expressible, write_llama_hf, write_llama_model
+    from .weights import copy_file
+    from .hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON
+    run_dir = os.path.isdir(src) and not is_model_dir(src)
+    if os.path.isfile(src) or (run_dir and not out.endswith(".bin")):
         if tokenizer:
             raise LlmpyError(f"{tokenizer}: --tokenizer writes llm.c's tokenizer file, for a "
                              "conversion to an llm.c .bin")
         if dtype != "fp32":
             raise LlmpyError(f"--dtype {dtype}: applies to a conversion to an llm.c .bin; "
                              "the HF model.safetensors is written in fp32")
-        cfg, flat = read_model(src)
+        cfg, flat, source = load_weights(src)
         require_finite(flat, f"{src}: the weights")
-        write_hf(out, cfg, flat)
-        print(f"wrote {out}/ (config.json, model.safetensors) from {src}")
-    else:
-        for path in filter(None, (out, tokenizer)):     # before a download, or half the output
-            check_output_file(path)
-        cfg, flat = read_hf(src)
-        require_finite(flat, f"{src}: the weights")
-        if tokenizer:
-            write_gpt2_tokenizer(tokenizer, cfg)
-        write_model(out, cfg, flat, version={"fp32": FP32, "bf16": BF16}[dtype])
+        if isinstance(cfg, GPT2Config):
+            write_hf(out, cfg, flat)
+        else:
+            write_llama_hf(out, cfg, flat)
+            for name in (TOKENIZER_JSON, TOKENIZER_CONFIG) if source.model_dir else ():
+                copy_file(os.path.join(source.model_dir, name), os.path.join(out, name))
+        written = ", ".join(sorted(os.listdir(out)))
+        print(f"wrote {out}/ ({written}) from {source.checkpoint or src}")
+        return
+    for path in filter(None, (out, tokenizer)):     # before a download, or half the output
+        check_output_file(path)
+    cfg, flat, _ = load_weights(src)
+    require_finite(flat, f"{src}: the weights")
+    version = {"fp32": FP32, "bf16": BF16}[dtype]
+    if not isinstance(cfg, GPT2Config):
+        check_expressible(cfg, src)                 # before the tokenizer file too
+    if tokenizer:
+        write_gpt2_tokenizer(tokenizer, cfg)
+    if isinstance(cfg, GPT2Config):
+        write_model(out, cfg, flat, version=version)
         print(f"wrote {out}: {dtype}, L={cfg.num_layers} NH={cfg.num_heads} C={cfg.channels} "
               f"V={cfg.vocab_size} Vp={cfg.padded_vocab_size} maxT={cfg.max_seq_len}")
+        return
+    write_llama_model(out, cfg, flat, version=version)
+    print(f"wrote {out}: llm.c llama3 {dtype}, L={cfg.num_layers} NH={cfg.num_heads} "
+          f"NKV={cfg.num_kv_heads} C={cfg.channels} F={cfg.ffn_dim} V={cfg.vocab_size} "
+          f"maxT={cfg.max_seq_len}")

@@ -186,6 +186,24 @@ def decayed(cfg):
     return {p.name for p in params_of(cfg) if p.decay}
 
 
+class DecoderLayout:
+    """The name lists the trainer asks a model's `layout` for (as layout.Layout answers them
+    for GPT-2), from PARAMS for one config: the decay set, and the data-parallel buckets (a
+    tensor with a layer index in its HF name is one bucket per layer)."""
+
+    def __init__(self, cfg):
+        self.params = params_of(cfg)
+
+    def decayed(self):
+        return tuple(p.name for p in self.params if p.decay)
+
+    def per_layer(self):
+        return tuple(p.name for p in self.params if "{}" in p.hf[0])
+
+    def whole_model(self):
+        return tuple(p.name for p in self.params if "{}" not in p.hf[0])
+
+
 def llmc_slots(cfg):
     """{our name: llm.c llama3 slot name}; raises when a tensor has no slot there."""
     params = params_of(cfg)
@@ -699,6 +717,7 @@ class Llama:
         self.params = FlatTensors(param_shapes(config), backend.zeros)
         self.grads = FlatTensors(param_shapes(config), backend.zeros)
         self.decayed = decayed(config)
+        self.layout = DecoderLayout(config)
         # Gemma's sqrt(C), rounded to the compute dtype as HF rounds it (float32(sqrt(C)) to
         # the weights' dtype): through one element of the backend's own array
         s = backend.zeros(1)
@@ -716,8 +735,10 @@ class Llama:
         buf[:] = self.backend.to_device(np.ascontiguousarray(host, np.float32).ravel())
         return buf.reshape(host.shape)
 
-    def memory(self, B, T):
-        """Bytes of the model's buffers at (B,T), from their shapes alone (as GPT2.memory)."""
+    def memory(self, B, T, recompute_gelu=None):
+        """Bytes of the model's buffers at (B,T), from their shapes alone (as GPT2.memory;
+        recompute_gelu changes nothing here: the gated MLP keeps its output in `act`, which
+        the down projection's backward reads either way)."""
         item = self.params.buf.itemsize
 
         def size(shapes):

@@ -4,7 +4,8 @@ RUN_DIR/
   config.json             the full TrainConfig, the model shape, the git commit
   log.jsonl               one JSON object per step
   ckpt_00000100/          one directory per checkpoint, complete once it has this name:
-    model.bin             the weights, an llm.c model file (llmpy sample/train read it)
+    model.bin             GPT-2's weights, an llm.c model file (llmpy sample/train read it)
+    model/                or the Llama / Gemma decoder's: a Hugging Face directory (io/weights.py)
     adamw_m.bin           AdamW's first moment, raw little-endian float32, layout of model.bin
     adamw_v.bin           AdamW's second moment, the same
     adamw_master.bin      float32 master weights, when the backend keeps bf16 params
@@ -32,15 +33,19 @@ import time
 
 import numpy as np
 
-from ..io.modelfile import read_model, write_model
 from ..errors import LlmpyError
 from ..io.files import atomic_write, ensure_dir, write_json
+from ..io.weights import file_sizes, read_weights, write_weights
 from ..model.gpt2 import load_params
 
 FORMAT, VERSION = "llmpy-checkpoint", 2     # 2: sha256 of every file and of the manifest
 CKPT = re.compile(r"^ckpt_(\d{8})$")
 LOCK = "lock"
-REQUIRED = ("model.bin", "adamw_m.bin", "adamw_v.bin")     # adamw_master.bin is optional
+REQUIRED = ("adamw_m.bin", "adamw_v.bin")     # adamw_master.bin is optional
+# The model: GPT-2's model.bin, or the decoder's HF directory (io/weights.py), whose tokenizer
+# files are optional.
+MODEL_FILES = (("model.bin",), ("model/config.json", "model/model.safetensors"))
+MODEL_OPTIONAL = ("model/tokenizer.json", "model/tokenizer_config.json")
 # The manifest fields besides the files, with their JSON types: loop.RunState.state() writes them
 STATE_FIELDS = {"batch": dict, "train_loader": dict, "rng": dict, "loss_window": list,
                 "grad_window": list, "nonfinite": int}
@@ -169,14 +174,14 @@ def newest_checkpoint(run_dir):
 
 
 def newest_weights(run_dir):
-    """(GPT2Config, (num_params,) float32) of run_dir's newest checkpoint that verifies: its
+    """(model config, (num_params,) float32) of run_dir's newest checkpoint that verifies: its
     float32 master weights where a bf16 run saved them (its model.bin holds them rounded to
     bf16). A reader sets nothing aside: the run may be going on."""
     if not checkpoints(run_dir):
         raise LlmpyError(f"{run_dir}: a directory with no complete checkpoint (ckpt_*/ with "
                          "a manifest.json) to load a model from")
     path, manifest = verified(run_dir, set_aside_bad=False)
-    cfg, params = read_model(os.path.join(path, "model.bin"))
+    cfg, params = read_weights(path)
     if "adamw_master.bin" in manifest["files"]:
         params = np.fromfile(os.path.join(path, "adamw_master.bin"), "<f4")
     return cfg, params
@@ -208,9 +213,9 @@ def _self_hash(manifest):
 def write_manifest(path, fields):
     """Checkpoint directory `path`'s manifest.json: fields plus the size and sha256 of every
     other file in it, and the manifest's own sha256."""
-    names = sorted(f for f in os.listdir(path) if f != "manifest.json")
-    manifest = {**fields, "files": {f: os.path.getsize(os.path.join(path, f)) for f in names},
-                "sha256": {f: sha256(os.path.join(path, f)) for f in names}}
+    sizes = {f: n for f, n in sorted(file_sizes(path).items()) if f != "manifest.json"}
+    manifest = {**fields, "files": sizes,
+                "sha256": {f: sha256(os.path.join(path, f)) for f in sizes}}
     manifest["sha256_manifest"] = _self_hash(manifest)
     write_json(os.path.join(path, "manifest.json"), manifest)
 
@@ -233,7 +238,7 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
             shutil.rmtree(path)
     try:
         os.makedirs(tmp)
-        write_model(os.path.join(tmp, "model.bin"), model.config, params)
+        write_weights(tmp, model, params)
         atomic_write(os.path.join(tmp, "adamw_m.bin"),
                      [np.asarray(be.to_host(opt.m), dtype="<f4")])
         atomic_write(os.path.join(tmp, "adamw_v.bin"),
@@ -244,7 +249,8 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
         time.sleep(float(os.environ.get(SLEEP_ENV, 0)))
         write_manifest(tmp, {"format": FORMAT, "version": VERSION, "step": step,
                              "adamw_step": opt.step, **state})
-        _fsync_dir(tmp)                       # the files' names, before the directory's
+        for d, _, _ in os.walk(tmp):          # the files' names, before the directory's
+            _fsync_dir(d)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
     except (LlmpyError, OSError) as e:
@@ -293,10 +299,12 @@ def read_manifest(path):
            f"adamw_step {manifest.get('adamw_step')!r} is not an int in 0..{step}")
     files, hashes = manifest.get("files"), manifest.get("sha256")
     _check(isinstance(files, dict) and isinstance(hashes, dict) and set(files) == set(hashes)
-           and set(REQUIRED) <= set(files) <= set(REQUIRED) | {"adamw_master.bin"}
+           and any(set(REQUIRED) | set(model) <= set(files) <= set(REQUIRED) | set(model)
+                   | {"adamw_master.bin"} | (set(MODEL_OPTIONAL) if len(model) > 1 else set())
+                   for model in MODEL_FILES)
            and all(_is_int(n) for n in files.values()),
-           f"manifest files {files!r} are not {', '.join(REQUIRED)} (and adamw_master.bin) "
-           "with their sizes and sha256")
+           f"manifest files {files!r} are not {', '.join(REQUIRED)}, a model (model.bin or "
+           "model/) and adamw_master.bin with their sizes and sha256")
     for field, typ in STATE_FIELDS.items():
         _check(type(manifest.get(field)) is typ, f"manifest field {field!r} is "
                f"{type(manifest.get(field)).__name__}, not {typ.__name__}")
@@ -357,7 +365,7 @@ def load_latest(run_dir, model, opt, set_aside_bad=True):
     if found is None:
         return None
     path, manifest = found
-    cfg, params = read_model(os.path.join(path, "model.bin"))
+    cfg, params = read_weights(path)
     mc = model.config
     if cfg != mc:
         shape = ("L={0.num_layers} NH={0.num_heads} C={0.channels} V={0.vocab_size} "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from ..data.loader import bundled_data
 from ..errors import LlmpyError
 from ..io.files import ensure_dir
-from ..model.build import PRESETS, PRETRAINED
+from ..model.build import DECODER_PRESETS, PRESETS, PRETRAINED
 from . import checkpoints
 from .optim import SCHEDULES
 
@@ -24,10 +24,11 @@ def _f(default, help, **bounds):
     return field(default=default, metadata={"help": help, **bounds})
 
 
-MODEL_HELP = ("an llm.c model .bin, a Hugging Face model directory, a run directory (the weights "
-              "of its newest checkpoint), OpenAI's GPT-2 from the Hugging Face hub ("
-              + ", ".join(PRETRAINED) + "), or a from-scratch preset: " + ", ".join(PRESETS)
-              + " (random weights)")
+MODEL_HELP = ("an llm.c model .bin (GPT-2's or llama3's), a Hugging Face model directory or hub "
+              "name (GPT-2, Llama, Mistral, Qwen2, Gemma, Gemma 2, Gemma 3), a run directory "
+              "(the weights of its newest checkpoint), OpenAI's GPT-2 by name ("
+              + ", ".join(PRETRAINED) + "), or a from-scratch preset: "
+              + ", ".join(PRESETS + DECODER_PRESETS) + " (random weights)")
 
 
 @dataclass

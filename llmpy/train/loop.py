@@ -16,12 +16,10 @@ import numpy as np
 from ..backends import get_backend
 from ..data.loader import DataLoader
 from ..errors import LlmpyError
-from ..evals import hellaswag, read_evalfile, val_loss
+from ..evals import hellaswag, read_hellaswag, val_loss
 from ..generate import generate
-from ..io.modelfile import write_model
-from ..io.tokenizer import EOT, Tokenizer
-from ..model.build import build_model
-from ..model.gpt2 import flops_per_token
+from ..model.build import (EMBEDDED_PRESETS, build_model, check_save, flops_per_token,
+                           require_tokenizer, save_model, start_ids)
 from . import checkpoints, distributed, signals
 from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
                      restore_flags)
@@ -54,8 +52,8 @@ def default_recompute_gelu(model, opt, backend, B, T):
 
 
 def sample_text(model, tokenizer, cfg, rng):
-    ids = list(generate(model, [], cfg.sample_tokens, rng, cfg.sample_temperature,
-                        cfg.sample_top_k))
+    ids = list(generate(model, start_ids(tokenizer, []), cfg.sample_tokens, rng,
+                        cfg.sample_temperature, cfg.sample_top_k))
     return tokenizer.decode(ids)
 
 
@@ -174,7 +172,7 @@ def _train(cfg, explicit, preempt):
         sys.stdout = open(os.devnull, "w")
     if restored:
         print(f"resume: flags from {cfg.run_dir}/config.json: {' '.join(restored)}")
-    if not cfg.model and not cfg.train_data:
+    if not cfg.train_data and cfg.model in ("", *EMBEDDED_PRESETS):
         apply_embedded_default(cfg, explicit)
         print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")
     if not cfg.train_data:
@@ -186,13 +184,13 @@ def _train(cfg, explicit, preempt):
     mc = model.config
     B, T = cfg.batch_size, cfg.seq_len
     check_seq_len(T, mc)
+    if cfg.save:
+        check_save(cfg.save, model)
+    tokenizer = None
     if cfg.sample_every:    # now, not at the first sample, which may come after hours
         check_seq_len(cfg.sample_tokens, mc, "--sample-tokens")
-        if mc.vocab_size <= EOT:
-            raise LlmpyError(f"--sample-every {cfg.sample_every}: samples start from "
-                             f"<|endoftext|> ({EOT}) and decode with GPT-2's tokenizer, but the "
-                             f"model's vocabulary has {mc.vocab_size} tokens: pass "
-                             "--sample-every 0")
+        tokenizer = require_tokenizer(model, f"--sample-every {cfg.sample_every} (or pass "
+                                             "--sample-every 0)")
     opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
                 decayed=model.layout.decayed(), shard=dist.shard(model.num_parameters()))
     if cfg.recompute_gelu is None:        # config.json then records what ran
@@ -210,9 +208,8 @@ def _train(cfg, explicit, preempt):
     val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
     if val_loader and cfg.val_every:
         val_loader.require_batches(cfg.val_batches, cfg.val_data)
-    hella = (read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_every and main
-             else None)
-    tokenizer = Tokenizer() if cfg.sample_every and main else None
+    hella = read_hellaswag(cfg.hellaswag_data, model) if cfg.hellaswag_every and main else None
+    tokenizer = tokenizer if main else None
     mem = {**model.memory(B, T), "AdamW state": opt.state_bytes()}
     print("memory: " + ", ".join(f"{k} {v / 2 ** 20:,.1f}" for k, v in mem.items())
           + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")
@@ -292,7 +289,7 @@ def _train(cfg, explicit, preempt):
         if log:
             log.close()
     if cfg.save and main:
-        write_model(cfg.save, mc, backend.to_host(model.params.buf))
+        save_model(cfg.save, model, backend.to_host(model.params.buf))
         print(f"saved {cfg.save}")
     dist.close()
     return model
