@@ -474,7 +474,7 @@ def test_disk_full_during_a_checkpoint(files, tmp_path, capsys, monkeypatch):
     partial checkpoint removed, checkpoint 2 intact; --resume continues from it."""
     run_dir = tmp_path / "run"
     args = argv(files, run_dir, "--steps", "4", "--checkpoint-every", "2", "--sample-every", "0")
-    write_model = llmpy.train.checkpoints.write_model
+    write_model = llmpy.io.weights.write_model
     full = []
 
     def write_then_fill(path, *a, **kw):
@@ -485,7 +485,7 @@ def test_disk_full_during_a_checkpoint(files, tmp_path, capsys, monkeypatch):
         if any(full):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         fsync(fd)
-    monkeypatch.setattr(llmpy.train.checkpoints, "write_model", write_then_fill)
+    monkeypatch.setattr(llmpy.io.weights, "write_model", write_then_fill)
     monkeypatch.setattr(os, "fsync", fsync)
     msg = cli_error(capsys, args)
     monkeypatch.undo()
