@@ -124,6 +124,7 @@ def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay
     """llm.c's test_gpt2: forward/backward on the stored batch vs the debug state, then `steps`
     AdamW updates vs the PyTorch reference's losses. Raises LlmpyError if anything is off."""
     from .train.optim import AdamW, AdamWConfig
+    from .train.step import train_step
     from .model.build import build_model
     model = build_model(model_path, backend)
     cfg, V = model.config, model.config.vocab_size
@@ -153,12 +154,8 @@ def check_model(model_path, state_path, backend, steps=10, lr=1e-4, weight_decay
         n = int(np.prod(shape))
         results.append(compare("d" + name, grads[o:o + n], state.grads[o:o + n], tol))
         o += n
-    for step, ref in enumerate(ref_losses):
-        if step:
-            loss = model.forward(state.x, state.y)
-            model.zero_grad()
-            model.backward()
-        opt.update()
+    for step, ref in enumerate(ref_losses):     # the first redoes the pass checked above
+        loss = train_step(model, opt, [(state.x, state.y)], step=step).loss
         results.append(compare(f"step {step}", loss, ref, tol,
                                f"loss {loss:.6f}, reference {ref:.6f}"))
     failed = results.count(False)

@@ -46,8 +46,9 @@ from ..model.build import preset
 from ..model.gpt2 import GPT2, flops_per_token, init_weights, load_params
 from ..model.layout import GPT2Config
 from ..train.checkpoints import git_commit
-from ..train.loop import default_recompute_gelu
-from ..train.optim import AdamW, AdamWConfig, clip_scale, global_norm
+from ..train.config import default_recompute_gelu
+from ..train.optim import AdamW, AdamWConfig
+from ..train.step import train_step
 from . import OpTimer, op_table
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
@@ -88,15 +89,12 @@ def ours(cfg, flat, data, warmup, recompute_gelu=True):
     load_params(model, flat)
     opt = AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY), decayed=model.layout.decayed())
 
-    def step(x, y):                              # train.py's step
-        loss = model.forward(x, y)
-        model.zero_grad()
-        model.backward()
-        opt.update(grad_scale=clip_scale(global_norm(model.grads.buf, gpu), GRAD_CLIP))
-        return loss
+    def step(x, y):
+        return train_step(model, opt, [(x, y)], grad_clip=GRAD_CLIP).loss
 
     B, T = data[0][0].shape
-    keeps_gelu = not default_recompute_gelu(model, opt, gpu, B, T)   # as train decides
+    keeps_gelu = not default_recompute_gelu(            # as train decides
+        sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes(), gpu)
     seconds, losses = timed(step, data, warmup)
     kernels, gaps = kernel_times(step, data[-1])
     model.forward(*data[-1])

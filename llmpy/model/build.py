@@ -27,22 +27,28 @@ def preset(name, max_seq_len=1024, vocab_size=50257):
                       num_layers=L, num_heads=NH, channels=C)
 
 
-def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
-    """A model from an llm.c .bin path, a Hugging Face model directory (as `llmpy convert`
-    writes one), a run directory (its newest checkpoint), OpenAI's GPT-2 by its hub name
-    (downloaded once into the Hugging Face cache), or from scratch from a preset name."""
+def model_source(spec, max_seq_len=1024):
+    """(config, flat float32 params) from an llm.c .bin path, a Hugging Face model directory
+    (as `llmpy convert` writes one), a run directory (its newest checkpoint), OpenAI's GPT-2 by
+    its hub name (downloaded once into the Hugging Face cache); (config, None) for a preset."""
     if spec in PRESETS:
-        model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
-        init_weights(model, seed)
-        return model
+        return preset(spec, max_seq_len=max_seq_len), None
     if is_hf_dir(spec) or (spec in PRETRAINED and not os.path.exists(spec)):
-        cfg, params = read_hf(spec)
-    elif os.path.isdir(spec):
-        cfg, params = _newest_weights(spec)
-    else:
-        cfg, params = read_model(spec)
+        return read_hf(spec)
+    if os.path.isdir(spec):
+        return _newest_weights(spec)
+    return read_model(spec)
+
+
+def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False, source=None):
+    """The model of model_source(spec) (or of `source`, read already), its preset's weights
+    initialised from `seed`."""
+    cfg, params = source or model_source(spec, max_seq_len)
     model = GPT2(cfg, backend, recompute_gelu)
-    load_params(model, params)
+    if params is None:
+        init_weights(model, seed)
+    else:
+        load_params(model, params)
     return model
 
 

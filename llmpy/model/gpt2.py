@@ -28,6 +28,22 @@ def flops_per_token(cfg, T):
     return 6 * (cfg.padded_vocab_size * C + 12 * L * C * C) + 12 * L * C * T
 
 
+def memory(cfg, B, T, itemsize, fused, recompute_gelu):
+    """Bytes of a GPT2's buffers at batch shape (B,T), from their shapes alone (llm.c prints the
+    same at startup): parameters, gradients, activations, and the backward pass's scratch
+    (activation gradients). itemsize: of the compute dtype (4 float32, 2 bf16); the statistics
+    are float32 on every backend. Known before the model is built, so that the trainer can
+    choose recompute_gelu by it."""
+    def size(shapes):
+        return sum(int(np.prod(shape)) * (4 if name in STATS else itemsize)
+                   for name, shape in shapes)
+    whole, layer = grad_activation_shapes(cfg, B, T, fused)
+    params = LAYOUT.num_params(cfg) * itemsize
+    return {"parameters": params, "gradients": params,
+            "activations": size(activation_shapes(cfg, B, T, fused, recompute_gelu)),
+            "activation gradients": size(whole) + size(layer)}
+
+
 class GPT2:
     def __init__(self, config, backend, recompute_gelu=False):
         self.config = config
@@ -55,21 +71,10 @@ class GPT2:
         return len(self.params)
 
     def memory(self, B, T, recompute_gelu=None):
-        """Bytes of the model's buffers at batch shape (B,T), from their shapes alone (llm.c
-        prints the same at startup): parameters, gradients, activations, and the backward
-        pass's scratch (activation gradients); with recompute_gelu, if given, instead of the
-        model's own."""
-        item = self.params.buf.itemsize                         # 4 (float32) or 2 (bf16)
+        """memory() of this model's buffers at (B,T); with recompute_gelu, if given, instead of
+        the model's own."""
         recompute = self.recompute_gelu if recompute_gelu is None else recompute_gelu
-
-        def size(shapes):
-            return sum(int(np.prod(shape)) * (4 if name in STATS else item)
-                       for name, shape in shapes)
-        whole, layer = grad_activation_shapes(self.config, B, T, self.fused)
-        return {"parameters": self.params.buf.nbytes, "gradients": self.grads.buf.nbytes,
-                "activations": size(activation_shapes(self.config, B, T, self.fused,
-                                                      recompute)),
-                "activation gradients": size(whole) + size(layer)}
+        return memory(self.config, B, T, self.params.buf.itemsize, self.fused, recompute)
 
     def _ensure_activations(self, B, T):
         if (B, T) != (self.B, self.T):
