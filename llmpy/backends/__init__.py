@@ -24,6 +24,12 @@ def set_thread_env(environ=os.environ):
     environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
+def host_ops(backend):
+    """The backend whose ops a decoder on the host runs: `backend` where its arrays are NumPy
+    arrays (caps.host_arrays), else the fastest CPU backend."""
+    return backend if backend.caps.host_arrays else get_backend("auto")
+
+
 def get_backend(name, **options):
     """A new Backend: `name` is numpy, cpu, gpu, or auto (cpu where numba and scipy import,
     else numpy). options go to the backend's make(), e.g. get_backend("gpu", dtype="float32")."""

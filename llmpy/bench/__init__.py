@@ -301,8 +301,7 @@ def op_table(ops, who):
 def time_weight_reads(model, reps=5):
     """Seconds for one matrix-vector product with every weight matrix, one after the other:
     the memory traffic that a decode step cannot avoid (median of reps)."""
-    from ..generate import Decoder
-    decoder, L = Decoder(model, 1), model.config.num_layers
+    decoder, L = model.decoder(1), model.config.num_layers
     p = decoder.params
     mats = [p.wte] + [w[l] for w in (p.qkvw, p.attprojw, p.fcw, p.fcprojw) for l in range(L)]
     vecs = [(np.ones((1, W.shape[1]), np.float32), np.empty((1, W.shape[0]), np.float32))

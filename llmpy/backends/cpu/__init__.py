@@ -788,19 +788,6 @@ def softcap_backward(dinp, dout, out, cap):
     _softcap_backward(dinp.reshape(-1), dout.reshape(-1), out.reshape(-1), np.float32(cap))
 
 
-# ----------------------------------------------------------------------------- residual
-
-@kernel
-def _residual_forward(out, inp1, inp2):
-    for i in range(out.size):
-        out[i] = inp1[i] + inp2[i]
-
-
-def residual_forward(out, inp1, inp2):
-    # out, inp1, inp2: (B,T,C)
-    _residual_forward(out.reshape(-1), inp1.reshape(-1), inp2.reshape(-1))
-
-
 # ----------------------------------------------------------------------------- softmax + cross-entropy
 
 @threaded

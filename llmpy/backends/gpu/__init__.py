@@ -68,7 +68,7 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H
               ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CAPS = Capabilities(fused=True, writes_activation_grads=True, sums_bias_grads=True,
-                    master_weights=True)
+                    master_weights=True, host_arrays=False)
 
 
 def make(dtype=None):
@@ -124,10 +124,4 @@ def to_host(x):
     x = x.detach()
     return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).cpu().numpy()
 
-
-# ----------------------------------------------------------------------------- residual
-
-def residual_forward(out, inp1, inp2):
-    # out, inp1, inp2: (B,T,C)
-    torch.add(inp1, inp2, out=out)
 
