@@ -14,7 +14,7 @@ def set_thread_env(environ=os.environ):
     """For the cpu backend, before numba and scipy load (they read it then), unless the user set
     them: Numba's OpenMP threads and OpenBLAS's take turns on the same cores a hundred times a
     step, and by default each pool spins for a long while after its work, on the core the other
-    pool needs next (a GEMM right after a threaded kernel took twice as long, bench/RESULTS.md).
+    pool needs next (bench/RESULTS.md has what that cost a GEMM and a kernel).
     GOMP_SPINCOUNT=20000 (libgomp's default is 300000; not 0: threads that sleep at once make a
     sampling step, with its many short kernels, slower) and OPENBLAS_THREAD_TIMEOUT=4 (2^4
     cycles). Called by the CLI's main, the benchmark workers and the tests' conftest; if scipy's

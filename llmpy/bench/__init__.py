@@ -344,7 +344,7 @@ def time_hf_generate(spec, n, seed, threads):
     """Seconds for transformers to sample n tokens after <|endoftext|> (temperature 1, no top-k)
     from the weights build_model(spec) gives every backend, after a short warm-up. A run_worker
     job: in a process of its own, as a user runs it (in the process of our cpu backend, with
-    its Numba threads and its libgomp settings, it took 1.2x as long)."""
+    its Numba threads and its libgomp settings, it takes longer: bench/RESULTS.md)."""
     import torch
     from ..backends import get_backend
     from ..io.tokenizer import EOT

@@ -29,16 +29,15 @@ Mixed precision, the way llm.c's train_gpt2.cu does it, in the backend-neutral m
 - writes_activation_grads: as in llm.c's train_gpt2.cu, the backward ops of matmul,
   GELU, attention and the classifier write their input's gradient instead of adding into it.
   Each of those gradients has exactly one writer, so the model never zeroes their buffers:
-  that saves a pass writing zeros and one reading them back, per layer (at GPT-2 124M, B=16,
-  T=1024 in bf16, 8.4 GB of traffic a step). The parameters' gradients still accumulate, and
+  that saves a pass writing zeros and one reading them back, per layer (bench/RESULTS.md has
+  the traffic at GPT-2 124M). The parameters' gradients still accumulate, and
   so does the residual stream's (layernorm's dinp). The classifier writes dlogits over the
   logits, which have no other reader.
 - sums_bias_grads: layernorm's and GELU's backwards take `dsums` and sum into it,
   over the rows, the gradient they leave, which is the dout of the matmul backward that comes
   next (attproj's, fcproj's, fc's): the model gives them that matmul's bias gradient, and the
-  matmul None. Each of those douts is then read once instead of twice (at GPT-2 124M, B=64,
-  T=1024: 7.2 GB a step, about 2.7 ms of torch's column sums on an H200, for 1.2 ms more in
-  the two kernels: bench/RESULTS.md).
+  matmul None. Each of those douts is then read once instead of twice (the time it saves on a
+  GPU is in bench/RESULTS.md).
 """
 import os
 import sys
