@@ -155,7 +155,8 @@ def check_model(model_path, state_path, backend, steps=10, lr=LR, weight_decay=W
     AdamW updates vs the reference's losses: the PyTorch reference's, run now, for GPT-2; for a
     llama3 .bin the losses and gradient norms the llama3 debug state holds (llm.c's
     test_llama3). Raises LlmpyError if anything is off."""
-    from .train.optim import AdamW, AdamWConfig, global_norm
+    from .train.optim import AdamW, AdamWConfig
+    from .train.step import train_step
     from .model.build import build_model
     model = build_model(model_path, backend)
     cfg, V = model.config, model.config.vocab_size
@@ -195,16 +196,13 @@ def check_model(model_path, state_path, backend, steps=10, lr=LR, weight_decay=W
         n = int(np.prod(shape))
         results.append(compare("d" + name, grads[o:o + n], state.grads[o:o + n], tol))
         o += n
-    for step, ref in enumerate(ref_losses):
-        if step:
-            loss = model.forward(state.x, state.y)
-            model.zero_grad()
-            model.backward()
+    for step, ref in enumerate(ref_losses):     # the first redoes the pass checked above
+        result = train_step(model, opt, [(state.x, state.y)], step=step)
+        loss = result.loss
         if ref_norms:
-            norm = global_norm(model.grads.buf, backend)
-            results.append(compare(f"norm {step}", norm, ref_norms[step], tol,
-                                   f"grad norm {norm:.6f}, reference {ref_norms[step]:.6f}"))
-        opt.update()
+            results.append(compare(f"norm {step}", result.norm, ref_norms[step], tol,
+                                   f"grad norm {result.norm:.6f}, reference "
+                                   f"{ref_norms[step]:.6f}"))
         results.append(compare(f"step {step}", loss, ref, tol,
                                f"loss {loss:.6f}, reference {ref:.6f}"))
     failed = results.count(False)

@@ -1,19 +1,17 @@
 """Text generation: temperature and top-k sampling from the model's next-token distribution.
 
 generate() keeps a KV cache: every position stores its keys and values once, and each new token
-runs one position through the network, attending to the cache. generate_rows() samples several
-continuations in the same steps. generate_recompute() is llm.c's way, a forward pass over the
-whole window per token, kept as the benchmark's baseline.
+runs one position through the network, attending to the cache: the model's decoder (GPT2's and
+Llama's `decoder(max_len, rows)`, whose `step(tokens, pos)` gives the next-token logits).
+generate_rows() samples several continuations in the same steps. generate_recompute() is
+llm.c's way, a forward pass over the whole window per token, kept as the benchmark's baseline.
 """
-import math
+import sys
 
 import numpy as np
 
-from .backends import get_backend
-from .backends import numpy as ref
+from .backends import host_ops
 from .errors import LlmpyError
-from .model.layout import FlatTensors
-from .model.gpt2 import param_shapes
 from .io.tokenizer import EOT
 
 
@@ -39,77 +37,6 @@ def sample_rows(logits, rng, temperature, top_k):
     return np.array([sample_next(row, rng, temperature, top_k) for row in logits])
 
 
-class Decoder:
-    """Runs one position at a time for `rows` sequences with a KV cache, on the host, with the
-    model's backend ops (where the backend's arrays are not host arrays, as on a GPU, the
-    fastest CPU backend's). One position reads every weight once for two FLOPs each per row, so
-    a step is bound by memory bandwidth, not by arithmetic, and a few rows cost about what one
-    does. The weights are views of the model's parameters on the CPU backends (a host copy on a
-    GPU)."""
-
-    def __init__(self, model, max_len, rows=1):
-        cfg = model.config
-        C, NH, L, N = cfg.channels, cfg.num_heads, cfg.num_layers, rows
-        host = model.backend.to_host(model.params.buf)          # (num_params,) float32
-        self.params = FlatTensors(param_shapes(cfg), lambda n: host)
-        self.ops = model.backend if host is model.params.buf else get_backend("auto")
-        self.config = cfg
-        self.k = np.zeros((L, N, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs) keys
-        self.v = np.zeros((L, N, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs) values
-        # one position's activations: the model's layout with B*T = N rows
-        self.acts = FlatTensors([
-            ("residual", (N, C)), ("ln", (N, C)), ("mean", (N,)), ("rstd", (N,)),
-            ("qkv", (N, 3 * C)), ("atty", (N, C)), ("proj", (N, C)),
-            ("fch", (N, 4 * C)), ("fch_gelu", (N, 4 * C)),
-            ("logits", (N, cfg.vocab_size))], ref.zeros)
-
-    def attention(self, l, pos):
-        """The reference attention for each row's query at `pos`, against its cached positions
-        0..pos; stores this position's keys and values first."""
-        a, NH = self.acts, self.config.num_heads
-        N = a.qkv.shape[0]
-        q, k, v = a.qkv.reshape(N, 3, NH, -1).transpose(1, 0, 2, 3)   # each (N,NH,hs)
-        self.k[l, :, :, pos], self.v[l, :, :, pos] = k, v
-        keys, values = self.k[l, :, :, :pos + 1], self.v[l, :, :, :pos + 1]  # (N,NH,pos+1,hs)
-        att = (keys @ q[..., None])[..., 0]                     # (N,NH,pos+1)
-        att *= 1.0 / math.sqrt(q.shape[-1])
-        att -= att.max(axis=-1, keepdims=True)
-        np.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        a.atty[:] = (att[..., None, :] @ values).reshape(N, -1)    # (N,NH,1,hs) -> (N,C)
-
-    def step(self, tokens, pos, logits=True):
-        """Run `tokens` (one per row) at position `pos`: the next-token logits (N,V), or None
-        if not wanted (the prompt's tokens only need to fill the cache)."""
-        p, a, ops = self.params, self.acts, self.ops
-        L, V = self.config.num_layers, self.config.vocab_size
-        x = a.residual                                          # (N,C) the residual stream
-        np.add(p.wte[tokens], p.wpe[pos], out=x)
-        for l in range(L):
-            ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.ln1w[l], p.ln1b[l])
-            ops.matmul_forward(a.qkv, a.ln, p.qkvw[l], p.qkvb[l])
-            self.attention(l, pos)
-            ops.matmul_forward(a.proj, a.atty, p.attprojw[l], p.attprojb[l])
-            ops.residual_forward(x, x, a.proj)
-            ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.ln2w[l], p.ln2b[l])
-            ops.matmul_forward(a.fch, a.ln, p.fcw[l], p.fcb[l])
-            ops.gelu_forward(a.fch_gelu, a.fch)
-            ops.matmul_forward(a.proj, a.fch_gelu, p.fcprojw[l], p.fcprojb[l])
-            ops.residual_forward(x, x, a.proj)
-        if not logits:
-            return None
-        ops.layernorm_forward(a.ln, a.mean, a.rstd, x, p.lnfw, p.lnfb)
-        ops.matmul_forward(a.logits, a.ln, p.wte[:V], None)    # tied classifier weights
-        return a.logits
-
-
-def make_decoder(model, max_len, rows=1):
-    """The model's KV-cache decoder: Decoder for GPT-2, model/llama.py's for the Llama/Gemma
-    decoder (grouped kv heads, rope, sliding windows in a ring)."""
-    from .model.llama import Decoder as LlamaDecoder, Llama
-    return (LlamaDecoder if isinstance(model, Llama) else Decoder)(model, max_len, rows)
-
-
 def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     """An iterator of n (rows,) arrays of token ids: `rows` continuations of the same prompt,
     sampled independently, one cached decode step for all of them. The prompt and the new
@@ -124,8 +51,12 @@ def generate_rows(model, prompt, n, rng, rows, temperature=1.0, top_k=0):
     if len(seq) + n - 1 > maxT:
         raise LlmpyError(f"the prompt ({len(seq)} tokens) and {n} new tokens do not fit in the "
                          f"model's max_seq_len {maxT}")
+    ops = host_ops(model.backend)
+    if ops is not model.backend:      # said, as it is slower than the model's own device
+        print(f"sampling: the decode step runs on the host with the {ops.name} backend, on a "
+              f"copy of the {model.backend.name} backend's weights", file=sys.stderr)
     try:
-        decoder = make_decoder(model, len(seq) + n - 1, rows)   # the last new token: never run
+        decoder = model.decoder(len(seq) + n - 1, rows, ops)   # the last token is never run
     except MemoryError:
         raise LlmpyError(f"{rows} rows of {len(seq) + n - 1} positions: the KV cache does not "
                          "fit in memory") from None

@@ -122,14 +122,14 @@ RUN = dict(model="llama-tiny", train_data=bundled_data("shakespeare_train.bin"),
 
 def crash_at(monkeypatch, n):
     """The next run's n-th step dies (an exception, as a killed process would stop there)."""
-    calls, forward_backward = [], llmpy.train.loop.forward_backward
+    calls, train_step = [], llmpy.train.loop.train_step
 
     def crashing(*a):
         calls.append(1)
         if len(calls) == n:
             raise RuntimeError("crash")
-        return forward_backward(*a)
-    monkeypatch.setattr(llmpy.train.loop, "forward_backward", crashing)
+        return train_step(*a)
+    monkeypatch.setattr(llmpy.train.loop, "train_step", crashing)
 
 
 def test_llama_tiny_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):

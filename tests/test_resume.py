@@ -223,14 +223,14 @@ def test_resume_is_bit_identical_on_every_cpu_backend(backend, tmp_path, monkeyp
                 checkpoint_every=4, resume=True)
     llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "ref")))
     calls = []
-    forward_backward = llmpy.train.loop.forward_backward
+    train_step = llmpy.train.loop.train_step
 
     def crash_at_7(*a):
         calls.append(1)
         if len(calls) == 7:
             raise RuntimeError("crash")
-        return forward_backward(*a)
-    monkeypatch.setattr(llmpy.train.loop, "forward_backward", crash_at_7)
+        return train_step(*a)
+    monkeypatch.setattr(llmpy.train.loop, "train_step", crash_at_7)
     with pytest.raises(RuntimeError):
         llmpy.train.loop.train(TrainConfig(**args, run_dir=str(tmp_path / "run")))
     monkeypatch.undo()

@@ -11,7 +11,8 @@ from llmpy.model.layout import GPT2Config
 from llmpy.model.build import preset
 from llmpy.errors import LlmpyError
 from llmpy.model.gpt2 import GPT2, load_params
-from llmpy.generate import Decoder, generate, generate_recompute, generate_rows, sample_next
+from llmpy.generate import generate, generate_recompute, generate_rows, sample_next
+from llmpy.model.gpt2 import Decoder
 from llmpy.io.tokenizer import EOT
 from test_cli import assert_one_line_error, cli, llmpy
 from test_gpt2 import CFG, random_weights, rel_err, write_llmc_model

@@ -17,7 +17,8 @@ from llmpy.train.config import TrainConfig
 from llmpy.errors import LlmpyError
 from llmpy.model.gpt2 import GPT2, flops_per_token
 from llmpy.train.optim import AdamW, OutlierDetector, get_lr
-from llmpy.train.loop import MEMORY_MARGIN, default_recompute_gelu, train
+from llmpy.train.config import MEMORY_MARGIN, default_recompute_gelu
+from llmpy.train.loop import train
 from test_gpt2 import (key_bias, key_bias_bound, random_weights, rel_err, write_llmc_model,
                        write_llmc_tokens)
 from test_resume import records
@@ -314,8 +315,8 @@ def test_gelu_recomputed_by_default_only_where_keeping_it_would_not_fit():
     def gpu(free):
         return types.SimpleNamespace(name="gpu", caps=Capabilities(fused=True),
                                      available_memory=lambda: free)
-    assert default_recompute_gelu(model, opt, gpu(int(needed) + 1), B, T) is False
-    assert default_recompute_gelu(model, opt, gpu(int(needed) - 1), B, T) is True
-    assert default_recompute_gelu(model, opt, gpu(None), B, T) is True
-    assert default_recompute_gelu(model, opt, backend, B, T) is False
+    assert default_recompute_gelu(keep, gpu(int(needed) + 1)) is False
+    assert default_recompute_gelu(keep, gpu(int(needed) - 1)) is True
+    assert default_recompute_gelu(keep, gpu(None)) is True
+    assert default_recompute_gelu(keep, backend) is False
     assert model.recompute_gelu is False                # the plan is not the model's setting

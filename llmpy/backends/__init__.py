@@ -14,7 +14,7 @@ def set_thread_env(environ=os.environ):
     """For the cpu backend, before numba and scipy load (they read it then), unless the user set
     them: Numba's OpenMP threads and OpenBLAS's take turns on the same cores a hundred times a
     step, and by default each pool spins for a long while after its work, on the core the other
-    pool needs next (a GEMM right after a threaded kernel took twice as long, bench/RESULTS.md).
+    pool needs next (bench/RESULTS.md has what that cost a GEMM and a kernel).
     GOMP_SPINCOUNT=20000 (libgomp's default is 300000; not 0: threads that sleep at once make a
     sampling step, with its many short kernels, slower) and OPENBLAS_THREAD_TIMEOUT=4 (2^4
     cycles). Called by the CLI's main, the benchmark workers and the tests' conftest; if scipy's
@@ -22,6 +22,12 @@ def set_thread_env(environ=os.environ):
     if "OMP_WAIT_POLICY" not in environ:
         environ.setdefault("GOMP_SPINCOUNT", "20000")
     environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def host_ops(backend):
+    """The backend whose ops a decoder on the host runs: `backend` where its arrays are NumPy
+    arrays (caps.host_arrays), else the fastest CPU backend."""
+    return backend if backend.caps.host_arrays else get_backend("auto")
 
 
 def get_backend(name, **options):

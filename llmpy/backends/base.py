@@ -17,7 +17,6 @@ OPS = (
     "matmul_forward", "matmul_backward",
     "attention_forward", "attention_backward",
     "gelu_forward", "gelu_backward",
-    "residual_forward",
     "crossentropy_forward", "crossentropy_backward",
     "adamw_update", "sum_squares",
     # the Llama/Gemma decoder's (model/llama.py)
@@ -39,11 +38,14 @@ class Capabilities:
     sums_bias_grads: layernorm's and GELU's backwards take `dsums=` and sum into it the gradient
       they leave, which is the next matmul's dout: that matmul's bias gradient.
     master_weights: the params are in a lower precision; `Backend.master_weights(params)` makes
-      a float32 copy, which `adamw_update(..., master=)` updates and rounds into the params."""
+      a float32 copy, which `adamw_update(..., master=)` updates and rounds into the params.
+    host_arrays: its arrays are NumPy arrays in host memory, which code on the host (the
+      models' KV-cache decoders) can index and pass to its ops."""
     fused: bool = False
     writes_activation_grads: bool = False
     sums_bias_grads: bool = False
     master_weights: bool = False
+    host_arrays: bool = True
 
 
 class Backend:

@@ -25,7 +25,7 @@ from ..model.layout import GPT2Config
 
 IMPLS = ("cpu", "torch", "numpy")
 NAMES = {"cpu": "llmpy cpu", "torch": "PyTorch eager", "numpy": "llmpy numpy"}
-PHASES = ("forward", "zero_grad", "backward", "optimizer")
+PHASES = ("zero_grad", "forward", "backward", "update")      # as train_step runs them
 
 
 def peak_rss_mb():
@@ -99,16 +99,14 @@ def time_gemms(cfg, B, T, reps=5):
     return wall, cpu
 
 
-def timed_step(forward, *phases):
-    """One training step: forward() returns the loss, then the PHASES run in order. Returns
-    (loss, [wall seconds of each phase, forward first], process CPU seconds of the step)."""
+def timed_step(*phases):
+    """One training step of the PyTorch baseline: a function per PHASES entry, run in order.
+    Returns ([wall seconds of each], process CPU seconds of the step)."""
     c0, t = time.process_time(), [time.perf_counter()]
-    loss = forward()
-    t.append(time.perf_counter())
     for phase in phases:
         phase()
         t.append(time.perf_counter())
-    return loss, [b - a for a, b in zip(t, t[1:])], time.process_time() - c0
+    return [b - a for a, b in zip(t, t[1:])], time.process_time() - c0
 
 
 class OpTimer:
@@ -125,11 +123,11 @@ class OpTimer:
         def call(*args, **kwargs):
             self.sync()
             t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
+            result = fn(*args, **kwargs)        # sum_squares returns one
             self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.calls[name] = self.calls.get(name, 0) + 1
-            return out                          # sum_squares returns its sum
+            return result
         return call
 
     def table(self, step_seconds):
@@ -141,6 +139,7 @@ class OpTimer:
 def train_llmpy(spec, backend_name, B, T, warmup, steps):
     from ..backends import get_backend
     from ..train.optim import AdamW
+    from ..train.step import train_step
     from ..model.build import build_model
     backend = get_backend(backend_name)
     model = build_model(spec, backend)
@@ -148,8 +147,14 @@ def train_llmpy(spec, backend_name, B, T, warmup, steps):
     x, y = make_batch(model.config, B, T)
 
     def step():
-        return timed_step(lambda: model.forward(x, y), model.zero_grad, model.backward,
-                          opt.update)
+        """(loss, [wall seconds of each of PHASES], process CPU seconds) of one train_step."""
+        c0, seconds, t = time.process_time(), {}, [time.perf_counter()]
+
+        def mark(phase):
+            now = time.perf_counter()
+            seconds[phase], t[0] = now - t[0], now
+        loss = train_step(model, opt, [(x, y)], phase=mark).loss
+        return loss, [seconds[p] for p in PHASES], time.process_time() - c0
 
     records = [step() for _ in range(warmup + steps)]
     timer = OpTimer(backend)                    # one more step, op by op, outside the timings
@@ -187,10 +192,10 @@ def train_torch(spec, B, T, warmup, steps, threads):
         else:
             from torchref.llama import loss_of
             loss[0] = loss_of(ref, x, y)[1]
-        return loss[0].item()
 
     def step():
-        return timed_step(forward, opt.zero_grad, lambda: loss[0].backward(), opt.step)
+        seconds, cpu = timed_step(opt.zero_grad, forward, lambda: loss[0].backward(), opt.step)
+        return loss[0].item(), seconds, cpu
 
     return [step() for _ in range(warmup + steps)], {}
 
@@ -336,8 +341,7 @@ def op_table(ops, who):
 def time_weight_reads(model, reps=5):
     """Seconds for one matrix-vector product with every weight matrix, one after the other:
     the memory traffic that a decode step cannot avoid (median of reps)."""
-    from ..generate import make_decoder
-    decoder, L = make_decoder(model, 1), model.config.num_layers
+    decoder, L = model.decoder(1), model.config.num_layers
     p = decoder.params
     mats = [p.wte] + [w[l] for w in (p.qkvw, p.attprojw, p.fcw, p.fcprojw) for l in range(L)]
     mats += [p.lm_head] if hasattr(p, "lm_head") else []          # an untied classifier
@@ -384,7 +388,7 @@ def time_hf_generate(spec, n, seed, threads):
     """Seconds for transformers to sample n tokens after bench_start (temperature 1, no top-k)
     from the weights build_model(spec) gives every backend, after a short warm-up. A run_worker
     job: in a process of its own, as a user runs it (in the process of our cpu backend, with
-    its Numba threads and its libgomp settings, it took 1.2x as long)."""
+    its Numba threads and its libgomp settings, it takes longer: bench/RESULTS.md)."""
     import torch
     from ..backends import get_backend
     from ..model.build import build_model

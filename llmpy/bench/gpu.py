@@ -68,8 +68,9 @@ from ..model.build import PRESETS as GPT2_PRESETS, preset as gpt2_preset
 from ..model.gpt2 import GPT2, load_params
 from ..model.layout import GPT2Config
 from ..train.checkpoints import git_commit
-from ..train.loop import default_recompute_gelu
-from ..train.optim import AdamW, AdamWConfig, clip_scale, global_norm
+from ..train.config import default_recompute_gelu
+from ..train.optim import AdamW, AdamWConfig
+from ..train.step import train_step
 from . import OpTimer, op_table
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 6e-4, 0.1, 1.0
@@ -162,16 +163,6 @@ def batches(cfg, B, T, n):
     return [tuple(t % cfg.vocab_size for t in loader.next_batch()) for _ in range(n)]
 
 
-def train_step(model, opt, x, y):
-    """train's step: forward, backward, the gradients clipped to GRAD_CLIP by their global
-    norm as AdamW reads them; the loss."""
-    loss = model.forward(x, y)
-    model.zero_grad()
-    model.backward()
-    opt.update(grad_scale=clip_scale(global_norm(model.grads.buf, model.backend), GRAD_CLIP))
-    return loss
-
-
 def ours_optimizer(model):
     decayed = model.layout.decayed() if isinstance(model, GPT2) else model.decayed
     return AdamW(model, AdamWConfig(lr=LR, beta2=0.95, weight_decay=WEIGHT_DECAY),
@@ -211,8 +202,11 @@ def ours(family, cfg, flat, recompute_gelu=True):
         # as train decides; the memory it counts as available is this process's too, so the
         # baseline's, held beside it, does not change the answer
         if family == "gpt2":
-            info["train_keeps_gelu"] = not default_recompute_gelu(model, opt, backend, B, T)
-        step = functools.partial(train_step, model, opt)
+            need = sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes()
+            info["train_keeps_gelu"] = not default_recompute_gelu(need, backend)
+
+        def step(x, y):                           # train's step (train/step.py)
+            return train_step(model, opt, [(x, y)], grad_clip=GRAD_CLIP).loss
         return step, functools.partial(ours_details, model, opt, step), info
     return make
 
@@ -515,7 +509,7 @@ def tracking(family, cfg, flat, B, T, steps):
         model = new_model(family, cfg, get_backend("gpu", dtype=dtype))
         load_params(model, flat)
         opt = ours_optimizer(model)
-        losses[dtype] = [train_step(model, opt, *xy) for xy in data]
+        losses[dtype] = [train_step(model, opt, [xy], grad_clip=GRAD_CLIP).loss for xy in data]
         del model, opt
         free_memory()
     diff = float(np.max(np.abs(np.subtract(losses[low], losses["float32"]))))

@@ -25,12 +25,14 @@ from .files import HEADER_BYTES, HEADER_INTS, atomic_write, file_size, make_head
 from .hf import read_config, write_hf_dir
 from ..model.llama import (ARCHITECTURES, LlamaConfig, config_from_hf, config_to_hf, llmc_slots,
                     param_shapes, params_from_hf, params_to_hf)
-from ..model.layout import FlatTensors
+from ..model.layout import GPT2_LAYOUT, FlatTensors
 
 LLAMA_MAGIC = 20240803
 STATE_VERSION = 3
 FILE_HEADER_BYTES = 2 * HEADER_BYTES          # the int32 header, then the float32 one
-BIAS_SLOTS = ("ln1b", "qkvb", "attprojb", "ln2b", "fcb", "fcprojb", "lnfb")
+# llm.c's llama3 file keeps GPT-2's 16 slots, in GPT-2's order: the decoder's tensors in some
+# (llama.llmc_slots), and its biases' slots (zero-initialised in GPT-2's table) unused
+BIAS_SLOTS = tuple(p.name for p in GPT2_LAYOUT.params if p.init == "zeros")
 # use_scaled_rope = 1: the constants of llm.c's apply_scaling (Llama 3.1's rope scaling)
 LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
@@ -77,13 +79,12 @@ def ffn_fields(C, F, path):
 # ----------------------------------------------------------------------------- layouts
 
 def file_shapes(cfg):
-    """[(slot, shape)] of llm.c's 16 tensors for this config: no vocab padding, hd = C / NH."""
+    """[(slot, shape)] of llm.c's 16 tensors for this config, in GPT2_LAYOUT's order and with
+    its names: no vocab padding, hd = C / NH."""
     V, C, L, F, qkv = cfg.vocab_size, cfg.channels, cfg.num_layers, cfg.ffn_dim, cfg.qkv_dim
-    return [("wte", (V, C)), ("wpe", (V, C)), ("ln1w", (L, C)), ("ln1b", (L, C)),
-            ("qkvw", (L, qkv, C)), ("qkvb", (L, qkv)), ("attprojw", (L, C, C)),
-            ("attprojb", (L, C)), ("ln2w", (L, C)), ("ln2b", (L, C)), ("fcw", (L, 2 * F, C)),
-            ("fcb", (L, 2 * F)), ("fcprojw", (L, C, F)), ("fcprojb", (L, C)), ("lnfw", (C,)),
-            ("lnfb", (C,))]
+    shapes = [(V, C), (V, C), (L, C), (L, C), (L, qkv, C), (L, qkv), (L, C, C), (L, C),
+              (L, C), (L, C), (L, 2 * F, C), (L, 2 * F), (L, C, F), (L, C), (C,), (C,)]
+    return list(zip(GPT2_LAYOUT.param_names(), shapes, strict=True))
 
 
 def file_num_params(cfg):

@@ -132,24 +132,28 @@ def load_weights(spec):
     return cfg, params, source
 
 
-def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
-    """A model from an llm.c .bin path (GPT-2 or llama3), a Hugging Face model directory, a run
-    directory (its newest checkpoint), a hub name (downloaded once into the Hugging Face cache),
-    or from scratch from a preset name. model.source says where it came from (Source)."""
-    if spec in PRESETS:
-        model = GPT2(preset(spec, max_seq_len=max_seq_len), backend, recompute_gelu)
-        init_weights(model, seed)
-    elif spec in DECODER_PRESETS:
-        model = llama.Llama(llama.preset(spec), backend)
-        llama.init_weights(model, seed)
+def model_source(spec, max_seq_len=1024):
+    """(config, flat float32 params, Source) of --model spec: from a preset (params None: the
+    weights are initialised when the model is built), an llm.c .bin path (GPT-2 or llama3), a
+    Hugging Face model directory, a run directory (its newest checkpoint) or a hub name
+    (downloaded once into the Hugging Face cache). Read apart from build_model so that train can
+    plan memory from the config before it builds anything."""
+    if spec in PRESETS or spec in DECODER_PRESETS:
+        return preset(spec, max_seq_len=max_seq_len), None, Source(spec)
+    return load_weights(spec)
+
+
+def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False, source=None):
+    """The model of model_source(spec) (or of `source`, read already), a preset's weights
+    initialised from `seed`. model.source says where it came from (Source)."""
+    cfg, params, model_from = source or model_source(spec, max_seq_len)
+    gpt2 = isinstance(cfg, GPT2Config)
+    model = GPT2(cfg, backend, recompute_gelu) if gpt2 else llama.Llama(cfg, backend)
+    if params is None:
+        (init_weights if gpt2 else llama.init_weights)(model, seed)
     else:
-        cfg, params, source = load_weights(spec)
-        model = (GPT2(cfg, backend, recompute_gelu) if isinstance(cfg, GPT2Config)
-                 else llama.Llama(cfg, backend))
         load_params(model, params)
-        model.source = source
-        return model
-    model.source = Source(spec)
+    model.source = model_from
     return model
 
 

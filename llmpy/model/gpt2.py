@@ -6,8 +6,13 @@ Activations (and their gradients) are one more flat buffer, allocated once per (
 The names and shapes come from layout.GPT2_LAYOUT; the math lives in the backend (a Backend
 object, backends/base.py) with its <op>_forward / <op>_backward functions.
 """
+import dataclasses
+import math
+from types import SimpleNamespace
+
 import numpy as np
 
+from ..backends import host_ops
 from ..errors import LlmpyError
 from .layout import GPT2_LAYOUT, FlatTensors
 
@@ -26,6 +31,63 @@ def flops_per_token(cfg, T):
     layer forward and twice that backward. Biases, layernorms and the embeddings are left out."""
     C, L = cfg.channels, cfg.num_layers
     return 6 * (cfg.padded_vocab_size * C + 12 * L * C * C) + 12 * L * C * T
+
+
+def memory(cfg, B, T, itemsize, fused, recompute_gelu):
+    """Bytes of a GPT2's buffers at batch shape (B,T), from their shapes alone (llm.c prints the
+    same at startup): parameters, gradients, activations, and the backward pass's scratch
+    (activation gradients). itemsize: of the compute dtype (4 float32, 2 bf16); the statistics
+    are float32 on every backend. Known before the model is built, so that the trainer can
+    choose recompute_gelu by it."""
+    def size(shapes):
+        return sum(int(np.prod(shape)) * (4 if name in STATS else itemsize)
+                   for name, shape in shapes)
+    whole, layer = grad_activation_shapes(cfg, B, T, fused)
+    params = LAYOUT.num_params(cfg) * itemsize
+    return {"parameters": params, "gradients": params,
+            "activations": size(activation_shapes(cfg, B, T, fused, recompute_gelu)),
+            "activation gradients": size(whole) + size(layer)}
+
+
+# The activations with a leading layer axis (the layout's "L", or "Lgelu": one layer's GELU
+# output when it is recomputed), and those of which one layer's worth serves every layer.
+LAYERED = {a.name for a in LAYOUT.acts if a.shape[0] in ("L", "Lgelu")}
+ONE_LAYER = ("attproj", "fcproj")
+
+
+def layer_views(acts, l):
+    """Layer l's activations: a namespace of views (a one-layer buffer serves every layer)."""
+    return SimpleNamespace(**{n: t[min(l, t.shape[0] - 1)] if n in LAYERED else t
+                              for n, t in acts.items() if n in LAYERED or n in ONE_LAYER})
+
+
+def layernorm_after(a, p, l, L):
+    """(out, mean, rstd, weight, bias) of the layernorm that reads layer l's input: layer l's
+    ln1, or lnf for l = L (after the last layer). a: activations; p: params."""
+    if l == L:
+        return a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
+    v = layer_views(a, l)
+    return v.ln1, v.ln1_mean, v.ln1_rstd, p.ln1w[l], p.ln1b[l]
+
+
+def block_forward(ops, p, l, v, x, attend, nxt):
+    """Layer l of the forward pass, shared by the training forward and the decode step.
+    ops: the backend; p: the params; v: the layer's activations (layer_views); x: the residual
+    stream into the layer, (B,T,C), whose layernorm v.ln1 already holds (the op before made
+    it: the previous layer's residual add); attend(v): v.atty from v.qkv; nxt: layernorm_after
+    this layer."""
+    ops.matmul_forward(v.qkv, v.ln1, p.qkvw[l], p.qkvb[l])
+    attend(v)
+    ops.matmul_forward(v.attproj, v.atty, p.attprojw[l], p.attprojb[l])
+    # residual2 = x + attproj, and ln2 of it, in one pass
+    ops.residual_layernorm_forward(v.residual2, v.ln2, v.ln2_mean, v.ln2_rstd, x, v.attproj,
+                                   p.ln2w[l], p.ln2b[l])
+    ops.matmul_forward(v.fch, v.ln2, p.fcw[l], p.fcb[l])
+    ops.gelu_forward(v.fch_gelu, v.fch)
+    ops.matmul_forward(v.fcproj, v.fch_gelu, p.fcprojw[l], p.fcprojb[l])
+    # residual3 = residual2 + fcproj, and the next layer's ln1 of it (lnf after the last)
+    out, mean, rstd, w, b = nxt
+    ops.residual_layernorm_forward(v.residual3, out, mean, rstd, v.residual2, v.fcproj, w, b)
 
 
 class GPT2:
@@ -55,21 +117,10 @@ class GPT2:
         return len(self.params)
 
     def memory(self, B, T, recompute_gelu=None):
-        """Bytes of the model's buffers at batch shape (B,T), from their shapes alone (llm.c
-        prints the same at startup): parameters, gradients, activations, and the backward
-        pass's scratch (activation gradients); with recompute_gelu, if given, instead of the
-        model's own."""
-        item = self.params.buf.itemsize                         # 4 (float32) or 2 (bf16)
+        """memory() of this model's buffers at (B,T); with recompute_gelu, if given, instead of
+        the model's own."""
         recompute = self.recompute_gelu if recompute_gelu is None else recompute_gelu
-
-        def size(shapes):
-            return sum(int(np.prod(shape)) * (4 if name in STATS else item)
-                       for name, shape in shapes)
-        whole, layer = grad_activation_shapes(self.config, B, T, self.fused)
-        return {"parameters": self.params.buf.nbytes, "gradients": self.grads.buf.nbytes,
-                "activations": size(activation_shapes(self.config, B, T, self.fused,
-                                                      recompute)),
-                "activation gradients": size(whole) + size(layer)}
+        return memory(self.config, B, T, self.params.buf.itemsize, self.fused, recompute)
 
     def _ensure_activations(self, B, T):
         if (B, T) != (self.B, self.T):
@@ -107,29 +158,12 @@ class GPT2:
             np.ascontiguousarray(targets, dtype=np.int64))
 
         be.encoder_forward(a.encoded, self.inputs, p.wte, p.wpe)
-        ln_out, ln_mean, ln_rstd, ln_w, ln_b = self._layernorm_after(0)
-        be.layernorm_forward(ln_out, ln_mean, ln_rstd, a.encoded, ln_w, ln_b)
+        out, mean, rstd, w, b = layernorm_after(a, p, 0, L)
+        be.layernorm_forward(out, mean, rstd, a.encoded, w, b)
         for l in range(L):
-            residual = a.encoded if l == 0 else a.residual3[l - 1]   # (B,T,C)
-            # ln1[l] was made from `residual` by the op before: layer l-1's residual add
-            be.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
-            if self.fused:
-                be.attention_forward(a.atty[l], a.att_lse[l], a.qkv[l])
-            else:
-                be.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l])
-            be.matmul_forward(a.attproj, a.atty[l], p.attprojw[l], p.attprojb[l])
-            # residual2 = residual + attproj, and ln2 of it, in one pass
-            be.residual_layernorm_forward(a.residual2[l], a.ln2[l], a.ln2_mean[l],
-                                          a.ln2_rstd[l], residual, a.attproj, p.ln2w[l],
-                                          p.ln2b[l])
-            be.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
-            fch_gelu = a.fch_gelu[0 if self.recompute_gelu else l]   # (B,T,4C)
-            be.gelu_forward(fch_gelu, a.fch[l])
-            be.matmul_forward(a.fcproj, fch_gelu, p.fcprojw[l], p.fcprojb[l])
-            # residual3 = residual2 + fcproj, and the next layer's ln1 of it (lnf after the last)
-            ln_out, ln_mean, ln_rstd, ln_w, ln_b = self._layernorm_after(l + 1)
-            be.residual_layernorm_forward(a.residual3[l], ln_out, ln_mean, ln_rstd,
-                                          a.residual2[l], a.fcproj, ln_w, ln_b)
+            x = a.encoded if l == 0 else a.residual3[l - 1]     # (B,T,C)
+            block_forward(be, p, l, layer_views(a, l), x, self._attention,
+                          layernorm_after(a, p, l + 1, L))
         be.matmul_forward(a.logits, a.lnf, p.wte, None)          # tied classifier weights
         if self.targets is None:
             self.mean_loss = None
@@ -141,13 +175,16 @@ class GPT2:
         self.mean_loss = float(a.losses.mean())
         return self.mean_loss
 
-    def _layernorm_after(self, l):
-        """(out, mean, rstd, weight, bias) of the layernorm that reads layer l's input: layer l's
-        ln1, or lnf for l = L (after the last layer)."""
-        a, p = self.acts, self.params
-        if l == self.config.num_layers:
-            return a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
-        return a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], p.ln1w[l], p.ln1b[l]
+    def _attention(self, v):
+        """v.atty from v.qkv: the backend's causal attention over the T positions."""
+        if self.fused:
+            self.backend.attention_forward(v.atty, v.att_lse, v.qkv)
+        else:
+            self.backend.attention_forward(v.atty, v.preatt, v.att, v.qkv)
+
+    def decoder(self, max_len, rows=1, ops=None):
+        """A Decoder: the one-position decode step with a KV cache for `rows` sequences."""
+        return Decoder(self, max_len, rows, ops)
 
     def zero_grad(self):
         self.grads.buf[:] = 0
@@ -257,3 +294,59 @@ def load_params(model, flat):
     if flat.size != len(model.params):
         raise LlmpyError(f"expected {len(model.params)} parameters, got {flat.size}")
     model.params.buf[:] = model.backend.to_device(flat)
+
+
+class Decoder:
+    """Runs one position at a time for `rows` sequences with a KV cache, through the same
+    block_forward as training, on the host with `ops`, a backend whose arrays are NumPy arrays
+    (default: backends.host_ops of the model's). One position reads every weight once for two FLOPs each per row,
+    so a step is bound by memory bandwidth, not by arithmetic, and a few rows cost about what
+    one does. The weights are views of the model's parameters where they are host arrays (a
+    host copy from a GPU)."""
+
+    def __init__(self, model, max_len, rows=1, ops=None):
+        cfg = model.config
+        ops = ops or host_ops(model.backend)
+        C, NH, L = cfg.channels, cfg.num_heads, cfg.num_layers
+        host = model.backend.to_host(model.params.buf)          # (num_params,) float32
+        self.params = FlatTensors(param_shapes(cfg), lambda n: host)
+        self.config, self.ops = cfg, ops
+        self.k = np.zeros((L, rows, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs)
+        self.v = np.zeros((L, rows, NH, max_len, C // NH), np.float32)   # (L,N,NH,maxlen,hs)
+        # one position's activations: the model's layout with B = rows, T = 1, one layer
+        one = dataclasses.replace(cfg, num_layers=1)
+        self.acts = FlatTensors(activation_shapes(one, rows, 1, recompute_gelu=True),
+                                lambda n: np.zeros(n, np.float32))
+
+    def attend(self, l, pos, v):
+        """v.atty: each row's query at `pos` against its cached positions 0..pos (this one's
+        keys and values stored first), with the reference attention's arithmetic."""
+        N, NH = v.qkv.shape[0], self.config.num_heads
+        q, k, val = v.qkv.reshape(N, 3, NH, -1).transpose(1, 0, 2, 3)   # each (N,NH,hs)
+        self.k[l, :, :, pos], self.v[l, :, :, pos] = k, val
+        keys, values = self.k[l, :, :, :pos + 1], self.v[l, :, :, :pos + 1]  # (N,NH,pos+1,hs)
+        att = (keys @ q[..., None])[..., 0]                     # (N,NH,pos+1)
+        att *= 1.0 / math.sqrt(q.shape[-1])
+        att -= att.max(axis=-1, keepdims=True)
+        np.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        v.atty[:] = (att[..., None, :] @ values).reshape(v.atty.shape)   # (N,NH,1,hs) -> (N,1,C)
+
+    def step(self, tokens, pos, logits=True):
+        """Run `tokens` (one per row) at position `pos`: the next-token logits (N,V), or None
+        if not wanted (the prompt's tokens only need to fill the cache)."""
+        cfg, p, a, ops = self.config, self.params, self.acts, self.ops
+        L = cfg.num_layers
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)     # (N,1)
+        ops.encoder_forward(a.encoded, tokens, p.wte, p.wpe[pos:pos + 1])
+        out, mean, rstd, w, b = layernorm_after(a, p, 0, L)
+        ops.layernorm_forward(out, mean, rstd, a.encoded, w, b)
+        x = a.encoded
+        for l in range(L):
+            block_forward(ops, p, l, layer_views(a, l), x, lambda v: self.attend(l, pos, v),
+                          layernorm_after(a, p, l + 1, L))
+            x = a.residual3[0]
+        if not logits:
+            return None
+        ops.matmul_forward(a.logits, a.lnf, p.wte, None)        # tied classifier weights
+        return a.logits[:, 0, :cfg.vocab_size]

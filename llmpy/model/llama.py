@@ -729,6 +729,10 @@ class Llama:
         self.inputs = self.targets = None
         self.mean_loss = None
 
+    def decoder(self, max_len, rows=1, ops=None):
+        """A Decoder: the one-position decode step with a KV cache (as GPT2.decoder)."""
+        return Decoder(self, max_len, rows, ops)
+
     def upload(self, host):
         """A host float array in the backend's array and compute dtype."""
         buf = self.backend.zeros(host.size)
@@ -950,17 +954,16 @@ def init_weights(model, seed=0):
 
 class Decoder:
     """Runs one position at a time for `rows` sequences with a KV cache, through the same
-    block_forward as training, on the host (as sample.Decoder: the model's backend where its
-    arrays are host arrays, else the fastest CPU backend). The cache keeps NKV heads per layer;
-    a sliding layer keeps only its last `window` positions, in a ring (softmax does not care in
-    which order its keys come). step(tokens, pos) as sample.Decoder.step."""
+    block_forward as training, on the host with `ops` (as gpt2.Decoder). The cache keeps NKV
+    heads per layer; a sliding layer keeps only its last `window` positions, in a ring (softmax
+    does not care in which order its keys come). step(tokens, pos) as gpt2.Decoder.step."""
 
-    def __init__(self, model, max_len, rows=1):
-        from ..backends import get_backend
+    def __init__(self, model, max_len, rows=1, ops=None):
+        from ..backends import host_ops
         cfg = model.config
         host = model.backend.to_host(model.params.buf)          # (num_params,) float32
         self.params = FlatTensors(param_shapes(cfg), lambda n: host)
-        self.ops = model.backend if host is model.params.buf else get_backend("auto")
+        self.ops = ops or host_ops(model.backend)
         self.config, self.embed_scale = cfg, model.embed_scale
         # one position's activations: the model's layout with B = rows, T = 1, one layer
         self.acts = FlatTensors(activation_shapes(cfg, rows, 1, layers=1),

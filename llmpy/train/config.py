@@ -10,8 +10,10 @@ from ..data.loader import bundled_data
 from ..errors import LlmpyError
 from ..io.files import ensure_dir
 from ..model.build import DECODER_PRESETS, PRESETS, PRETRAINED
+from ..model.gpt2 import memory as gpt2_memory
+from ..model.layout import GPT2_LAYOUT, GPT2Config
 from . import checkpoints
-from .optim import SCHEDULES
+from .optim import SCHEDULES, state_bytes
 
 
 BACKEND_HELP = ("compute backend: numpy, cpu, gpu, or auto (cpu when numba and scipy are "
@@ -72,12 +74,13 @@ class TrainConfig:
     hellaswag_data: str = _f("hellaswag/hellaswag_val.bin", "HellaSwag eval file, as written by "
                              "`llmpy prepro hellaswag`")
     backend: str = _f("auto", BACKEND_HELP)
-    recompute_gelu: bool = _f(None, "keep one layer's GELU output instead of every layer's, and "
-                              "recompute it in the backward pass (llm.c's -r 1): 4C fewer of "
-                              "the 16C values a layer keeps per position, for one more GELU "
+    # not given: resolve_recompute_gelu decides, once, before the model is built
+    recompute_gelu: bool = _f(False, "keep one layer's GELU output instead of every layer's, "
+                              "and recompute it in the backward pass (llm.c's -r 1): 4C fewer "
+                              "of the 16C values a layer keeps per position, for one more GELU "
                               "per layer (default: with --backend gpu, on where keeping them "
                               "would not fit in the GPU's memory, and in Triton's interpreter; "
-                              "off on the CPU)")
+                              "off on the CPU)", auto=True)
     log_jsonl: str = _f("", "write one JSON object per step to this file")
     save: str = _f("", "write the final model to this llm.c .bin")
     run_dir: str = _f("", "run directory: log.jsonl, config.json and checkpoints")
@@ -134,7 +137,7 @@ def add_arguments(parser, cls, short=None):
         flag = "--" + f.name.replace("_", "-")
         names = [short[f.name], flag] if f.name in short else [flag]
         help = f.metadata.get("help", "")
-        if f.default not in ("", None):
+        if f.default not in ("", None) and not f.metadata.get("auto"):
             help += f" (default: {f.default})"
         if f.type in (bool, "bool"):
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -197,12 +200,14 @@ def apply_embedded_default(cfg, explicit):
 def restore_flags(cfg, explicit, run_dir, names):
     """Each of the fields `names` not given on the command line takes the value the run in
     run_dir was started with (its config.json): so `llmpy train --run-dir D --resume` continues
-    the same run, and `llmpy eval --model D` scores it on the same data. Returns the flags
-    restored, as they would be typed."""
+    the same run, and `llmpy eval --model D` scores it on the same data. Adds the names taken
+    to `explicit` (a set): they are chosen now. Returns the flags restored, as they would be
+    typed."""
     saved = checkpoints.saved_flags(run_dir)
     types = {f.name: f.type for f in dataclasses.fields(cfg)}
     restored = []
     for k in sorted(set(names) & set(saved) - set(explicit)):
+        explicit.add(k)
         if saved[k] == getattr(cfg, k):
             continue
         if not valid_value(saved[k], types[k]):
@@ -217,8 +222,6 @@ def restore_flags(cfg, explicit, run_dir, names):
 
 def valid_value(value, typ):
     """Whether a value read from JSON can stand for a TrainConfig field of type typ."""
-    if value is None:
-        return typ is bool                  # recompute_gelu's "the backend decides"
     if typ is float:
         return type(value) in (int, float)
     return type(value) is typ
@@ -250,3 +253,43 @@ def grad_accum_steps(cfg, world=1):
                          + (f"*ranks = {cfg.batch_size}*{cfg.seq_len}*{world}" if world > 1
                             else "") + f" = {tokens}")
     return total // tokens
+
+
+# Room kept beyond the buffers' own sizes (model.gpt2.memory, optim.state_bytes) before a run
+# keeps every GELU output: cuBLAS's workspace, the allocator's rounding, the kernels'
+# temporaries (bench/RESULTS.md has what GPT-2 124M took on an H200).
+MEMORY_MARGIN = 1.1, 2 ** 30            # (times the plan, plus bytes)
+
+
+def default_recompute_gelu(need, backend):
+    """--recompute-gelu's default, given `need`: the bytes of the model's and AdamW's buffers
+    with every layer's GELU output kept. On a GPU: recompute GELU in the backward pass (llm.c's
+    -r 1) only where those would not fit in what the GPU has for this process, as keeping them
+    saves a GELU a layer (bench/RESULTS.md). On the gpu backend in Triton's interpreter, which
+    has no GPU memory to fill: recompute, as llm.c does by default. On the CPU: keep them
+    (memory is rarely the limit). Each rank of a distributed run decides for its own GPU; both
+    ways give the same numbers."""
+    if not backend.caps.fused:            # the CPU backends: llm.c's CPU trainer keeps them
+        return False
+    available = backend.available_memory()
+    if available is None:                 # no device memory to fill: llm.c's CUDA default
+        return True
+    scale, extra = MEMORY_MARGIN
+    return need * scale + extra > available
+
+
+def resolve_recompute_gelu(cfg, explicit, model_config, backend, dist):
+    """cfg.recompute_gelu as given (or restored), else default_recompute_gelu for a GPT-2 of
+    model_config at cfg's B and T, with an AdamW over this rank's shard (dist.shard).
+    Before the model is built, which sizes its buffers by it; config.json records the result."""
+    if "recompute_gelu" in explicit:
+        return
+    if not isinstance(model_config, GPT2Config):    # the gated MLP has no GELU to keep
+        cfg.recompute_gelu = False
+        return
+    itemsize = backend.zeros(1).itemsize               # of the compute dtype
+    need = sum(gpt2_memory(model_config, cfg.batch_size, cfg.seq_len, itemsize,
+                           backend.caps.fused, recompute_gelu=False).values())
+    shard = dist.shard(GPT2_LAYOUT.num_params(model_config))
+    need += state_bytes(shard.stop - shard.start, itemsize)
+    cfg.recompute_gelu = default_recompute_gelu(need, backend)

@@ -32,17 +32,14 @@ import numpy as np
 from ..errors import LlmpyError, first_line
 from . import checkpoints
 from .optim import global_norm
-
+from .step import ONE_PROCESS
 
 
 class Dist:
-    """This process's place in the job, and the collectives of a training step. Without a
-    process group (one process) every collective is the identity."""
+    """This process's place in a torchrun job, and the collectives of a training step: the
+    methods of step.OneProcess, which a single process gets instead."""
 
     def __init__(self, rank=0, world=1, zero=0, timeout=600.0, check_every=0):
-        if zero not in (0, 1):
-            raise LlmpyError(f"--zero {zero}: only 0 (off) and 1 (ZeRO-1: shard AdamW's state) "
-                             "are supported")
         self.rank, self.world, self.zero = rank, world, zero
         self.timeout, self.check_every = timeout, check_every
         self.torch = self.td = None    # torch and torch.distributed, once the group is up
@@ -93,8 +90,6 @@ class Dist:
 
     def sum(self, x, what):
         """A Python float summed over the ranks, in float64."""
-        if self.td is None:
-            return x
         t = self.torch.tensor([x], dtype=self.torch.float64, device=self.device)
         with self.failing(what):
             self.td.all_reduce(t)
@@ -106,15 +101,13 @@ class Dist:
 
     def broadcast(self, buf):
         """Rank 0's buf on every rank: the same starting weights everywhere."""
-        if self.td is not None:
-            with self.failing("parameter broadcast"):
-                self.td.broadcast(self.tensor(buf), src=0)
+        with self.failing("parameter broadcast"):
+            self.td.broadcast(self.tensor(buf), src=0)
 
     def close(self):
-        if self.td is not None:
-            with self.failing("final barrier"):
-                self.td.barrier()
-            self.td.destroy_process_group()
+        with self.failing("final barrier"):
+            self.td.barrier()
+        self.td.destroy_process_group()
 
     # ------------------------------------------------------------------------- ZeRO-1 shards
 
@@ -147,8 +140,8 @@ class Dist:
 
     def layer_hook(self, model):
         """model.backward's layer_done for the last micro-step of a step (plain DP): start the
-        all-reduce of layer l's gradients. None with nothing to overlap (one process, ZeRO-1)."""
-        if self.td is None or self.zero:
+        all-reduce of layer l's gradients. None with nothing to overlap (ZeRO-1)."""
+        if self.zero:
             return None
         layer = [getattr(model.grads, n) for n in model.layout.per_layer()]
 
@@ -162,8 +155,6 @@ class Dist:
         """After the backward pass that got layer_hook: model.grads becomes the sum over the
         ranks (their mean, as each scaled its own by 1/world), everywhere (plain DP), or in this
         rank's shard only (ZeRO-1; the rest then holds partial sums)."""
-        if self.td is None:
-            return
         g = model.grads
         with self.failing("gradient reduction"):
             if self.zero:
@@ -178,20 +169,20 @@ class Dist:
     def grad_norm(self, model):
         """The global L2 norm of the model's averaged gradients (of every shard, with ZeRO-1)."""
         grads, be = model.grads.buf, model.backend
-        if not self.zero or self.td is None:
+        if not self.zero:
             return global_norm(grads, be)
         return self.sum(be.sum_squares(grads[self.shard(len(grads))]),
                         "gradient norm all-reduce") ** 0.5
 
     def sync_params(self, params):
         """After AdamW: with ZeRO-1, every rank's updated shard into every rank's params."""
-        if self.zero and self.td is not None:
+        if self.zero:
             with self.failing("parameter all-gather"):
                 self._all_gather(self.tensor(params))
 
     def check_params(self, params, step):
         """Debug (--dist-check-every N): the parameters must be bit-identical on every rank."""
-        if self.td is None or not self.check_every or step % self.check_every:
+        if not self.check_every or step % self.check_every:
             return
         t = self.tensor(params).detach()
         crc = zlib.crc32(t.view(self.torch.uint8).cpu().numpy())
@@ -208,7 +199,7 @@ class Dist:
     def full_optimizer(self, opt):
         """opt's state for a checkpoint, whole: with ZeRO-1 every rank's shards of m, v (and
         master weights) gathered, on every rank (a collective: all ranks call it)."""
-        if not self.zero or self.td is None:
+        if not self.zero:
             return opt
         n = len(opt.model.params)
         gather = None if opt.master is None else self._gather(opt.master, n)
@@ -222,12 +213,10 @@ class Dist:
             self._all_gather(full)
         return full if isinstance(shard, self.torch.Tensor) else full.numpy()
 
-    def load_checkpoint(self, run_dir, model, opt):
-        """checkpoints.load_latest into a sharded AdamW too: every rank reads the whole checkpoint
+    def load_sharded(self, run_dir, model, opt):
+        """checkpoints.load_latest into a ZeRO-1 AdamW: every rank reads the whole checkpoint
         (so on many nodes the run directory must be on a filesystem they share) and keeps its
         shard. Returns the manifest, or None."""
-        if not self.zero:
-            return checkpoints.load_latest(run_dir, model, opt, self.rank == 0)
         n, zeros = len(model.params), model.backend.zeros
         full = SimpleNamespace(m=zeros(n, np.float32), v=zeros(n, np.float32), master=None,
                                step=0)
@@ -242,11 +231,15 @@ class Dist:
 
 def init(cfg):
     """This process's Dist, from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT). A single process without --dist imports no torch."""
+    MASTER_ADDR, MASTER_PORT); step.ONE_PROCESS for a single process without --dist, which
+    imports no torch."""
+    if cfg.zero not in (0, 1):
+        raise LlmpyError(f"--zero {cfg.zero}: only 0 (off) and 1 (ZeRO-1: shard AdamW's state) "
+                         "are supported")
     env = os.environ
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank = int(env.get("LOCAL_RANK", 0))
+    if world == 1 and not cfg.dist:
+        return ONE_PROCESS
     d = Dist(rank, world, cfg.zero, cfg.dist_timeout, cfg.dist_check_every)
-    if world > 1 or cfg.dist:
-        d.start(cfg.backend, local_rank)
+    d.start(cfg.backend, int(env.get("LOCAL_RANK", 0)))
     return d

@@ -1,14 +1,13 @@
-"""The training loop, as llm.c's train_gpt2.cu runs it: each step accumulates the gradients of
-total_batch_size / (B*T*ranks) micro-batches on each data-parallel rank (distributed.py),
-then makes one AdamW update under an lr schedule, with the gradients clipped to a global norm,
-unless the outlier guard skips it. Validation, HellaSwag and samples every so often; a JSONL
-log; and checkpoints in a run directory that a killed run resumes from exactly (see
-checkpoints.py)."""
+"""The training loop, as llm.c's train_gpt2.cu runs it: each step (step.py) accumulates the
+gradients of total_batch_size / (B*T*ranks) micro-batches on each data-parallel rank
+(distributed.py), then makes one AdamW update under an lr schedule, with the gradients clipped
+to a global norm, unless the outlier guard skips it. After each step the loop calls its hooks,
+each on its own schedule: validation, HellaSwag, a sample, the JSONL log, a checkpoint in a run
+directory that a killed run resumes from exactly (checkpoints.py)."""
+import contextlib
 import dataclasses
 import json
-import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -19,75 +18,16 @@ from ..errors import LlmpyError
 from ..evals import hellaswag, read_hellaswag, val_loss
 from ..generate import generate
 from ..model.build import (EMBEDDED_PRESETS, build_model, check_save, flops_per_token,
-                           require_tokenizer, save_model, start_ids)
+                           model_source, require_tokenizer, save_model, start_ids)
 from . import checkpoints, distributed, signals
 from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
-                     restore_flags)
-from .optim import AdamW, AdamWConfig, OutlierDetector, clip_scale, get_lr
-
-MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
-
-
-# Room kept beyond the buffers' own sizes (GPT2.memory, AdamW.state_bytes) before a run keeps
-# every GELU output: cuBLAS's workspace, the allocator's rounding, the kernels' temporaries
-# (0.2 GiB over 27.9 measured at GPT-2 124M, B=64, T=1024 on an H200: bench/RESULTS.md).
-MEMORY_MARGIN = 1.1, 2 ** 30            # (times the plan, plus bytes)
-
-
-def default_recompute_gelu(model, opt, backend, B, T):
-    """--recompute-gelu's default. On a GPU: recompute GELU in the backward pass (llm.c's -r 1)
-    only when the memory plan with every layer's output kept would not fit in what the GPU has
-    for this process, as keeping them saves a GELU a layer (1-2 ms a step at GPT-2 124M, B=64 on
-    an H200). On the gpu backend in Triton's interpreter, which has no GPU memory to fill:
-    recompute, as llm.c does by default. On the CPU: keep them (memory is rarely the limit).
-    Each rank of a distributed run decides for its own GPU; both ways give the same numbers."""
-    if not backend.caps.fused:            # the CPU backends: llm.c's CPU trainer keeps them
-        return False
-    available = backend.available_memory()
-    if available is None:                 # no device memory to fill: llm.c's CUDA default
-        return True
-    scale, extra = MEMORY_MARGIN
-    need = sum(model.memory(B, T, recompute_gelu=False).values()) + opt.state_bytes()
-    return need * scale + extra > available
-
-
-def sample_text(model, tokenizer, cfg, rng):
-    ids = list(generate(model, start_ids(tokenizer, []), cfg.sample_tokens, rng,
-                        cfg.sample_temperature, cfg.sample_top_k))
-    return tokenizer.decode(ids)
-
-
-def forward_backward(model, loader, accum, dist):
-    """Gradients of the mean loss over `accum` micro-batches, as one batch of accum*B rows would
-    give them, averaged over the data-parallel ranks. Returns this rank's mean loss."""
-    model.zero_grad()
-    loss = 0.0
-    for i in range(accum):
-        loss += model.forward(*loader.next_batch())
-        # adds d(micro-batch mean loss / (accum * ranks)) into model.grads, so that the ranks'
-        # sum is the mean's gradient; in the last micro-step the ranks start summing each
-        # layer's gradients as soon as they are final
-        model.backward(dist.layer_hook(model) if i == accum - 1 else None,
-                       scale=1.0 / (accum * dist.world))
-    dist.sync_grads(model)
-    return loss / accum
-
-
-def skip_reason(loss, norm, zloss, zgrad, cfg):
-    """Why this step's update must not happen (llm.c's -sl/-sg, and NaN/inf), or None."""
-    if not math.isfinite(loss):
-        return f"the loss is {loss}"
-    if not math.isfinite(norm):
-        return f"the gradient norm is {norm}"
-    if cfg.skip_update_lossz and zloss > cfg.skip_update_lossz:
-        return f"loss z-score {zloss:.2f} > {cfg.skip_update_lossz}"
-    if cfg.skip_update_gradz and zgrad > cfg.skip_update_gradz:
-        return f"grad norm z-score {zgrad:.2f} > {cfg.skip_update_gradz}"
-    return None
+                     resolve_recompute_gelu, restore_flags)
+from .optim import AdamW, AdamWConfig, get_lr
+from .step import Guard, train_step
 
 
 def finite_or_none(x):
-    return x if math.isfinite(x) else None
+    return x if np.isfinite(x) else None
 
 
 class RunState:
@@ -96,8 +36,7 @@ class RunState:
     def __init__(self, cfg, loader, accum):
         self.cfg, self.loader, self.accum = cfg, loader, accum
         self.rng = np.random.default_rng(cfg.seed)        # sampling
-        self.loss_z, self.grad_z = OutlierDetector(), OutlierDetector()
-        self.nonfinite = 0                                 # steps in a row
+        self.guard = Guard(cfg.skip_update_lossz, cfg.skip_update_gradz)
 
     def batch_shape(self):
         c, world = self.cfg, self.loader.world
@@ -105,9 +44,10 @@ class RunState:
                 "total_batch_size": c.batch_size * c.seq_len * world * self.accum}
 
     def state(self):
+        g = self.guard
         return {"batch": self.batch_shape(), "train_loader": self.loader.state(),
-                "rng": self.rng.bit_generator.state, "loss_window": self.loss_z.values,
-                "grad_window": self.grad_z.values, "nonfinite": self.nonfinite}
+                "rng": self.rng.bit_generator.state, "loss_window": g.losses.values,
+                "grad_window": g.norms.values, "nonfinite": g.nonfinite}
 
     def load_state(self, s, where):
         if s["batch"] != self.batch_shape():
@@ -117,38 +57,102 @@ class RunState:
                              "data-parallel rank(s); resume with those")
         self.loader.load_state(s["train_loader"])
         self.rng.bit_generator.state = s["rng"]
-        self.loss_z.values, self.grad_z.values = s["loss_window"], s["grad_window"]
-        self.nonfinite = s["nonfinite"]
+        g = self.guard
+        g.losses.values, g.norms.values, g.nonfinite = (s["loss_window"], s["grad_window"],
+                                                        s["nonfinite"])
 
 
-def open_log(cfg, start):
+# ----------------------------------------------------------------------------- hooks
+# Each hook is made once, before the first step, so that its files are read and checked before
+# any work; None where it is off. The loop calls hook(step, rec) after the steps its schedule
+# names (every N steps, and the last), in this order; rec is the step's log record, which a
+# hook may add to. Only rank 0 has the first four.
+
+def val_hook(cfg, model, vocab_size):
+    """The mean loss over --val-batches of --val-data, the first at step 0 (not logged)."""
+    loader = DataLoader(cfg.val_data, cfg.batch_size, cfg.seq_len, vocab_size)
+    if not cfg.val_every:
+        return None
+    loader.require_batches(cfg.val_batches, cfg.val_data)
+
+    def hook(step, rec):
+        loss = val_loss(model, loader, cfg.val_batches)
+        if step == 0:
+            print(f"step 0: val loss {loss:.6f}")
+            return
+        rec["val_loss"] = loss
+        print(f"val loss {loss:.6f}")
+    return hook
+
+
+def hellaswag_hook(cfg, model):
+    examples = read_hellaswag(cfg.hellaswag_data, model)
+
+    def hook(step, rec):
+        correct, total = hellaswag(model, examples, cfg.batch_size, cfg.seq_len)
+        rec["hellaswag_acc"] = correct / total
+        print(f"HellaSwag: {correct}/{total} = {correct / total:.4f}")
+    return hook
+
+
+def sample_hook(cfg, model, tokenizer, run):
+    """--sample-tokens from the start of a document, drawn with the run's generator (which
+    checkpoints keep, so that a resumed run samples what the uninterrupted one did)."""
+    def hook(step, rec):
+        ids = generate(model, start_ids(tokenizer, []), cfg.sample_tokens, run.rng,
+                       cfg.sample_temperature, cfg.sample_top_k)
+        print(f"--- sample at step {step} ---\n{tokenizer.decode(list(ids))}\n---", flush=True)
+    return hook
+
+
+def log_hook(cfg, start):
     """The JSONL log: --log-jsonl, else RUN_DIR/log.jsonl; a resumed run drops the records of
-    the steps it will redo."""
+    the steps it will redo. Returns (hook, the file to close)."""
     path = cfg.log_jsonl or (os.path.join(cfg.run_dir, "log.jsonl") if cfg.run_dir else "")
     if not path:
-        return None
+        return None, None
     if cfg.resume:
         checkpoints.trim_log(path, start)
     try:
-        return open(path, "a" if cfg.resume else "w")
+        log = open(path, "a" if cfg.resume else "w")
     except OSError as e:
         raise LlmpyError(f"{path}: cannot write the log: {e.strerror}") from None
 
+    def hook(step, rec):
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+    return hook, log
 
-def guard(step, loss, norm, model, run, cfg):
-    """The outlier guard: the reason to skip this step's update, or None. Stops the run when
-    the weights themselves are broken, or after MAX_NONFINITE non-finite steps in a row."""
-    zloss = run.loss_z.update(loss) if math.isfinite(loss) else math.nan
-    zgrad = run.grad_z.update(norm) if math.isfinite(norm) else math.nan
-    reason = skip_reason(loss, norm, zloss, zgrad, cfg)
-    finite = math.isfinite(loss) and math.isfinite(norm)
-    run.nonfinite = 0 if finite else run.nonfinite + 1
-    if not math.isfinite(loss) and not math.isfinite(float(model.params.buf.sum())):
-        raise LlmpyError(f"step {step}: the loss is {loss}: the model's weights are not finite")
-    if run.nonfinite >= MAX_NONFINITE:
-        raise LlmpyError(f"step {step}: {reason}, {MAX_NONFINITE} steps in a row; stopping with "
-                         "the weights of the last good update (try a lower --lr)")
-    return reason
+
+def checkpoint_hook(cfg, model, opt, run, dist):
+    """Every rank calls it: with ZeRO-1, AdamW's state is gathered from every rank's shard."""
+    def hook(step, rec):
+        full = dist.full_optimizer(opt)
+        if dist.rank == 0:
+            checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
+                             cfg.major_every)
+    return hook
+
+
+def report(step, r, rec, cfg):
+    """The step's line on stdout: r, train_step's result; rec, its log record."""
+    print(f"step {step:4d}/{cfg.steps} | loss {r.loss:.6f} | lr {rec['lr']:.2e} | norm "
+          f"{r.norm:.4f} | {rec['ms']:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s"
+          + (f" | {rec['mfu']:.1%} MFU" if "mfu" in rec else ""), flush=True)
+    if r.skipped:
+        print(f"warning: step {step}: update skipped: {r.skipped}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@contextlib.contextmanager
+def quiet(on):
+    """stdout to /dev/null while inside, if on; restored on the way out."""
+    if not on:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
 
 
 def train(cfg, explicit=None):
@@ -162,16 +166,23 @@ def train(cfg, explicit=None):
 def _train(cfg, explicit, preempt):
     if explicit is None:
         explicit = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+    explicit = set(explicit)
     restored = (restore_flags(cfg, explicit, cfg.run_dir,
                               {f.name for f in dataclasses.fields(cfg)} - {"resume"})
                 if cfg.resume and cfg.run_dir else [])
     check_flags(cfg)
     dist = distributed.init(cfg)          # one process, or a rank of a torchrun job
-    main = dist.rank == 0                 # rank 0 alone prints, logs, evaluates and saves
-    if not main:
-        sys.stdout = open(os.devnull, "w")
-    if restored:
-        print(f"resume: flags from {cfg.run_dir}/config.json: {' '.join(restored)}")
+    with quiet(dist.rank != 0):           # rank 0 alone prints, logs, evaluates and saves
+        if restored:
+            print(f"resume: flags from {cfg.run_dir}/config.json: {' '.join(restored)}")
+        model = run(cfg, explicit, dist, preempt)
+    dist.close()
+    return model
+
+
+def run(cfg, explicit, dist, preempt):
+    """train() on this rank, once its flags are settled and its stdout is chosen."""
+    main = dist.rank == 0
     if not cfg.train_data and cfg.model in ("", *EMBEDDED_PRESETS):
         apply_embedded_default(cfg, explicit)
         print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")
@@ -179,11 +190,13 @@ def _train(cfg, explicit, preempt):
         raise LlmpyError("--train-data is required when --model is given")
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
-    model = build_model(cfg.model or "tiny", backend, seed=cfg.seed,
-                        recompute_gelu=bool(cfg.recompute_gelu))
-    mc = model.config
+    source = model_source(cfg.model or "tiny")
+    mc = source[0]
     B, T = cfg.batch_size, cfg.seq_len
     check_seq_len(T, mc)
+    resolve_recompute_gelu(cfg, explicit, mc, backend, dist)
+    model = build_model(cfg.model or "tiny", backend, seed=cfg.seed,
+                        recompute_gelu=cfg.recompute_gelu, source=source)
     if cfg.save:
         check_save(cfg.save, model)
     tokenizer = None
@@ -193,9 +206,6 @@ def _train(cfg, explicit, preempt):
                                              "--sample-every 0)")
     opt = AdamW(model, AdamWConfig(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay),
                 decayed=model.layout.decayed(), shard=dist.shard(model.num_parameters()))
-    if cfg.recompute_gelu is None:        # config.json then records what ran
-        cfg.recompute_gelu = default_recompute_gelu(model, opt, backend, B, T)
-        model.recompute_gelu = cfg.recompute_gelu   # before the first forward sizes the buffers
     print(f"model: L={mc.num_layers} NH={mc.num_heads} C={mc.channels} V={mc.vocab_size} "
           f"Vp={mc.padded_vocab_size} maxT={mc.max_seq_len}, {model.num_parameters():,} "
           f"parameters | backend {backend.name}"
@@ -203,94 +213,78 @@ def _train(cfg, explicit, preempt):
           f"B={B} T={T} grad accum {accum}"
           + (f" | {dist.world} ranks" + (", ZeRO-1" if dist.zero else "") if dist.world > 1
              else ""))
-    train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed,
-                              dist.rank, dist.world)
-    val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
-    if val_loader and cfg.val_every:
-        val_loader.require_batches(cfg.val_batches, cfg.val_data)
-    hella = read_hellaswag(cfg.hellaswag_data, model) if cfg.hellaswag_every and main else None
-    tokenizer = tokenizer if main else None
+    loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed, dist.rank,
+                        dist.world)
+    state = RunState(cfg, loader, accum)
+    start = 0
+    # (every N steps, hook), each made here, so that its files are read before any work
+    val = val_hook(cfg, model, mc.vocab_size) if cfg.val_data and main else None
+    hooks = [(cfg.val_every, val)]
+    if main and cfg.hellaswag_every:
+        hooks += [(cfg.hellaswag_every, hellaswag_hook(cfg, model))]
+    if main and cfg.sample_every:
+        hooks += [(cfg.sample_every, sample_hook(cfg, model, tokenizer, state))]
     mem = {**model.memory(B, T), "AdamW state": opt.state_bytes()}
     print("memory: " + ", ".join(f"{k} {v / 2 ** 20:,.1f}" for k, v in mem.items())
           + f" MiB; {sum(mem.values()) / 2 ** 20:,.1f} MiB in all")
-    # model FLOPs utilization per GPU, as llm.c prints it, where the backend knows its peak
-    peak = backend.peak_flops()
-    run = RunState(cfg, train_loader, accum)
-    start = 0
     if cfg.run_dir:
         if main:
             checkpoints.prepare(cfg.run_dir, cfg.resume)
-        manifest = dist.load_checkpoint(cfg.run_dir, model, opt) if cfg.resume else None
+        manifest = None
+        if cfg.resume:     # ZeRO-1 keeps this rank's shard of AdamW's state; rank 0 alone
+            # sets a damaged checkpoint aside
+            manifest = (dist.load_sharded(cfg.run_dir, model, opt) if dist.zero else
+                        checkpoints.load_latest(cfg.run_dir, model, opt, main))
         if manifest:
-            run.load_state(manifest, cfg.run_dir)
+            state.load_state(manifest, cfg.run_dir)
             start = manifest["step"]
         if main:    # once the checkpoint fits these flags: a refused --resume leaves it as it was
             checkpoints.write_config(cfg.run_dir, {"train": dataclasses.asdict(cfg),
-                                              "model": dataclasses.asdict(mc),
-                                              "backend": backend.name,
-                                              "git_commit": checkpoints.git_commit()})
+                                                   "model": dataclasses.asdict(mc),
+                                                   "backend": backend.name,
+                                                   "git_commit": checkpoints.git_commit()})
+    log, logfile = log_hook(cfg, start) if main else (None, None)
+    hooks += [(1, log)]
+    save = checkpoint_hook(cfg, model, opt, state, dist) if cfg.run_dir else None
+    hooks += [(cfg.checkpoint_every, save)]
+    hooks = [(every, hook) for every, hook in hooks if hook and every]
     dist.broadcast(model.params.buf)      # every rank starts from rank 0's weights
-    log = open_log(cfg, start) if main else None
-    do_val = val_loader is not None and cfg.val_every > 0
+    # model FLOPs utilization per GPU, as llm.c prints it, where the backend knows its peak
+    peak = backend.peak_flops()
     try:
-        if do_val and start == 0:
-            print(f"step 0: val loss {val_loss(model, val_loader, cfg.val_batches):.6f}")
+        if val and start == 0:
+            val(0, {})
         for step in range(start + 1, cfg.steps + 1):
-            last = step == cfg.steps
             t0 = time.perf_counter()
             if cfg.overfit_single_batch:
-                train_loader.reset()
+                loader.reset()
             lr = get_lr(step - 1, cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.steps,
                         cfg.final_lr_frac)
-            loss = dist.mean(forward_backward(model, train_loader, accum, dist))
-            norm = dist.grad_norm(model)
-            reason = guard(step, loss, norm, model, run, cfg)
-            if reason is None:
-                opt.update(lr, clip_scale(norm, cfg.grad_clip))
-                dist.sync_params(model.params.buf)
-            dist.check_params(model.params.buf, step)
+            r = train_step(model, opt, [loader.next_batch() for _ in range(accum)], lr,
+                           cfg.grad_clip, state.guard, dist, step)
             ms = (time.perf_counter() - t0) * 1e3
-            rec = {"step": step, "train_loss": finite_or_none(loss), "ms": ms,
+            rec = {"step": step, "train_loss": finite_or_none(r.loss), "ms": ms,
                    "tokens_per_s": B * T * accum * dist.world / ms * 1e3, "lr": lr,
-                   "grad_norm": finite_or_none(norm)}
+                   "grad_norm": finite_or_none(r.norm)}
             if peak:
                 rec["mfu"] = flops_per_token(mc, T) * rec["tokens_per_s"] / dist.world / peak
-            print(f"step {step:4d}/{cfg.steps} | loss {loss:.6f} | lr {lr:.2e} | norm "
-                  f"{norm:.4f} | {ms:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s"
-                  + (f" | {rec['mfu']:.1%} MFU" if peak else ""), flush=True)
-            if reason:
-                rec["skipped"] = reason
-                print(f"warning: step {step}: update skipped: {reason}", flush=True)
-            if do_val and (step % cfg.val_every == 0 or last):
-                rec["val_loss"] = val_loss(model, val_loader, cfg.val_batches)
-                print(f"val loss {rec['val_loss']:.6f}")
-            if hella and (step % cfg.hellaswag_every == 0 or last):
-                correct, total = hellaswag(model, hella, B, T)
-                rec["hellaswag_acc"] = correct / total
-                print(f"HellaSwag: {correct}/{total} = {correct / total:.4f}")
-            if tokenizer and (step % cfg.sample_every == 0 or last):
-                text = sample_text(model, tokenizer, cfg, run.rng)
-                print(f"--- sample at step {step} ---\n{text}\n---", flush=True)
-            if log:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            stop = not last and preempt.agreed(dist)
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last) or (
-                    stop and cfg.run_dir):
-                full = dist.full_optimizer(opt)   # all ranks: ZeRO-1 gathers the shards
-                if main:
-                    checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
-                                cfg.major_every)
-            if stop:
+            if r.skipped:
+                rec["skipped"] = r.skipped
+            report(step, r, rec, cfg)
+            last = step == cfg.steps
+            for every, hook in hooks:
+                if step % every == 0 or last:
+                    hook(step, rec)
+            if not last and preempt.agreed(dist):     # every rank agrees, or none stops
+                if save and not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    save(step, rec)
                 dist.close()
                 raise preempt.stopped(step, cfg.run_dir and os.path.join(cfg.run_dir,
                                                                          f"ckpt_{step:08d}"))
     finally:
-        if log:
-            log.close()
+        if logfile:
+            logfile.close()
     if cfg.save and main:
         save_model(cfg.save, model, backend.to_host(model.params.buf))
         print(f"saved {cfg.save}")
-    dist.close()
     return model
-

@@ -20,6 +20,12 @@ class AdamWConfig:
     weight_decay: float = 0.0
 
 
+def state_bytes(n, itemsize):
+    """Bytes of AdamW's float32 state for n parameters of `itemsize` bytes: m and v, and the
+    master weights that a backend with bf16 params adds at the first update."""
+    return 4 * n * (3 if itemsize < 4 else 2)
+
+
 def decay_ranges(params, weight_decay, decayed=None, shard=None):
     """[(slice, weight decay)]: runs of adjacent tensors that share a decay, within `shard` (a
     slice of the flat buffer; None: all of it) and relative to its start.
@@ -57,11 +63,7 @@ class AdamW:
         self.ranges = decay_ranges(model.params, self.config.weight_decay, decayed, self.shard)
 
     def state_bytes(self):
-        """Bytes of the optimizer's float32 state: m and v, and the master weights that a
-        backend with bf16 params adds at the first update."""
-        n = self.shard.stop - self.shard.start
-        master = self.model.params.buf.itemsize < 4
-        return 4 * n * (3 if master else 2)
+        return state_bytes(self.shard.stop - self.shard.start, self.model.params.buf.itemsize)
 
     def update(self, lr=None, grad_scale=1.0):
         """One AdamW step with the gradients in model.grads times grad_scale (clip_scale); lr

@@ -275,7 +275,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
 
 # ----------------------------------------------------------------------------- rmsnorm
 
-def _rows(*arrays):
+def _row_spans(*arrays):
     """(...,C) arrays of one shape as N*H rows of C for the row kernels: N, H, and for each
     array its memory from the first element to the last as a contiguous 1-D array, with the
     strides (in elements) of its N and H axes. The heads of q or k inside the packed qkv,
@@ -314,7 +314,7 @@ def _rmsnorm_row(out, x, weight, eps, offset):
 
 @kernel
 def _rmsnorm_forward(out, os, rstd, inp, xs, N, H, weight, eps, offset):
-    # rows of C = weight's length: out, inp: spans (see _rows) with strides os, xs;
+    # rows of C = weight's length: out, inp: spans (see _row_spans) with strides os, xs;
     # rstd: (N*H,), weight: (C,)
     C = weight.shape[0]
     for n in range(N):
@@ -326,7 +326,7 @@ def _rmsnorm_forward(out, os, rstd, inp, xs, N, H, weight, eps, offset):
 def rmsnorm_forward(out, rstd, inp, weight, eps, offset=0.0):
     # out: (...,C), rstd: (...), inp: (...,C), weight: (C,). offset=1.0 is Gemma's x*(1+w).
     # out may be inp (each value is read before it is written).
-    N, H, ((y, ys), (x, xs)) = _rows(out, inp)
+    N, H, ((y, ys), (x, xs)) = _row_spans(out, inp)
     _rmsnorm_forward(y, ys, rstd.reshape(-1), x, xs, N, H, weight, eps, np.float32(offset))
 
 
@@ -351,7 +351,7 @@ def residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps, offse
 
 @kernel
 def _rmsnorm_backward(dinp, dxs, dweight, dout, dys, inp, xs, weight, rstd, N, H, offset):
-    # rows of C: dinp, dout, inp: spans with strides dxs, dys, xs (see _rows); dweight,
+    # rows of C: dinp, dout, inp: spans with strides dxs, dys, xs (see _row_spans); dweight,
     # weight: (C,), rstd: (N*H,). With norm = x * rstd:
     # dx = rstd * (dnorm - norm * mean(dnorm * norm)), dnorm = dout * (offset + w).
     C = weight.shape[0]
@@ -373,7 +373,7 @@ def _rmsnorm_backward(dinp, dxs, dweight, dout, dys, inp, xs, weight, rstd, N, H
 
 def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, offset=0.0):
     # dinp: (...,C), dweight: (C,), dout: (...,C), inp: (...,C), weight: (C,), rstd: (...)
-    N, H, ((dx, dxs), (dy, dys), (x, xs)) = _rows(dinp, dout, inp)
+    N, H, ((dx, dxs), (dy, dys), (x, xs)) = _row_spans(dinp, dout, inp)
     _rmsnorm_backward(dx, dxs, dweight, dy, dys, x, xs, weight, rstd.reshape(-1), N, H,
                       np.float32(offset))
 
@@ -613,7 +613,7 @@ def attention_backward(dinp, dpreatt, datt, dout, inp, att, scale=None, softcap=
 
 @kernel
 def _rope_forward(out, os, inp, xs, N, H, cos, sin):
-    # out, inp: spans of N*H rows of hd (see _rows) with strides os, xs; cos, sin: (T,hd/2),
+    # out, inp: spans of N*H rows of hd (see _row_spans) with strides os, xs; cos, sin: (T,hd/2),
     # row n at position n % T
     T, half = cos.shape
     for n in range(N):
@@ -630,7 +630,7 @@ def _rope_forward(out, os, inp, xs, N, H, cos, sin):
 def rope_forward(out, inp, cos, sin):
     # out, inp: (B,T,H,hd) (views allowed; out may not alias inp), cos, sin: (T,hd/2)
     # out1 = x1*cos - x2*sin ; out2 = x2*cos + x1*sin
-    N, H, ((y, ys), (x, xs)) = _rows(out, inp)
+    N, H, ((y, ys), (x, xs)) = _row_spans(out, inp)
     _rope_forward(y, ys, x, xs, N, H, cos, sin)
 
 
@@ -651,7 +651,7 @@ def _rope_backward(dinp, dxs, dout, dys, N, H, cos, sin):
 
 def rope_backward(dinp, dout, cos, sin):
     # dinp, dout: (B,T,H,hd), cos, sin: (T,hd/2); dinp += the inverse rotation of dout
-    N, H, ((dx, dxs), (dy, dys)) = _rows(dinp, dout)
+    N, H, ((dx, dxs), (dy, dys)) = _row_spans(dinp, dout)
     _rope_backward(dx, dxs, dy, dys, N, H, cos, sin)
 
 
@@ -786,19 +786,6 @@ def _softcap_backward(dinp, dout, out, cap):
 def softcap_backward(dinp, dout, out, cap):
     # dinp += dout * (1 - (out/cap)^2): tanh's derivative from the forward's OUTPUT
     _softcap_backward(dinp.reshape(-1), dout.reshape(-1), out.reshape(-1), np.float32(cap))
-
-
-# ----------------------------------------------------------------------------- residual
-
-@kernel
-def _residual_forward(out, inp1, inp2):
-    for i in range(out.size):
-        out[i] = inp1[i] + inp2[i]
-
-
-def residual_forward(out, inp1, inp2):
-    # out, inp1, inp2: (B,T,C)
-    _residual_forward(out.reshape(-1), inp1.reshape(-1), inp2.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- softmax + cross-entropy

@@ -29,16 +29,15 @@ Mixed precision, the way llm.c's train_gpt2.cu does it, in the backend-neutral m
 - writes_activation_grads: as in llm.c's train_gpt2.cu, the backward ops of matmul,
   GELU, attention and the classifier write their input's gradient instead of adding into it.
   Each of those gradients has exactly one writer, so the model never zeroes their buffers:
-  that saves a pass writing zeros and one reading them back, per layer (at GPT-2 124M, B=16,
-  T=1024 in bf16, 8.4 GB of traffic a step). The parameters' gradients still accumulate, and
+  that saves a pass writing zeros and one reading them back, per layer (bench/RESULTS.md has
+  the traffic at GPT-2 124M). The parameters' gradients still accumulate, and
   so does the residual stream's (layernorm's dinp). The classifier writes dlogits over the
   logits, which have no other reader.
 - sums_bias_grads: layernorm's and GELU's backwards take `dsums` and sum into it,
   over the rows, the gradient they leave, which is the dout of the matmul backward that comes
   next (attproj's, fcproj's, fc's): the model gives them that matmul's bias gradient, and the
-  matmul None. Each of those douts is then read once instead of twice (at GPT-2 124M, B=64,
-  T=1024: 7.2 GB a step, about 2.7 ms of torch's column sums on an H200, for 1.2 ms more in
-  the two kernels: bench/RESULTS.md).
+  matmul None. Each of those douts is then read once instead of twice (the time it saves on a
+  GPU is in bench/RESULTS.md).
 """
 import os
 import sys
@@ -68,7 +67,7 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H
               ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CAPS = Capabilities(fused=True, writes_activation_grads=True, sums_bias_grads=True,
-                    master_weights=True)
+                    master_weights=True, host_arrays=False)
 
 
 def make(dtype=None):
@@ -124,10 +123,4 @@ def to_host(x):
     x = x.detach()
     return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).cpu().numpy()
 
-
-# ----------------------------------------------------------------------------- residual
-
-def residual_forward(out, inp1, inp2):
-    # out, inp1, inp2: (B,T,C)
-    torch.add(inp1, inp2, out=out)
 

@@ -364,9 +364,9 @@ def sum_squares(x):
 
 
 # AdamW walks the flat buffers this many elements at a time, so that each chunk's temporaries
-# (64 KB) come from memory malloc reuses, under its mmap threshold, and stay in cache. At 124M
-# parameters one pass with (N,) temporaries took 1.5x as long; chunks of 256 KB, over the
-# threshold, took 3x.
+# (64 KB) come from memory malloc reuses, under its mmap threshold, and stay in cache: faster
+# than one pass with (N,) temporaries, and than chunks over the threshold (bench/RESULTS.md,
+# "The NumPy reference's AdamW in chunks").
 ADAMW_CHUNK = 1 << 14
 
 

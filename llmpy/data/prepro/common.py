@@ -17,7 +17,7 @@ from ...io.tokenizer import EOT_TEXT, Tokenizer
 MIN_WORK_CHARS = 1 << 20   # a process pool pays off only when each process gets this much text
 # A streamed work item: tiktoken returns its tokens as a Python list (~12 MB per MiB of text)
 # before they become uint16, so smaller items keep each process smaller, at no speed cost
-# measured (bench/bench_fineweb.py: 256 KiB items, 62 MB a process; 1 MiB, 75 MB).
+# (bench/bench_fineweb.py's measurements are in bench/RESULTS.md).
 STREAM_ITEM_CHARS = 1 << 18
 
 
