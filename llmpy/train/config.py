@@ -59,8 +59,14 @@ class TrainConfig:
     skip_update_gradz: float = _f(0.0, "skip the update when the grad-norm z-score over the "
                                   "last 64 steps exceeds this (0: off)", least=0)
     overfit_single_batch: bool = _f(False, "debug: train on the first batch over and over")
-    shuffle: bool = _f(False, "shuffle the training windows (seeded)")
-    seed: int = _f(1337, "seed for init, shuffling and sampling", least=0)
+    # Off by default, unlike llm.c's trainers, so that a plain run reads its data in order as a
+    # plain PyTorch loop does, and a data-parallel run reads what one process would (llm.c's
+    # ranks each shuffle with their own seed).
+    shuffle: bool = _f(False, "shuffle the training windows in llm.c's order (dataloader.h: "
+                       "an mt19937 seeded --shuffle-seed + rank), so that --model gpt2 -b 4 "
+                       "-t 64 on llm.c's data gives train_gpt2.c's losses step for step")
+    shuffle_seed: int = _f(42, "seed of --shuffle's order (llm.c's: 42)", least=0)
+    seed: int = _f(1337, "seed for init and sampling", least=0)
     val_every: int = _f(10, "validate every N steps (0: never)", least=0)
     val_batches: int = _f(5, "batches per validation", least=1)
     sample_every: int = _f(20, "print a sample every N steps (0: never)", least=0)

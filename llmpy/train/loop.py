@@ -200,8 +200,8 @@ def train(cfg, explicit=None):
           f"B={B} T={T} grad accum {accum}"
           + (f" | {dist.world} ranks" + (", ZeRO-1" if dist.zero else "") if dist.world > 1
              else ""))
-    train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed,
-                              dist.rank, dist.world)
+    train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle,
+                              cfg.shuffle_seed, dist.rank, dist.world)
     val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
     if val_loader and cfg.val_every:
         val_loader.require_batches(cfg.val_batches, cfg.val_data)
