@@ -1,7 +1,9 @@
 """`llmpy <subcommand>`: the command line. Bad input ends in one line on stderr and exit 1."""
 import argparse
 import sys
+import textwrap
 
+from . import __version__
 from .backends import set_thread_env
 from .bench import add_parsers as add_bench_parsers
 from .data.prepro import add_parser as add_prepro_parser
@@ -32,6 +34,7 @@ def cmd_sample(args):
     for name in ("tokens", "temperature", "top_k", "seed"):
         check_range(name, getattr(args, name), least=0)
     model = build_model(args.model, get_backend(args.backend))
+    name_checkpoint(args.model)
     tok = Tokenizer()
     prompt = tok.encode(args.prompt) if args.prompt else []
     rng = np.random.default_rng(args.seed)
@@ -46,15 +49,31 @@ def cmd_sample(args):
             print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(ids.tolist())}")
         return
     sys.stdout.write(args.prompt)
-    out = []
+    out, tail = [], args.prompt[-2:]
     for ids in rows:
+        if int(ids[0]) == tok.eot:      # a document boundary: a blank line, not its name
+            text = tok.decode(out)
+            tail = (tail + text)[-2:]
+            sys.stdout.write(text + "\n" * (2 - (len(tail) - len(tail.rstrip("\n")))))
+            out, tail = [], "\n\n"
+            continue
         out.append(int(ids[0]))
         text = tok.decode(out)
         if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
             sys.stdout.write(text)
             sys.stdout.flush()
-            out = []
+            out, tail = [], (tail + text)[-2:]
     sys.stdout.write(tok.decode(out) + "\n")
+
+
+def name_checkpoint(model):
+    """Say which checkpoint of a run directory --model loaded (on stderr: stdout is the
+    text)."""
+    import os
+    from .io.hf import is_hf_dir
+    from .train.checkpoints import newest_checkpoint
+    if os.path.isdir(model) and not is_hf_dir(model):
+        print(f"sampling from {newest_checkpoint(model)}", file=sys.stderr)
 
 
 def cmd_plot(args):
@@ -94,15 +113,21 @@ def cmd_bench_gpu(args):
 
 def make_parser():
     p = argparse.ArgumentParser(prog="llmpy", description="GPT-2 training in simple, fast Python.")
+    p.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
+    # wrapped here, as argparse would break a --flag-name at its hyphens
     t = sub.add_parser("train", help="train a GPT-2 (default: a small model on the bundled "
-                       "Shakespeare)", description="Train a GPT-2 with AdamW. With no --model "
-                       "and no --train-data, the embedded default: a model trained from "
-                       "scratch on the bundled Shakespeare, with "
-                       + " ".join(f"--{k.replace('_', '-')} {v}"
-                                  for k, v in EMBEDDED_DEFAULT.items())
-                       + " in place of the defaults below, for the flags not given.")
+                       "Shakespeare)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(
+                           "Train a GPT-2 with AdamW. With no --model and no --train-data, the "
+                           "embedded default: a model trained from scratch, into a new run "
+                           "directory runs/shakespeare-DATE-TIME, on the bundled Shakespeare, "
+                           "with " + " ".join(f"--{k.replace('_', '-')}" + (
+                               "" if v is True else f" {v}")
+                               for k, v in EMBEDDED_DEFAULT.items())
+                           + " in place of the defaults below, for the flags not given.",
+                           width=78, break_on_hyphens=False))
     add_arguments(t, TrainConfig, short={"batch_size": "-b", "seq_len": "-t"})
     t.set_defaults(func=cmd_train)
 
@@ -181,7 +206,12 @@ def make_parser():
     add_bench_parsers(bench)
     g = bench.add_parser("gpu", help="GPT-2 training on the gpu backend vs PyTorch + "
                          "torch.compile, and flash attention vs SDPA",
-                         description="Needs a CUDA GPU. See llmpy/bench/gpu.py.")
+                         description="GPT-2 training throughput on the gpu backend beside "
+                         "nanoGPT's PyTorch recipe (torch.compile, bf16 autocast, SDPA, fused "
+                         "AdamW) from the same weights on the same batches: ms/step, tokens/s, "
+                         "MFU and peak memory per side, each side's kernel times, and flash "
+                         "attention against F.scaled_dot_product_attention. Needs a CUDA GPU, "
+                         "torch and triton (pip install '.[gpu]' beside a CUDA build of torch).")
     g.add_argument("--model", default="d12", choices=PRESETS,
                    help="preset (default: d12, GPT-2 124M's shape)")
     g.add_argument("-b", "--batch-size", type=int, nargs="+", default=[64, 32, 16],

@@ -10,6 +10,7 @@ the shared context; the lowest wins (llm.c's acc_norm)."""
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -21,13 +22,21 @@ START_EXAMPLE = 65535
 NUM_COMPLETIONS = 4
 
 
-def progress(iterable, **kwargs):
-    """A tqdm progress bar when tqdm is installed (and stderr is a terminal)."""
+def progress(iterable, desc="", **kwargs):
+    """A tqdm progress bar on stderr when it is a terminal; without tqdm, a counter there."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return iterable
-    return tqdm(iterable, disable=None, leave=False, **kwargs)
+        return _counter(iterable, desc) if sys.stderr.isatty() else iterable
+    return tqdm(iterable, disable=None, leave=False, desc=desc, **kwargs)
+
+
+def _counter(iterable, desc):
+    items = list(iterable)
+    for i, x in enumerate(items):
+        print(f"\r{desc} {i}/{len(items)}", end="", file=sys.stderr, flush=True)
+        yield x
+    print(f"\r{desc} {len(items)}/{len(items)}", file=sys.stderr)
 
 
 def write_evalfile(path, examples):
@@ -166,15 +175,19 @@ def evaluate(cfg, explicit):
     model = build_model(cfg.model, get_backend(cfg.backend))
     B, T, mc = cfg.batch_size, cfg.seq_len, model.config
     check_seq_len(T, mc)
-    r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
+    r = {"model": cfg.model, "num_layers": mc.num_layers, "channels": mc.channels,
+         "batch_size": B, "seq_len": T, "backend": model.backend.name}
     # read every file before the first forward pass, so bad input fails at once
     loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None
     examples = read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_data else None
     if loader:
         batches = cfg.val_batches or sum(loader.windows)
         loader.require_batches(batches, cfg.val_data)
+        print(f"scoring {batches} batches of B*T = {B}*{T} tokens of {cfg.val_data}",
+              file=sys.stderr, flush=True)
         r.update(val_data=cfg.val_data, val_loss=val_loss(model, loader, batches),
                  val_tokens=batches * B * T)
+        r["val_perplexity"] = math.exp(r["val_loss"])
     if examples:
         correct, total = hellaswag(model, examples, B, T)
         r.update(hellaswag_data=cfg.hellaswag_data, hellaswag_correct=correct,
@@ -185,7 +198,7 @@ def evaluate(cfg, explicit):
     print(f"model {cfg.model}: L={mc.num_layers} C={mc.channels} | backend {r['backend']} | "
           f"B={B} T={T}")
     if loader:
-        print(f"val loss {r['val_loss']:.6f} | perplexity {math.exp(r['val_loss']):.2f} | "
+        print(f"val loss {r['val_loss']:.6f} | perplexity {r['val_perplexity']:.2f} | "
               f"{r['val_tokens']:,} tokens of {cfg.val_data}")
     if examples:
         print(f"HellaSwag: {correct}/{total} = {r['hellaswag_acc']:.4f} (acc_norm)")

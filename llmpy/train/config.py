@@ -12,6 +12,7 @@ from ..io.files import ensure_dir
 from ..model.build import PRESETS, PRETRAINED
 from . import checkpoints
 from .optim import SCHEDULES
+from .report import embedded_run_dir
 
 
 BACKEND_HELP = ("compute backend: numpy, cpu, gpu, or auto (cpu when numba and scipy are "
@@ -68,7 +69,7 @@ class TrainConfig:
     shuffle_seed: int = _f(42, "seed of --shuffle's order (llm.c's: 42)", least=0)
     seed: int = _f(1337, "seed for init and sampling", least=0)
     val_every: int = _f(10, "validate every N steps (0: never)", least=0)
-    val_batches: int = _f(5, "batches per validation", least=1)
+    val_batches: int = _f(5, "batches per validation (0: the whole val split)", least=0)
     sample_every: int = _f(20, "print a sample every N steps (0: never)", least=0)
     sample_tokens: int = _f(64, "tokens per sample")      # >= 1 when sampling: check_flags
     sample_temperature: float = _f(1.0, "sampling temperature (0: greedy)", least=0)
@@ -128,8 +129,10 @@ class EvalConfig:
 
 # What the embedded default changes, for every field the user did not set on the command line:
 # a from-scratch model needs a larger learning rate and more steps than a GPT-2 fine-tune.
-EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, grad_clip=1.0,
-                        val_every=50, sample_every=150, sample_tokens=96)
+EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, warmup_steps=30,
+                        final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, shuffle=True,
+                        val_every=100, val_batches=0, sample_every=300, sample_tokens=96,
+                        sample_temperature=0.8, sample_top_k=40, checkpoint_every=100)
 
 
 def add_arguments(parser, cls, short=None):
@@ -190,13 +193,16 @@ def from_arguments(cls, args):
 
 
 def apply_embedded_default(cfg, explicit):
-    """No model and no data: train a small model from scratch on the bundled Shakespeare."""
+    """No model and no data: train a small model from scratch on the bundled Shakespeare, into
+    a new run directory (runs/shakespeare-DATE-TIME) unless --run-dir is given."""
     for k, v in EMBEDDED_DEFAULT.items():
         if k not in explicit:
             setattr(cfg, k, v)
     cfg.train_data = bundled_data("shakespeare_train.bin")
     if "val_data" not in explicit:
         cfg.val_data = bundled_data("shakespeare_val.bin")
+    if "run_dir" not in explicit:
+        cfg.run_dir = embedded_run_dir()
 
 
 def restore_flags(cfg, explicit, run_dir, names):
@@ -242,7 +248,8 @@ def check_flags(cfg):
     if cfg.lr_schedule not in SCHEDULES:
         raise LlmpyError(f"unknown --lr-schedule {cfg.lr_schedule!r} (choose from "
                          f"{', '.join(SCHEDULES)})")
-    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir:
+    # (the embedded default, no --model and no --train-data, makes its own run directory)
+    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir and (cfg.model or cfg.train_data):
         raise LlmpyError("--resume and --checkpoint-every need a --run-dir")
 
 

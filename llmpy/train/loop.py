@@ -26,6 +26,7 @@ from . import checkpoints, distributed
 from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
                      restore_flags)
 from .optim import AdamW, AdamWConfig, OutlierDetector, clip_scale, get_lr
+from .report import progress, readable, summary
 
 MAX_NONFINITE = 3   # steps in a row with a NaN/inf loss or grad norm before a run gives up
 
@@ -56,7 +57,7 @@ def default_recompute_gelu(model, opt, backend, B, T):
 def sample_text(model, tokenizer, cfg, rng):
     ids = list(generate(model, [], cfg.sample_tokens, rng, cfg.sample_temperature,
                         cfg.sample_top_k))
-    return tokenizer.decode(ids)
+    return readable(tokenizer, ids)
 
 
 def forward_backward(model, loader, accum, dist):
@@ -171,7 +172,8 @@ def train(cfg, explicit=None):
         print(f"resume: flags from {cfg.run_dir}/config.json: {' '.join(restored)}")
     if not cfg.model and not cfg.train_data:
         apply_embedded_default(cfg, explicit)
-        print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")
+        print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare, "
+              f"saved in {cfg.run_dir}")
     if not cfg.train_data:
         raise LlmpyError("--train-data is required when --model is given")
     accum = grad_accum_steps(cfg, dist.world)
@@ -203,8 +205,9 @@ def train(cfg, explicit=None):
     train_loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle,
                               cfg.shuffle_seed, dist.rank, dist.world)
     val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
+    val_batches = (cfg.val_batches or sum(val_loader.windows)) if val_loader else 0
     if val_loader and cfg.val_every:
-        val_loader.require_batches(cfg.val_batches, cfg.val_data)
+        val_loader.require_batches(val_batches, cfg.val_data)
     hella = (read_evalfile(cfg.hellaswag_data, mc.vocab_size) if cfg.hellaswag_every and main
              else None)
     tokenizer = Tokenizer() if cfg.sample_every and main else None
@@ -222,6 +225,9 @@ def train(cfg, explicit=None):
         if manifest:
             run.load_state(manifest, cfg.run_dir)
             start = manifest["step"]
+            if main and start >= cfg.steps:
+                print(f"{cfg.run_dir}: already finished at step {start} (--steps {cfg.steps}): "
+                      f"nothing to train; pass a larger --steps to continue it")
         if main:    # once the checkpoint fits these flags: a refused --resume leaves it as it was
             checkpoints.write_config(cfg.run_dir, {"train": dataclasses.asdict(cfg),
                                               "model": dataclasses.asdict(mc),
@@ -230,9 +236,10 @@ def train(cfg, explicit=None):
     dist.broadcast(model.params.buf)      # every rank starts from rank 0's weights
     log = open_log(cfg, start) if main else None
     do_val = val_loader is not None and cfg.val_every > 0
+    t_start, rec = time.perf_counter(), {}
     try:
         if do_val and start == 0:
-            print(f"step 0: val loss {val_loss(model, val_loader, cfg.val_batches):.6f}")
+            print(f"step 0: val loss {val_loss(model, val_loader, val_batches):.6f}")
         for step in range(start + 1, cfg.steps + 1):
             last = step == cfg.steps
             t0 = time.perf_counter()
@@ -255,13 +262,14 @@ def train(cfg, explicit=None):
                 rec["mfu"] = flops_per_token(mc, T) * rec["tokens_per_s"] / dist.world / peak
             print(f"step {step:4d}/{cfg.steps} | loss {loss:.6f} | lr {lr:.2e} | norm "
                   f"{norm:.4f} | {ms:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s"
-                  + (f" | {rec['mfu']:.1%} MFU" if peak else ""), flush=True)
+                  + (f" | {rec['mfu']:.1%} MFU" if peak else "")
+                  + progress(time.perf_counter() - t_start, step, start, cfg.steps), flush=True)
             if reason:
                 rec["skipped"] = reason
                 print(f"warning: step {step}: update skipped: {reason}", flush=True)
             if do_val and (step % cfg.val_every == 0 or last):
-                rec["val_loss"] = val_loss(model, val_loader, cfg.val_batches)
-                print(f"val loss {rec['val_loss']:.6f}")
+                rec["val_loss"] = val_loss(model, val_loader, val_batches)
+                print(f"step {step}: val loss {rec['val_loss']:.6f}")
             if hella and (step % cfg.hellaswag_every == 0 or last):
                 correct, total = hellaswag(model, hella, B, T)
                 rec["hellaswag_acc"] = correct / total
@@ -277,12 +285,17 @@ def train(cfg, explicit=None):
                 if main:
                     checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
                                 cfg.major_every)
+                    print(f"saved checkpoint {checkpoints.newest_checkpoint(cfg.run_dir)}")
     finally:
         if log:
             log.close()
     if cfg.save and main:
         write_model(cfg.save, mc, backend.to_host(model.params.buf))
         print(f"saved {cfg.save}")
+    if main and rec:
+        print("\n".join(summary(cfg, time.perf_counter() - t_start, rec, val_batches,
+                                val_batches * B * T, cfg.run_dir and
+                                checkpoints.newest_checkpoint(cfg.run_dir))))
     dist.close()
     return model
 
