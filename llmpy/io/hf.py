@@ -29,6 +29,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOCAL_SUFFIXES = (".bin", ".safetensors", ".json")   # a file's name, never a hub model's
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
+GPT2_VOCAB = 50257        # a model of this vocabulary gets GPT-2's tokenizer files on export
 
 
 def is_hf_dir(path):
@@ -257,19 +258,83 @@ def write_gpt2_tokenizer(path, cfg):
     print(f"wrote {path}")
 
 
+def byte_chars():
+    """GPT-2's byte -> character table for vocab.json and merges.txt (encoder.py's
+    bytes_to_unicode): the printable Latin-1 bytes stand for themselves, the other 68 for
+    chr(256), chr(257), ... in byte order, so that no token is written with a space or a
+    control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def bpe_merges(ranks):
+    """GPT-2's merges, in rank order, from its BPE ranks alone: each token of 2+ bytes is the
+    merge of the two parts that byte-pair encoding with only the lower ranks leaves of it."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:        # merge the pair of lowest rank (below this token's)
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1],
+                                                                       rank))
+            if ranks.get(parts[i] + parts[i + 1], rank) >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise LlmpyError(f"BPE rank {rank}: token {token!r} is not the merge of two "
+                             "lower-ranked tokens")
+        merges.append(tuple(parts))
+    return merges
+
+
+def write_hf_gpt2_tokenizer(out_dir):
+    """GPT-2's tokenizer files as transformers' GPT2Tokenizer reads them (vocab.json,
+    merges.txt, tokenizer_config.json), derived from the BPE ranks bundled with llmpy, so that
+    AutoTokenizer.from_pretrained(out_dir) encodes as tiktoken's gpt2 does."""
+    from .tokenizer import EOT, EOT_TEXT, load_ranks
+    ranks = load_ranks()
+    chars = byte_chars()
+    text = lambda b: "".join(chars[x] for x in b)           # noqa: E731
+    vocab = {text(b): r for b, r in ranks.items()}
+    vocab[EOT_TEXT] = EOT
+    merges = "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in bpe_merges(ranks))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
+              "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
+              "add_prefix_space": False, "errors": "replace"}
+    for name, body in (("vocab.json", json.dumps(vocab, ensure_ascii=False)),
+                       ("merges.txt", merges),
+                       ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):
+        atomic_write(os.path.join(out_dir, name), [np.frombuffer(body.encode(), np.uint8)])
+
+
 def convert(src, out, dtype="fp32", tokenizer=""):
     """llm.c model file -> HF directory, or HF directory / hub name -> llm.c model file
     (and, optionally, llm.c's tokenizer file)."""
-    if os.path.isfile(src):
+    run_dir = os.path.isdir(src) and not is_hf_dir(src)
+    if os.path.isfile(src) or run_dir:
         if tokenizer:
             raise LlmpyError(f"{tokenizer}: --tokenizer writes llm.c's tokenizer file, for a "
                              "conversion to an llm.c .bin")
         if dtype != "fp32":
             raise LlmpyError(f"--dtype {dtype}: applies to a conversion to an llm.c .bin; "
                              "the HF model.safetensors is written in fp32")
-        cfg, flat = read_model(src)
+        if run_dir:              # the run directory's format is the trainer's
+            from ..train.checkpoints import newest_checkpoint, newest_weights
+            cfg, flat = newest_weights(src)
+            src = newest_checkpoint(src)
+        else:
+            cfg, flat = read_model(src)
         write_hf(out, cfg, flat)
-        print(f"wrote {out}/ (config.json, model.safetensors) from {src}")
+        files = "config.json, model.safetensors"
+        if cfg.vocab_size == GPT2_VOCAB:
+            write_hf_gpt2_tokenizer(out)
+            files += ", vocab.json, merges.txt, tokenizer_config.json"
+        print(f"wrote {out}/ ({files}) from {src}"
+              + ("" if cfg.vocab_size == GPT2_VOCAB else f": no tokenizer files, as the "
+                 f"vocabulary of {cfg.vocab_size:,} tokens is not GPT-2's"))
     else:
         for path in filter(None, (out, tokenizer)):     # before a download, or half the output
             check_output_file(path)
