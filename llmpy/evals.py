@@ -155,7 +155,8 @@ def evaluate(cfg, explicit):
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
     from .train.config import check_fields, check_seq_len
-    from .data.loader import DataLoader, bundled_data
+    from .data.loader import DataLoader, bundled_data, expand_files
+    from .train.config import check_exists, data_path
     from .io.hf import is_hf_dir
     from .model.build import build_model
     from .train.config import restore_flags
@@ -171,6 +172,10 @@ def evaluate(cfg, explicit):
             print(f"from {cfg.model}/config.json: {' '.join(restored)}")
     if not cfg.val_data and not cfg.hellaswag_data:
         cfg.val_data = bundled_data("shakespeare_val.bin")
+    cfg.val_data = data_path(cfg.val_data, "val")
+    if cfg.val_data:                      # every local path before a hub download
+        expand_files(cfg.val_data)
+    check_exists(cfg.hellaswag_data)
     check_fields(cfg)                     # the flags as given and as restored
     model = build_model(cfg.model, get_backend(cfg.backend))
     B, T, mc = cfg.batch_size, cfg.seq_len, model.config

@@ -3,15 +3,22 @@ names at the start, announces its checkpoints, says where it is (elapsed, ETA, v
 their step), ends in a summary with the next commands, and those commands work on it: sample
 names the checkpoint it continues from, a resumed finished run says so, eval's JSON carries its
 perplexity. Also --version, and the bundled corpus by its short name."""
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import pytest
+
 import llmpy
+from llmpy.cli import main
+from llmpy.data.loader import bundled_data
+from llmpy.model.build import PRESETS, PRETRAINED
 
 ROOT = Path(llmpy.__file__).resolve().parent.parent
 
@@ -70,3 +77,43 @@ def test_embedded_default_saves_its_run_and_says_what_next(tmp_path):
 def test_version():
     r = run(ROOT, "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"llmpy {llmpy.__version__}"
+
+
+def cli(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_bundled_corpus_by_short_name(tmp_path):
+    """--train-data/--val-data shakespeare: the bundled files, as the run's config records."""
+    rc, out, err = cli("train", "--model", "tiny", "--train-data", "shakespeare", "--val-data",
+                       "shakespeare", "--backend", "numpy", "--steps", "1", "--val-batches", "1",
+                       "--sample-every", "0", "--run-dir", tmp_path / "r",
+                       "--checkpoint-every", "1")
+    assert rc == 0, err
+    flags = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert flags["train_data"] == bundled_data("shakespeare_train.bin")
+    assert flags["val_data"] == bundled_data("shakespeare_val.bin")
+    rc, out, err = cli("eval", "--model", tmp_path / "r", "--val-data", "shakespeare",
+                       "--val-batches", "2", "--json")
+    assert rc == 0 and json.loads(out)["val_data"] == bundled_data("shakespeare_val.bin")
+
+
+def test_local_paths_are_checked_before_the_hub(tmp_path, monkeypatch):
+    """A missing data file fails at once, before --model gpt2 goes to the hub; an unknown
+    model name lists the names there are."""
+    from llmpy.io import hf
+    monkeypatch.setattr(hf, "download", lambda name: pytest.fail(f"{name} went to the hub"))
+    for cmd in (["train", "--model", "gpt2", "--train-data", tmp_path / "nope.bin"],
+                ["train", "--model", "gpt2", "--train-data", "shakespeare", "--val-data",
+                 tmp_path / "nope.bin"],
+                ["eval", "--model", "gpt2", "--val-data", tmp_path / "nope.bin"]):
+        rc, out, err = cli(*cmd)
+        assert rc == 1 and err.strip() == f"llmpy: error: {tmp_path / 'nope.bin'}: no such file"
+    rc, out, err = cli("train", "--model", "gpt3", "--train-data", "shakespeare")
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert "gpt3: no such file or directory" in err
+    for name in PRESETS + tuple(PRETRAINED):
+        assert name in err

@@ -313,7 +313,9 @@ def write_hf_gpt2_tokenizer(out_dir):
 def convert(src, out, dtype="fp32", tokenizer=""):
     """llm.c model file -> HF directory, or HF directory / hub name -> llm.c model file
     (and, optionally, llm.c's tokenizer file)."""
-    run_dir = os.path.isdir(src) and not is_hf_dir(src)
+    # a training run directory (its log, its checkpoints), not an HF one short of weights
+    run_dir = os.path.isdir(src) and not is_hf_dir(src) and any(
+        n == "log.jsonl" or n.startswith("ckpt_") for n in os.listdir(src))
     if os.path.isfile(src) or run_dir:
         if tokenizer:
             raise LlmpyError(f"{tokenizer}: --tokenizer writes llm.c's tokenizer file, for a "

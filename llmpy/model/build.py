@@ -2,6 +2,7 @@
 directory or hub name, a run directory's newest checkpoint."""
 import os
 
+from ..errors import LlmpyError
 from ..io.hf import is_hf_dir, read_hf
 from ..io.modelfile import read_model
 from .gpt2 import GPT2, init_weights, load_params
@@ -39,6 +40,10 @@ def build_model(spec, backend, seed=0, max_seq_len=1024, recompute_gelu=False):
         cfg, params = read_hf(spec)
     elif os.path.isdir(spec):
         cfg, params = _newest_weights(spec)
+    elif not os.path.exists(spec):
+        raise LlmpyError(f"{spec}: no such file or directory, and no model name (presets: "
+                         f"{', '.join(PRESETS)}; OpenAI's GPT-2 from the Hugging Face hub: "
+                         f"{', '.join(PRETRAINED)})")
     else:
         cfg, params = read_model(spec)
     model = GPT2(cfg, backend, recompute_gelu)

@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from ..data.loader import bundled_data
+from ..data.loader import bundled_data, expand_files
 from ..errors import LlmpyError
 from ..io.files import ensure_dir
 from ..model.build import PRESETS, PRETRAINED
@@ -35,8 +35,9 @@ MODEL_HELP = ("an llm.c model .bin, a Hugging Face model directory, a run direct
 class TrainConfig:
     """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
     model: str = _f("", MODEL_HELP + " (default: the embedded default, see above)")
-    train_data: str = _f("", "token .bin file, or a quoted glob of shards")
-    val_data: str = _f("", "token .bin file, or a quoted glob of shards")
+    train_data: str = _f("", "token .bin file, a quoted glob of shards, or `shakespeare`: the "
+                         "bundled corpus (llm.c's Tiny Shakespeare split)")
+    val_data: str = _f("", "token .bin file, a quoted glob of shards, or `shakespeare`")
     batch_size: int = _f(4, "micro-batch size B", least=1)
     seq_len: int = _f(64, "sequence length T", least=1)
     steps: int = _f(40, "number of optimizer steps", least=0)
@@ -115,8 +116,8 @@ class EvalConfig:
                     "--backend unless given, and its --val-batches unless --val-data, -b or -t is "
                     "given (so that its last val loss comes out as its log has it)",
                     required=True)
-    val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "
-                       "Shakespeare val, unless only --hellaswag-data is given)")
+    val_data: str = _f("", "token .bin file, a quoted glob of shards, or `shakespeare` (default: "
+                       "the bundled Shakespeare val, unless only --hellaswag-data is given)")
     val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)",
                           least=0)
     hellaswag_data: str = _f("", "HellaSwag eval file, as written by `llmpy prepro hellaswag` "
@@ -190,6 +191,34 @@ def from_arguments(cls, args):
     """(config, names of the fields given on the command line)."""
     given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
     return cls(**given), set(given)
+
+
+# Corpora shipped in the package, by the short name --train-data / --val-data take: the
+# bundled Shakespeare is tokenized as llm.c's tinyshakespeare.py splits it (data/prepro).
+BUNDLED = {"shakespeare": "shakespeare_{split}.bin"}
+
+
+def data_path(name, split):
+    """A --train-data / --val-data value as a path: a bundled corpus's short name (unless a
+    file of that name is here) is its file of that split."""
+    if name in BUNDLED and not os.path.exists(name):
+        return bundled_data(BUNDLED[name].format(split=split))
+    return name
+
+
+def check_inputs(cfg):
+    """Every local input file exists, before any model is built or downloaded (the files
+    themselves are read later, where their problems are named)."""
+    cfg.train_data = data_path(cfg.train_data, "train")
+    cfg.val_data = data_path(cfg.val_data, "val")
+    for pattern in filter(None, (cfg.train_data, cfg.val_data)):
+        expand_files(pattern)
+    check_exists(cfg.hellaswag_data if cfg.hellaswag_every else "")
+
+
+def check_exists(path):
+    if path and not os.path.exists(path):
+        raise LlmpyError(f"{path}: no such file")
 
 
 def apply_embedded_default(cfg, explicit):

@@ -23,8 +23,8 @@ from ..io.tokenizer import EOT, Tokenizer
 from ..model.build import build_model
 from ..model.gpt2 import flops_per_token
 from . import checkpoints, distributed
-from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
-                     restore_flags)
+from .config import (apply_embedded_default, check_flags, check_inputs, check_seq_len,
+                     grad_accum_steps, restore_flags)
 from .optim import AdamW, AdamWConfig, OutlierDetector, clip_scale, get_lr
 from .report import progress, readable, summary
 
@@ -175,7 +175,9 @@ def train(cfg, explicit=None):
         print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare, "
               f"saved in {cfg.run_dir}")
     if not cfg.train_data:
-        raise LlmpyError("--train-data is required when --model is given")
+        raise LlmpyError("--train-data is required when --model is given (--train-data "
+                         "shakespeare: the bundled Shakespeare)")
+    check_inputs(cfg)
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
     model = build_model(cfg.model or "tiny", backend, seed=cfg.seed,
