@@ -24,7 +24,9 @@ def gpt2_tiktoken():
     """tiktoken's gpt2 encoding from the ranks file (shared/README.md: byte-identical to
     tiktoken's r50k_base, which cannot be downloaded here), with GPT-2's split pattern."""
     return tiktoken.Encoding(
-        name="gpt2", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        name="gpt2",
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                r"""|\s+(?!\S)|\s+""",
         mergeable_ranks=load_tiktoken_bpe(bundled_data("gpt2.tiktoken")),
         special_tokens={"<|endoftext|>": 50256})
 
