@@ -1,7 +1,9 @@
 """`llmpy <subcommand>`: the command line. Bad input ends in one line on stderr and exit 1."""
 import argparse
 import sys
+import textwrap
 
+from . import __version__
 from .backends import set_thread_env
 from .bench import add_parsers as add_bench_parsers
 from .data.prepro import add_parser as add_prepro_parser
@@ -27,6 +29,7 @@ def cmd_sample(args):
     from .backends import get_backend
     from .generate import generate_rows
     from .model.build import build_model, model_tokenizer, require_tokenizer, start_ids
+    from .train.report import readable
     require_positive(args, "num_samples")
     for name in ("tokens", "temperature", "top_k", "seed"):
         check_range(name, getattr(args, name), least=0)
@@ -44,19 +47,25 @@ def cmd_sample(args):
     if args.num_samples > 1:          # all rows in the same decode steps, printed at the end
         rows = np.array(list(rows), dtype=np.int64).reshape(-1, args.num_samples)  # (tokens,N)
         for i, ids in enumerate(rows.T):
-            print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(ids.tolist())}")
+            print(f"--- sample {i + 1} ---\n{args.prompt}{readable(tok, ids.tolist())}")
         return
     sys.stdout.write(args.prompt)
     # the text of all the ids so far, printed as it grows: a SentencePiece tokenizer decodes a
-    # token's leading space only after another token
-    out, shown = [], ""
+    # token's leading space only after another token; tail, the output's last two characters
+    out, shown, tail = [], "", args.prompt[-2:]
     for ids in rows:
+        if int(ids[0]) == tok.eot:      # a document boundary: a blank line, not its name
+            text = tok.decode(out)[len(shown):]
+            tail = (tail + text)[-2:]
+            sys.stdout.write(text + "\n" * (2 - (len(tail) - len(tail.rstrip("\n")))))
+            out, shown, tail = [], "", "\n\n"
+            continue
         out.append(int(ids[0]))
         text = tok.decode(out)
         if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
-            shown = text
+            tail, shown = (tail + text[len(shown):])[-2:], text
     sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
 
 
@@ -98,15 +107,21 @@ def cmd_bench_gpu(args):
 
 def make_parser():
     p = argparse.ArgumentParser(prog="llmpy", description="GPT-2 training in simple, fast Python.")
+    p.add_argument("--version", action="version", version=f"llmpy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
+    # wrapped here, as argparse would break a --flag-name at its hyphens
     t = sub.add_parser("train", help="train a GPT-2 (default: a small model on the bundled "
-                       "Shakespeare)", description="Train a GPT-2 with AdamW. With no --model "
-                       "and no --train-data, the embedded default: a model trained from "
-                       "scratch on the bundled Shakespeare, with "
-                       + " ".join(f"--{k.replace('_', '-')} {v}"
-                                  for k, v in EMBEDDED_DEFAULT.items())
-                       + " in place of the defaults below, for the flags not given.")
+                       "Shakespeare)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(
+                           "Train a GPT-2 with AdamW. With no --model and no --train-data, the "
+                           "embedded default: a model trained from scratch, into a new run "
+                           "directory runs/shakespeare-DATE-TIME, on the bundled Shakespeare, "
+                           "with " + " ".join(f"--{k.replace('_', '-')}" + (
+                               "" if v is True else f" {v}")
+                               for k, v in EMBEDDED_DEFAULT.items())
+                           + " in place of the defaults below, for the flags not given.",
+                           width=78, break_on_hyphens=False))
     add_arguments(t, TrainConfig, short={"batch_size": "-b", "seq_len": "-t"})
     t.set_defaults(func=cmd_train)
 
@@ -185,7 +200,13 @@ def make_parser():
     add_bench_parsers(bench)
     g = bench.add_parser("gpu", help="training on the gpu backend vs PyTorch + torch.compile "
                          "(nanoGPT's GPT-2, transformers' Llama/Gemma), and flash attention vs "
-                         "SDPA", description="Needs a CUDA GPU. See llmpy/bench/gpu.py.")
+                         "SDPA", description="Training throughput on the gpu backend beside the usual PyTorch "
+                         "recipe (torch.compile, bf16 autocast, SDPA, fused AdamW: nanoGPT's "
+                         "GPT-2, transformers' Llama/Gemma) from the same weights on the same "
+                         "batches: ms/step, tokens/s, MFU and peak memory per side, each side's "
+                         "kernel times, and flash attention against "
+                         "F.scaled_dot_product_attention. Needs a CUDA GPU, torch and triton "
+                         "(pip install '.[gpu]' beside a CUDA build of torch).")
     g.add_argument("--model", default="d12",
                    help="a GPT-2 preset (d6 ... d48, tiny), a decoder preset (llama-tiny, "
                         "smollm2-135m, llama-3.2-1b, gemma3-270m) or a Hugging Face model "

@@ -10,6 +10,7 @@ the shared context; the lowest wins (llm.c's acc_norm)."""
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -21,13 +22,21 @@ START_EXAMPLE = 65535
 NUM_COMPLETIONS = 4
 
 
-def progress(iterable, **kwargs):
-    """A tqdm progress bar when tqdm is installed (and stderr is a terminal)."""
+def progress(iterable, desc="", **kwargs):
+    """A tqdm progress bar on stderr when it is a terminal; without tqdm, a counter there."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return iterable
-    return tqdm(iterable, disable=None, leave=False, **kwargs)
+        return _counter(iterable, desc) if sys.stderr.isatty() else iterable
+    return tqdm(iterable, disable=None, leave=False, desc=desc, **kwargs)
+
+
+def _counter(iterable, desc):
+    items = list(iterable)
+    for i, x in enumerate(items):
+        print(f"\r{desc} {i}/{len(items)}", end="", file=sys.stderr, flush=True)
+        yield x
+    print(f"\r{desc} {len(items)}/{len(items)}", file=sys.stderr)
 
 
 def write_evalfile(path, examples):
@@ -151,7 +160,7 @@ def val_loss(model, loader, num_batches):
     is also the mean over their tokens."""
     loader.reset()
     return float(np.mean([model.forward(*loader.next_batch())
-                          for _ in progress(range(num_batches), desc="val")]))
+                          for _ in progress(range(num_batches), desc="val batches")]))
 
 
 def evaluate(cfg, explicit):
@@ -159,8 +168,9 @@ def evaluate(cfg, explicit):
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
     from .train.config import check_fields, check_seq_len
-    from .data.loader import DataLoader, bundled_data
+    from .data.loader import DataLoader, bundled_data, expand_files
     from .model.build import build_model, is_model_dir
+    from .train.config import check_exists, data_path
     from .train.config import restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
@@ -174,12 +184,17 @@ def evaluate(cfg, explicit):
             print(f"from {cfg.model}/config.json: {' '.join(restored)}")
     if not cfg.val_data and not cfg.hellaswag_data:
         cfg.val_data = bundled_data("shakespeare_val.bin")
+    cfg.val_data = data_path(cfg.val_data, "val")
+    if cfg.val_data:                      # every local path before a hub download
+        expand_files(cfg.val_data)
+    check_exists(cfg.hellaswag_data)
     check_fields(cfg)                     # the flags as given and as restored
     model = build_model(cfg.model, get_backend(cfg.backend))
     require_finite(model.backend.to_host(model.params.buf), f"{cfg.model}: the weights")
     B, T, mc = cfg.batch_size, cfg.seq_len, model.config
     check_seq_len(T, mc)
-    r = {"model": cfg.model, "batch_size": B, "seq_len": T, "backend": model.backend.name}
+    r = {"model": cfg.model, "num_layers": mc.num_layers, "channels": mc.channels,
+         "batch_size": B, "seq_len": T, "backend": model.backend.name}
     # read every file before the first forward pass, so bad input fails at once
     loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data else None
     examples = read_hellaswag(cfg.hellaswag_data, model) if cfg.hellaswag_data else None
@@ -190,6 +205,7 @@ def evaluate(cfg, explicit):
                  val_tokens=batches * B * T)
         if not math.isfinite(r["val_loss"]):     # finite weights can still overflow
             raise LlmpyError(f"{cfg.model}: the val loss on {cfg.val_data} is {r['val_loss']}")
+        r["val_perplexity"] = math.exp(r["val_loss"])
     if examples:
         correct, total = hellaswag(model, examples, B, T)
         r.update(hellaswag_data=cfg.hellaswag_data, hellaswag_correct=correct,
@@ -200,7 +216,7 @@ def evaluate(cfg, explicit):
     print(f"model {cfg.model}: L={mc.num_layers} C={mc.channels} | backend {r['backend']} | "
           f"B={B} T={T}")
     if loader:
-        print(f"val loss {r['val_loss']:.6f} | perplexity {math.exp(r['val_loss']):.2f} | "
+        print(f"val loss {r['val_loss']:.6f} | perplexity {r['val_perplexity']:.2f} | "
               f"{r['val_tokens']:,} tokens of {cfg.val_data}")
     if examples:
         print(f"HellaSwag: {correct}/{total} = {r['hellaswag_acc']:.4f} (acc_norm)")

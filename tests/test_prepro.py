@@ -15,7 +15,7 @@ from llmpy.cli import main
 from llmpy.data.loader import bundled_data
 from llmpy.errors import LlmpyError
 from llmpy.data import loader as data
-from llmpy.data.prepro import common, fineweb, tinyshakespeare
+from llmpy.data.prepro import common, fineweb, hellaswag, tinyshakespeare, tinystories
 from llmpy.data.prepro.common import cut_text, encode_documents, encode_pieces
 
 SHAKESPEARE = bundled_data("shakespeare.txt")
@@ -92,10 +92,21 @@ def test_tinyshakespeare_download(tmp_path, capsys, monkeypatch):
     code, stdout, _ = run(capsys, "prepro", "tinyshakespeare", "--out", out)
     assert code == 0 and "skipping the download" in stdout
 
-    monkeypatch.setattr(tinyshakespeare, "URL", (tmp_path / "missing.txt").as_uri())
-    code, _, err = run(capsys, "prepro", "tinyshakespeare", "--out", tmp_path / "e")
+
+
+@pytest.mark.parametrize("module", [tinyshakespeare, tinystories, hellaswag])
+def test_offline_download_says_how_and_leaves_nothing(tmp_path, capsys, monkeypatch, module):
+    """Offline: one line that names --input, and no directory left behind; an existing --out
+    stays."""
+    name = module.__name__.rsplit(".", 1)[1]
+    monkeypatch.setattr(module, "URL", (tmp_path / "missing_{split}").as_uri())
+    code, _, err = run(capsys, "prepro", name, "--out", tmp_path / "e")
     assert code == 1 and len(err) == 1 and err[0].startswith("llmpy: error: file:")
-    assert "download failed" in err[0] and os.listdir(tmp_path / "e") == []
+    assert "download failed" in err[0] and "--input" in err[0]
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "kept").mkdir()
+    assert run(capsys, "prepro", name, "--out", tmp_path / "kept")[0] == 1
+    assert os.listdir(tmp_path / "kept") == []
 
 
 def whitespace_soup(n, seed):

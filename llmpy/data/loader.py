@@ -115,17 +115,51 @@ def expand_files(pattern):
     return files
 
 
+def mt19937(seed):
+    """A Mersenne Twister seeded as llm.c's manual_seed (rand.h) seeds it (Matsumoto and
+    Nishimura's init_genrand), on NumPy's MT19937 for the draws themselves."""
+    key = [seed & 0xFFFFFFFF]
+    for j in range(1, 624):
+        key.append((1812433253 * (key[-1] ^ (key[-1] >> 30)) + j) & 0xFFFFFFFF)
+    mt = np.random.MT19937()
+    # pos 624: the first draw regenerates the state first, as llm.c's left_ = 1 makes it
+    mt.state = {"bit_generator": "MT19937", "state": {"key": np.array(key, np.uint32),
+                                                      "pos": 624}}
+    return mt
+
+
+def skip_draws(mt, n):
+    """Advance mt by n 32-bit draws, in bounded memory."""
+    while n > 0:
+        mt.random_raw(min(n, 1 << 20))
+        n -= 1 << 20
+
+
+def random_permutation(perm, mt):
+    """llm.c's random_permutation (rand.h), in place: Fisher-Yates from the last element down,
+    j = randint32 % (i + 1), one draw per element but the first."""
+    n = len(perm)
+    draws = mt.random_raw(max(0, n - 1))              # (n-1,) for i = n-1, ..., 1
+    for k, i in enumerate(range(n - 1, 0, -1)):
+        j = int(draws[k]) % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
 class DataLoader:
     """Serves (inputs, targets) batches of shape (B,T): windows of B*T+1 tokens, targets shifted
-    by one. In order, window i of a shard starts at token (i*world + rank)*B*T, as in llm.c;
-    shuffled, the shard order and the windows within each shard are permuted per epoch by a
-    generator seeded with (seed, epoch), so the position is just (epoch, shard, window)."""
+    by one. In order, window i of a shard starts at token (i*world + rank)*B*T, as in llm.c.
+    Shuffled, the order is exactly llm.c's (dataloader.h): one mt19937 per rank, seeded
+    seed + rank (llm.c: 42 + rank), permutes the shard order at the start of every epoch (the
+    previous epoch's order, in place) and each shard's windows (from 0, 1, ...) as the shard
+    is opened. The generator's draws per epoch are fixed by the window counts, so the position
+    is still just (epoch, shard, window): a resumed loader skips the draws before it."""
 
-    def __init__(self, pattern, B, T, vocab_size=None, shuffle=False, seed=0, rank=0, world=1):
+    def __init__(self, pattern, B, T, vocab_size=None, shuffle=False, seed=42, rank=0, world=1):
         self.files = expand_files(pattern)
         self.B, self.T = B, T
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
-        self.vocab_size, self._tokens = vocab_size, {}
+        self.vocab_size, self._tokens, self._cached = vocab_size, {}, (None, None)
         # headers and sizes only: FineWeb 10B is 20 GB of shards, read by every rank. A shard's
         # token ids are checked as it is opened, the first one's before any work.
         sizes = []
@@ -147,15 +181,27 @@ class DataLoader:
         return self._tokens[i]
 
     def _order(self):
-        """(shard order, window order within the current shard) for this epoch."""
-        shards = np.arange(len(self.files))
-        if self.shuffle:
-            shards = np.random.default_rng([self.seed, self.epoch]).permutation(shards)
-        shard = int(shards[self.shard_pos])
-        windows = np.arange(self.windows[shard])
-        if self.shuffle:
-            windows = np.random.default_rng([self.seed, self.epoch, shard]).permutation(windows)
-        return shard, windows
+        """(shard, window order within it) at the current (epoch, shard_pos)."""
+        if not self.shuffle:
+            return self.shard_pos, range(self.windows[self.shard_pos])
+        key = (self.epoch, self.shard_pos)
+        if self._cached[0] != key:
+            self._cached = key, self._shuffled(*key)
+        return self._cached[1]
+
+    def _shuffled(self, epoch, shard_pos):
+        """llm.c's draws replayed up to (epoch, shard_pos): each epoch draws the shard order
+        (len(files)-1 draws) and then each shard's windows (windows-1 draws each)."""
+        per_shard = [max(0, n - 1) for n in self.windows]
+        mt = mt19937(self.seed + self.rank)
+        shards = list(range(len(self.files)))
+        for e in range(epoch + 1):   # in place: each epoch permutes the one before it
+            random_permutation(shards, mt)
+            if e < epoch:
+                skip_draws(mt, sum(per_shard))
+        skip_draws(mt, sum(per_shard[s] for s in shards[:shard_pos]))
+        shard = shards[shard_pos]
+        return shard, random_permutation(list(range(self.windows[shard])), mt)
 
     def reset(self):
         self.epoch, self.shard_pos, self.window_pos = 0, 0, 0

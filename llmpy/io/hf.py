@@ -32,6 +32,7 @@ HF_INDEX = "model.safetensors.index.json"             # sharded weights (io/llam
 # what download() fetches of a hub repository
 HUB_FILES = ["config.json", "*.safetensors", HF_INDEX, "tokenizer.json", "tokenizer_config.json"]
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
+GPT2_VOCAB = 50257        # a model of this vocabulary gets GPT-2's tokenizer files on export
 
 
 def is_hf_dir(path):
@@ -258,6 +259,58 @@ def write_gpt2_tokenizer(path, cfg):
     print(f"wrote {path}")
 
 
+def byte_chars():
+    """GPT-2's byte -> character table for vocab.json and merges.txt (encoder.py's
+    bytes_to_unicode): the printable Latin-1 bytes stand for themselves, the other 68 for
+    chr(256), chr(257), ... in byte order, so that no token is written with a space or a
+    control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def bpe_merges(ranks):
+    """GPT-2's merges, in rank order, from its BPE ranks alone: each token of 2+ bytes is the
+    merge of the two parts that byte-pair encoding with only the lower ranks leaves of it."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:        # merge the pair of lowest rank (below this token's)
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1],
+                                                                       rank))
+            if ranks.get(parts[i] + parts[i + 1], rank) >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise LlmpyError(f"BPE rank {rank}: token {token!r} is not the merge of two "
+                             "lower-ranked tokens")
+        merges.append(tuple(parts))
+    return merges
+
+
+def write_hf_gpt2_tokenizer(out_dir):
+    """GPT-2's tokenizer files as transformers' GPT2Tokenizer reads them (vocab.json,
+    merges.txt, tokenizer_config.json), derived from the BPE ranks bundled with llmpy, so that
+    AutoTokenizer.from_pretrained(out_dir) encodes as tiktoken's gpt2 does."""
+    from .tokenizer import EOT, EOT_TEXT, load_ranks
+    ranks = load_ranks()
+    chars = byte_chars()
+    text = lambda b: "".join(chars[x] for x in b)           # noqa: E731
+    vocab = {text(b): r for b, r in ranks.items()}
+    vocab[EOT_TEXT] = EOT
+    merges = "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in bpe_merges(ranks))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
+              "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
+              "add_prefix_space": False, "errors": "replace"}
+    for name, body in (("vocab.json", json.dumps(vocab, ensure_ascii=False)),
+                       ("merges.txt", merges),
+                       ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):
+        atomic_write(os.path.join(out_dir, name), [np.frombuffer(body.encode(), np.uint8)])
+
+
 def convert(src, out, dtype="fp32", tokenizer=""):
     """An llm.c model file (GPT-2's or llama3's) or a run directory -> an HF directory (a run
     directory -> an llm.c file where OUT ends in .bin); an HF directory or hub name -> an llm.c
@@ -283,10 +336,17 @@ def convert(src, out, dtype="fp32", tokenizer=""):
             write_hf(out, cfg, flat)
         else:
             write_llama_hf(out, cfg, flat)
-            for name in (TOKENIZER_JSON, TOKENIZER_CONFIG) if source.model_dir else ():
+        own = source.tokenizer_path()
+        if own:
+            for name in (TOKENIZER_JSON, TOKENIZER_CONFIG):
                 copy_file(os.path.join(source.model_dir, name), os.path.join(out, name))
+        elif cfg.vocab_size == GPT2_VOCAB:        # GPT-2's ids: its tokenizer, for transformers
+            write_hf_gpt2_tokenizer(out)
         written = ", ".join(sorted(os.listdir(out)))
-        print(f"wrote {out}/ ({written}) from {source.checkpoint or src}")
+        print(f"wrote {out}/ ({written}) from {source.checkpoint or src}"
+              + ("" if own or cfg.vocab_size == GPT2_VOCAB else
+                 f": no tokenizer files, as the source has no tokenizer.json and its vocabulary "
+                 f"of {cfg.vocab_size:,} tokens is not GPT-2's"))
         return
     for path in filter(None, (out, tokenizer)):     # before a download, or half the output
         check_output_file(path)

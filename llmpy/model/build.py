@@ -127,6 +127,10 @@ def load_weights(spec):
         source.model_dir = weights_dir(source.checkpoint)
     elif os.path.exists(spec) or looks_local(spec):
         cfg, params = _model_file(spec)
+    elif "/" not in spec and spec not in PRETRAINED:   # the hub's other models have an owner/
+        raise LlmpyError(f"{spec}: no such file or directory, and no model name (presets: "
+                         f"{', '.join(PRESETS + DECODER_PRESETS)}; from the Hugging Face hub: "
+                         f"{', '.join(PRETRAINED)}, or an id such as HuggingFaceTB/SmolLM2-135M)")
     else:                                     # a hub id: downloaded once into the HF cache
         cfg, params = _hf_dir(hf.download(spec), source)
     return cfg, params, source

@@ -263,6 +263,7 @@ def save(run_dir, step, model, opt, state, keep_last=0, major_every=0):
     for s in done[:-keep_last] if keep_last else []:
         if not (major_every and s % major_every == 0):
             _remove(os.path.join(run_dir, f"ckpt_{s:08d}"))
+    return final
 
 
 class Corrupt(Exception):

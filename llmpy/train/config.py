@@ -6,14 +6,15 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from ..data.loader import bundled_data
+from ..data.loader import bundled_data, expand_files
 from ..errors import LlmpyError
 from ..io.files import ensure_dir
-from ..model.build import DECODER_PRESETS, PRESETS, PRETRAINED
+from ..model.build import DECODER_PRESETS, EMBEDDED_PRESETS, PRESETS, PRETRAINED
 from ..model.gpt2 import memory as gpt2_memory
 from ..model.layout import GPT2_LAYOUT, GPT2Config
 from . import checkpoints
 from .optim import SCHEDULES, state_bytes
+from .report import embedded_run_dir
 
 
 BACKEND_HELP = ("compute backend: numpy, cpu, gpu, or auto (cpu when numba and scipy are "
@@ -37,8 +38,9 @@ MODEL_HELP = ("an llm.c model .bin (GPT-2's or llama3's), a Hugging Face model d
 class TrainConfig:
     """Defaults mirror llm.c's CPU demo (train_gpt2.c): B=4, T=64, 40 steps, AdamW lr 1e-4."""
     model: str = _f("", MODEL_HELP + " (default: the embedded default, see above)")
-    train_data: str = _f("", "token .bin file, or a quoted glob of shards")
-    val_data: str = _f("", "token .bin file, or a quoted glob of shards")
+    train_data: str = _f("", "token .bin file, a quoted glob of shards, or `shakespeare`: the "
+                         "bundled corpus (llm.c's Tiny Shakespeare split)")
+    val_data: str = _f("", "token .bin file, a quoted glob of shards, or `shakespeare`")
     batch_size: int = _f(4, "micro-batch size B", least=1)
     seq_len: int = _f(64, "sequence length T", least=1)
     steps: int = _f(40, "number of optimizer steps", least=0)
@@ -62,10 +64,16 @@ class TrainConfig:
     skip_update_gradz: float = _f(0.0, "skip the update when the grad-norm z-score over the "
                                   "last 64 steps exceeds this (0: off)", least=0)
     overfit_single_batch: bool = _f(False, "debug: train on the first batch over and over")
-    shuffle: bool = _f(False, "shuffle the training windows (seeded)")
-    seed: int = _f(1337, "seed for init, shuffling and sampling", least=0)
+    # Off by default, unlike llm.c's trainers, so that a plain run reads its data in order as a
+    # plain PyTorch loop does, and a data-parallel run reads what one process would (llm.c's
+    # ranks each shuffle with their own seed).
+    shuffle: bool = _f(False, "shuffle the training windows in llm.c's order (dataloader.h: "
+                       "an mt19937 seeded --shuffle-seed + rank), so that --model gpt2 -b 4 "
+                       "-t 64 on llm.c's data gives train_gpt2.c's losses step for step")
+    shuffle_seed: int = _f(42, "seed of --shuffle's order (llm.c's: 42)", least=0)
+    seed: int = _f(1337, "seed for init and sampling", least=0)
     val_every: int = _f(10, "validate every N steps (0: never)", least=0)
-    val_batches: int = _f(5, "batches per validation", least=1)
+    val_batches: int = _f(5, "batches per validation (0: the whole val split)", least=0)
     sample_every: int = _f(20, "print a sample every N steps (0: never)", least=0)
     sample_tokens: int = _f(64, "tokens per sample")      # >= 1 when sampling: check_flags
     sample_temperature: float = _f(1.0, "sampling temperature (0: greedy)", least=0)
@@ -112,8 +120,8 @@ class EvalConfig:
                     "--backend unless given, and its --val-batches unless --val-data, -b or -t is "
                     "given (so that its last val loss comes out as its log has it)",
                     required=True)
-    val_data: str = _f("", "token .bin file, or a quoted glob of shards (default: the bundled "
-                       "Shakespeare val, unless only --hellaswag-data is given)")
+    val_data: str = _f("", "token .bin file, a quoted glob of shards, or `shakespeare` (default: "
+                       "the bundled Shakespeare val, unless only --hellaswag-data is given)")
     val_batches: int = _f(0, "batches to evaluate (0: every B*T window of the data, once)",
                           least=0)
     hellaswag_data: str = _f("", "HellaSwag eval file, as written by `llmpy prepro hellaswag` "
@@ -126,8 +134,10 @@ class EvalConfig:
 
 # What the embedded default changes, for every field the user did not set on the command line:
 # a from-scratch model needs a larger learning rate and more steps than a GPT-2 fine-tune.
-EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, grad_clip=1.0,
-                        val_every=50, sample_every=150, sample_tokens=96)
+EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, warmup_steps=30,
+                        final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, shuffle=True,
+                        val_every=100, val_batches=0, sample_every=300, sample_tokens=96,
+                        sample_temperature=0.8, sample_top_k=40, checkpoint_every=100)
 
 
 def add_arguments(parser, cls, short=None):
@@ -187,14 +197,51 @@ def from_arguments(cls, args):
     return cls(**given), set(given)
 
 
+# Corpora shipped in the package, by the short name --train-data / --val-data take: the
+# bundled Shakespeare is tokenized as llm.c's tinyshakespeare.py splits it (data/prepro).
+BUNDLED = {"shakespeare": "shakespeare_{split}.bin"}
+
+
+def data_path(name, split):
+    """A --train-data / --val-data value as a path: a bundled corpus's short name (unless a
+    file of that name is here) is its file of that split."""
+    if name in BUNDLED and not os.path.exists(name):
+        return bundled_data(BUNDLED[name].format(split=split))
+    return name
+
+
+def check_inputs(cfg):
+    """Every local input file exists, before any model is built or downloaded (the files
+    themselves are read later, where their problems are named)."""
+    cfg.train_data = data_path(cfg.train_data, "train")
+    cfg.val_data = data_path(cfg.val_data, "val")
+    for pattern in filter(None, (cfg.train_data, cfg.val_data)):
+        expand_files(pattern)
+    check_exists(cfg.hellaswag_data if cfg.hellaswag_every else "")
+
+
+def check_exists(path):
+    if path and not os.path.exists(path):
+        raise LlmpyError(f"{path}: no such file")
+
+
+def is_embedded(cfg):
+    """Whether cfg asks for the embedded default: no --train-data, and no --model or a small
+    from-scratch preset. It makes its own run directory."""
+    return not cfg.train_data and cfg.model in ("", *EMBEDDED_PRESETS)
+
+
 def apply_embedded_default(cfg, explicit):
-    """No model and no data: train a small model from scratch on the bundled Shakespeare."""
+    """No model and no data: train a small model from scratch on the bundled Shakespeare, into
+    a new run directory (runs/shakespeare-DATE-TIME) unless --run-dir is given."""
     for k, v in EMBEDDED_DEFAULT.items():
         if k not in explicit:
             setattr(cfg, k, v)
     cfg.train_data = bundled_data("shakespeare_train.bin")
     if "val_data" not in explicit:
         cfg.val_data = bundled_data("shakespeare_val.bin")
+    if "run_dir" not in explicit:
+        cfg.run_dir = embedded_run_dir()
 
 
 def restore_flags(cfg, explicit, run_dir, names):
@@ -240,7 +287,7 @@ def check_flags(cfg):
     if cfg.lr_schedule not in SCHEDULES:
         raise LlmpyError(f"unknown --lr-schedule {cfg.lr_schedule!r} (choose from "
                          f"{', '.join(SCHEDULES)})")
-    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir:
+    if (cfg.resume or cfg.checkpoint_every) and not cfg.run_dir and not is_embedded(cfg):
         raise LlmpyError("--resume and --checkpoint-every need a --run-dir")
 
 

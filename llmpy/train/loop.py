@@ -17,12 +17,13 @@ from ..data.loader import DataLoader
 from ..errors import LlmpyError
 from ..evals import hellaswag, read_hellaswag, val_loss
 from ..generate import generate
-from ..model.build import (EMBEDDED_PRESETS, build_model, check_save, flops_per_token,
+from ..model.build import (build_model, check_save, flops_per_token,
                            model_source, require_tokenizer, save_model, start_ids)
 from . import checkpoints, distributed, signals
-from .config import (apply_embedded_default, check_flags, check_seq_len, grad_accum_steps,
-                     resolve_recompute_gelu, restore_flags)
+from .config import (apply_embedded_default, check_flags, check_inputs, check_seq_len,
+                     grad_accum_steps, is_embedded, resolve_recompute_gelu, restore_flags)
 from .optim import AdamW, AdamWConfig, get_lr
+from .report import progress, readable, summary
 from .step import Guard, train_step
 
 
@@ -68,20 +69,16 @@ class RunState:
 # names (every N steps, and the last), in this order; rec is the step's log record, which a
 # hook may add to. Only rank 0 has the first four.
 
-def val_hook(cfg, model, vocab_size):
-    """The mean loss over --val-batches of --val-data, the first at step 0 (not logged)."""
-    loader = DataLoader(cfg.val_data, cfg.batch_size, cfg.seq_len, vocab_size)
-    if not cfg.val_every:
-        return None
-    loader.require_batches(cfg.val_batches, cfg.val_data)
+def val_hook(model, loader, batches, cfg):
+    """The mean loss over `batches` of the val loader (--val-batches, 0: all of --val-data),
+    the first at step 0 (not logged)."""
+    loader.require_batches(batches, cfg.val_data)
 
     def hook(step, rec):
-        loss = val_loss(model, loader, cfg.val_batches)
-        if step == 0:
-            print(f"step 0: val loss {loss:.6f}")
-            return
-        rec["val_loss"] = loss
-        print(f"val loss {loss:.6f}")
+        loss = val_loss(model, loader, batches)
+        if step:
+            rec["val_loss"] = loss
+        print(f"step {step}: val loss {loss:.6f}")
     return hook
 
 
@@ -101,7 +98,8 @@ def sample_hook(cfg, model, tokenizer, run):
     def hook(step, rec):
         ids = generate(model, start_ids(tokenizer, []), cfg.sample_tokens, run.rng,
                        cfg.sample_temperature, cfg.sample_top_k)
-        print(f"--- sample at step {step} ---\n{tokenizer.decode(list(ids))}\n---", flush=True)
+        print(f"--- sample at step {step} ---\n{readable(tokenizer, list(ids))}\n---",
+              flush=True)
     return hook
 
 
@@ -129,16 +127,18 @@ def checkpoint_hook(cfg, model, opt, run, dist):
     def hook(step, rec):
         full = dist.full_optimizer(opt)
         if dist.rank == 0:
-            checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
-                             cfg.major_every)
+            path = checkpoints.save(cfg.run_dir, step, model, full, run.state(), cfg.keep_last,
+                                    cfg.major_every)
+            print(f"saved checkpoint {path}", flush=True)
     return hook
 
 
-def report(step, r, rec, cfg):
-    """The step's line on stdout: r, train_step's result; rec, its log record."""
+def report(step, r, rec, cfg, where):
+    """The step's line on stdout: r, train_step's result; rec, its log record; where, the
+    elapsed time and ETA (report.progress)."""
     print(f"step {step:4d}/{cfg.steps} | loss {r.loss:.6f} | lr {rec['lr']:.2e} | norm "
           f"{r.norm:.4f} | {rec['ms']:8.1f} ms | {rec['tokens_per_s']:8.0f} tok/s"
-          + (f" | {rec['mfu']:.1%} MFU" if "mfu" in rec else ""), flush=True)
+          + (f" | {rec['mfu']:.1%} MFU" if "mfu" in rec else "") + where, flush=True)
     if r.skipped:
         print(f"warning: step {step}: update skipped: {r.skipped}", flush=True)
 
@@ -183,11 +183,14 @@ def _train(cfg, explicit, preempt):
 def run(cfg, explicit, dist, preempt):
     """train() on this rank, once its flags are settled and its stdout is chosen."""
     main = dist.rank == 0
-    if not cfg.train_data and cfg.model in ("", *EMBEDDED_PRESETS):
+    if is_embedded(cfg):
         apply_embedded_default(cfg, explicit)
-        print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare")
+        print(f"embedded default: model {cfg.model} from scratch on the bundled Shakespeare, "
+              f"saved in {cfg.run_dir}")
     if not cfg.train_data:
-        raise LlmpyError("--train-data is required when --model is given")
+        raise LlmpyError("--train-data is required when --model is given (--train-data "
+                         "shakespeare: the bundled Shakespeare)")
+    check_inputs(cfg)
     accum = grad_accum_steps(cfg, dist.world)
     backend = get_backend(cfg.backend)
     source = model_source(cfg.model or "tiny")
@@ -213,12 +216,14 @@ def run(cfg, explicit, dist, preempt):
           f"B={B} T={T} grad accum {accum}"
           + (f" | {dist.world} ranks" + (", ZeRO-1" if dist.zero else "") if dist.world > 1
              else ""))
-    loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.seed, dist.rank,
-                        dist.world)
+    loader = DataLoader(cfg.train_data, B, T, mc.vocab_size, cfg.shuffle, cfg.shuffle_seed,
+                        dist.rank, dist.world)
     state = RunState(cfg, loader, accum)
     start = 0
     # (every N steps, hook), each made here, so that its files are read before any work
-    val = val_hook(cfg, model, mc.vocab_size) if cfg.val_data and main else None
+    val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
+    val_batches = (cfg.val_batches or sum(val_loader.windows)) if val_loader else 0
+    val = val_hook(model, val_loader, val_batches, cfg) if val_loader and cfg.val_every else None
     hooks = [(cfg.val_every, val)]
     if main and cfg.hellaswag_every:
         hooks += [(cfg.hellaswag_every, hellaswag_hook(cfg, model))]
@@ -238,6 +243,9 @@ def run(cfg, explicit, dist, preempt):
         if manifest:
             state.load_state(manifest, cfg.run_dir)
             start = manifest["step"]
+            if main and start >= cfg.steps:
+                print(f"{cfg.run_dir}: already finished at step {start} (--steps {cfg.steps}): "
+                      f"nothing to train; pass a larger --steps to continue it")
         if main:    # once the checkpoint fits these flags: a refused --resume leaves it as it was
             checkpoints.write_config(cfg.run_dir, {"train": dataclasses.asdict(cfg),
                                                    "model": dataclasses.asdict(mc),
@@ -251,6 +259,7 @@ def run(cfg, explicit, dist, preempt):
     dist.broadcast(model.params.buf)      # every rank starts from rank 0's weights
     # model FLOPs utilization per GPU, as llm.c prints it, where the backend knows its peak
     peak = backend.peak_flops()
+    t_start, rec = time.perf_counter(), {}
     try:
         if val and start == 0:
             val(0, {})
@@ -270,7 +279,8 @@ def run(cfg, explicit, dist, preempt):
                 rec["mfu"] = flops_per_token(mc, T) * rec["tokens_per_s"] / dist.world / peak
             if r.skipped:
                 rec["skipped"] = r.skipped
-            report(step, r, rec, cfg)
+            report(step, r, rec, cfg, progress(time.perf_counter() - t_start, step, start,
+                                               cfg.steps))
             last = step == cfg.steps
             for every, hook in hooks:
                 if step % every == 0 or last:
@@ -287,4 +297,8 @@ def run(cfg, explicit, dist, preempt):
     if cfg.save and main:
         save_model(cfg.save, model, backend.to_host(model.params.buf))
         print(f"saved {cfg.save}")
+    if main and rec:
+        print("\n".join(summary(cfg, time.perf_counter() - t_start, rec, val_batches,
+                                val_batches * B * T, cfg.run_dir and
+                                checkpoints.newest_checkpoint(cfg.run_dir))))
     return model

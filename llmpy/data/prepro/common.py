@@ -68,19 +68,29 @@ def download(url, path):
                 bar.update(f.write(chunk))
         os.replace(tmp, path)
     except OSError as e:   # urllib's URLError and HTTPError are OSErrors
-        raise LlmpyError(f"{url}: download failed: {getattr(e, 'reason', None) or e}") from None
+        raise LlmpyError(f"{url}: download failed: {getattr(e, 'reason', None) or e}; "
+                         "offline, pass a local copy with --input FILE (and llmpy train "
+                         "--train-data shakespeare --val-data shakespeare trains on the "
+                         "bundled Shakespeare, llm.c's Tiny Shakespeare split)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def fetch(url, out, filename):
-    """out/filename, downloaded from url unless it is already there (as llm.c's scripts do)."""
+    """out/filename, downloaded from url unless it is already there (as llm.c's scripts do).
+    A failed download leaves nothing behind: not even out, where this call made it."""
+    made = not os.path.exists(out)
     path = os.path.join(ensure_dir(out), filename)
     if os.path.exists(path):
         print(f"{path} already exists, skipping the download")
-    else:
+        return path
+    try:
         download(url, path)
+    except BaseException:
+        if made and not os.listdir(out):
+            os.rmdir(out)
+        raise
     return path
 
 

@@ -6,7 +6,7 @@ import os
 from ...errors import LlmpyError
 from ...evals import NUM_COMPLETIONS, write_evalfile
 from ...io.files import ensure_dir
-from .common import download, progress, read_text, tokenizer
+from .common import fetch, progress, read_text, tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("val", "train")   # the test split has no labels
@@ -37,13 +37,8 @@ def prepro(input=None, out="hellaswag", split="val"):
     """Write OUT/hellaswag_{split}.bin from a jsonl file (default: download the split)."""
     if split not in SPLITS:
         raise LlmpyError(f"unknown HellaSwag split {split!r} (choose from {', '.join(SPLITS)})")
+    input = input or fetch(URL.format(split=split), out, f"hellaswag_{split}.jsonl")
     ensure_dir(out)
-    if not input:
-        input = os.path.join(out, f"hellaswag_{split}.jsonl")
-        if os.path.exists(input):
-            print(f"{input} already exists, skipping the download")
-        else:
-            download(URL.format(split=split), input)
     lines = [(i + 1, line) for i, line in enumerate(read_text(input).splitlines())
              if line.strip()]
     if not lines:
