@@ -134,10 +134,10 @@ class EvalConfig:
 
 # What the embedded default changes, for every field the user did not set on the command line:
 # a from-scratch model needs a larger learning rate and more steps than a GPT-2 fine-tune.
-EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=300, lr=1e-3, warmup_steps=30,
+EMBEDDED_DEFAULT = dict(model="tiny", batch_size=8, steps=500, lr=2e-3, warmup_steps=30,
                         final_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, shuffle=True,
-                        val_every=100, val_batches=0, sample_every=300, sample_tokens=96,
-                        sample_temperature=0.8, sample_top_k=40, checkpoint_every=100)
+                        val_every=250, val_batches=0, sample_every=500, sample_tokens=96,
+                        sample_temperature=0.8, sample_top_k=40, checkpoint_every=250)
 
 
 def add_arguments(parser, cls, short=None):
