@@ -263,6 +263,7 @@ def run(cfg, explicit, dist, preempt):
     try:
         if val and start == 0:
             val(0, {})
+        t_loop = time.perf_counter()
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             if cfg.overfit_single_batch:
@@ -279,7 +280,8 @@ def run(cfg, explicit, dist, preempt):
                 rec["mfu"] = flops_per_token(mc, T) * rec["tokens_per_s"] / dist.world / peak
             if r.skipped:
                 rec["skipped"] = r.skipped
-            report(step, r, rec, cfg, progress(time.perf_counter() - t_start, step, start,
+            now = time.perf_counter()
+            report(step, r, rec, cfg, progress(now - t_start, now - t_loop, step, start,
                                                cfg.steps))
             last = step == cfg.steps
             for every, hook in hooks:

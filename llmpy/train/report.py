@@ -16,11 +16,12 @@ def duration(seconds):
     return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
-def progress(elapsed, step, start, steps):
-    """' | 12.3s elapsed, ETA 1m10s' after `step` of `steps`, this process having begun at step
-    `start` (a resumed run's ETA counts only the steps it ran itself)."""
+def progress(elapsed, looping, step, start, steps):
+    """' | 12.3s elapsed, ETA 1m10s' after `step` of `steps`: elapsed since the run began,
+    the ETA from `looping`, the seconds since this process's first step (after the validation
+    at step 0), which began at step `start` (a resumed run counts only the steps it ran)."""
     done = step - start
-    eta = elapsed / done * (steps - step) if done else 0.0
+    eta = looping / done * (steps - step) if done else 0.0
     return f" | {duration(elapsed)} elapsed, ETA {duration(eta)}"
 
 
