@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backends import host_ops
 from ..errors import LlmpyError
-from .layout import GPT2_LAYOUT, FlatTensors
+from .layout import GPT2_LAYOUT, FlatTensors, start_backward
 
 
 LAYOUT = GPT2_LAYOUT
@@ -196,17 +196,9 @@ class GPT2:
         as soon as layer l's gradients are complete (from l = L-1 down to 0): data-parallel
         training starts reducing them there, while the layers below still run
         (distributed.py)."""
-        if self.mean_loss is None:
-            raise LlmpyError("backward() needs a forward() with targets first")
+        d, dl = start_backward(self, grad_activation_shapes, STATS, scale)
         be, cfg, p, g, a = self.backend, self.config, self.params, self.grads, self.acts
-        B, T, L, V = self.B, self.T, cfg.num_layers, cfg.vocab_size
-        if self.grad_acts is None:
-            whole, layer = grad_activation_shapes(cfg, B, T, self.fused)
-            self.grad_acts = FlatTensors(whole, be.zeros, STATS)
-            self.grad_layer = FlatTensors(layer, be.zeros)
-        d, dl = self.grad_acts, self.grad_layer
-        d.buf[:] = 0                          # the residual stream's gradient accumulates
-        d.losses[...] = scale / (B * T)                         # d(mean)/d(each loss)
+        L, V = cfg.num_layers, cfg.vocab_size
 
         if self.fused:
             # As llm.c's CUDA trainer: the logits have no other reader and dlogits no other

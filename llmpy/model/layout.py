@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import LlmpyError
+
 
 def pad_vocab(vocab_size, multiple=128):
     """llm.c pads the vocabulary (50257 -> 50304) so the classifier matmul tiles evenly."""
@@ -220,3 +222,20 @@ class FlatTensors:
 
     def __len__(self):
         return self.buf.shape[0]
+
+
+def start_backward(model, shapes, stats, scale):
+    """The backward pass's activation gradients (d, dl) for model's last forward: made at the
+    first call from shapes(config, B, T, fused) -> (whole-model shapes, one layer's), `stats`
+    in float32 beside them; zeroed, as the residual stream's gradient accumulates; with the
+    seed d(scale * mean loss)/d(each position's loss) in d.losses."""
+    if model.mean_loss is None:
+        raise LlmpyError("backward() needs a forward() with targets first")
+    if model.grad_acts is None:
+        whole, layer = shapes(model.config, model.B, model.T, model.fused)
+        model.grad_acts = FlatTensors(whole, model.backend.zeros, stats)
+        model.grad_layer = FlatTensors(layer, model.backend.zeros)
+    d = model.grad_acts
+    d.buf[:] = 0
+    d.losses[...] = scale / (model.B * model.T)
+    return d, model.grad_layer

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import LlmpyError
 from .gpt2 import GPT2, load_params
-from .layout import FlatTensors, pad_vocab
+from .layout import FlatTensors, pad_vocab, start_backward
 from .rope import rope_tables
 
 
@@ -591,7 +591,7 @@ def grad_activation_shapes(cfg, B, T, fused=False):
     while that layer runs."""
     C, NH, hd, F, Vp = cfg.channels, cfg.num_heads, cfg.head_dim, cfg.ffn_dim, \
         cfg.padded_vocab_size
-    QKV, QKH = cfg.qkv_dim, cfg.num_heads + cfg.num_kv_heads
+    QKV = cfg.qkv_dim
     # d(logits): the fused classifier writes it over the logits, unless a softcap follows it,
     # whose backward reads the (capped) logits; then the capped and the raw logits' gradients
     dlogits = [] if fused else [("logits", (B, T, Vp))]
@@ -851,17 +851,9 @@ class Llama:
     def backward(self, layer_done=None, scale=1.0):
         """Accumulates d(scale * mean loss)/d(params) into self.grads, as GPT2.backward (call
         zero_grad first; layer_done(l) as soon as layer l's gradients are complete)."""
-        if self.mean_loss is None:
-            raise LlmpyError("backward() needs a forward() with targets first")
+        d, dl = start_backward(self, grad_activation_shapes, STATS, scale)
         be, cfg, p, g, a = self.backend, self.config, self.params, self.grads, self.acts
-        B, T, L = self.B, self.T, cfg.num_layers
-        if self.grad_acts is None:
-            whole, layer = grad_activation_shapes(cfg, B, T, self.fused)
-            self.grad_acts = FlatTensors(whole, be.zeros, STATS)
-            self.grad_layer = FlatTensors(layer, be.zeros)
-        d, dl = self.grad_acts, self.grad_layer
-        d.buf[:] = 0                          # the residual stream's gradient accumulates
-        d.losses[...] = scale / (B * T)                         # d(mean)/d(each loss)
+        L = cfg.num_layers
 
         dlogits = self._crossentropy(backward=True)
         if cfg.final_softcap:
