@@ -500,6 +500,26 @@ def test_disk_full_during_a_checkpoint(files, tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_disk_full_while_logging(files, tmp_path, capsys):
+    """A log that cannot be written (/dev/full: ENOSPC on every write) stops the run at that
+    step in one line, before the step's checkpoint; the checkpoint before it is intact, and
+    --resume with a writable log continues from it."""
+    run_dir = tmp_path / "run"
+    args = argv(files, run_dir, "--steps", "4", "--checkpoint-every", "2", "--sample-every", "0")
+    ok = argv(files, tmp_path / "ok", "--steps", "2", "--checkpoint-every", "2",
+              "--sample-every", "0")
+    assert cli.main(ok) == 0                  # the first two steps, logged and checkpointed
+    shutil.copytree(tmp_path / "ok", run_dir)
+    msg = cli_error(capsys, args + ["--resume", "--log-jsonl", "/dev/full"])
+    assert msg == ("llmpy: error: /dev/full: cannot write the log at step 3: No space left on "
+                   "device; --resume continues from the last checkpoint")
+    assert llmpy.train.checkpoints.newest_checkpoint(str(run_dir)).endswith("ckpt_00000002")
+    # (--log-jsonl given again: --resume would take /dev/full from the run's config.json)
+    assert cli.main(args + ["--resume", "--log-jsonl", str(run_dir / "log.jsonl")]) == 0
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
+
+
 def test_checkpoint_of_another_model_size(run4, capsys, files, tmp_path):
     run_dir, args = run4
     big = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16)

@@ -390,8 +390,9 @@ def load_latest(run_dir, model, opt, set_aside_bad=True):
 
 def trim_log(path, step):
     """Keep the log's records up to `step`: the steps after the checkpoint will be redone.
-    A torn last line (the process died while writing it) goes too."""
-    if not os.path.exists(path):
+    A torn last line (the process died while writing it) goes too. A log that is no regular
+    file (/dev/stdout, a pipe) is left as it is: reading it could block or never end."""
+    if not os.path.isfile(path):
         return
     keep = []
     with open(path) as f:

@@ -117,8 +117,13 @@ def log_hook(cfg, start):
         raise LlmpyError(f"{path}: cannot write the log: {e.strerror}") from None
 
     def hook(step, rec):
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        except OSError as e:      # a full disk: stop here, before this step's checkpoint
+            raise LlmpyError(f"{path}: cannot write the log at step {step}: {e.strerror}"
+                             + ("; --resume continues from the last checkpoint"
+                                if cfg.run_dir else "")) from None
     return hook, log
 
 
@@ -295,7 +300,8 @@ def run(cfg, explicit, dist, preempt):
                                                                          f"ckpt_{step:08d}"))
     finally:
         if logfile:
-            logfile.close()
+            with contextlib.suppress(OSError):    # what a full disk left in its buffer
+                logfile.close()
     if cfg.save and main:
         save_model(cfg.save, model, backend.to_host(model.params.buf))
         print(f"saved {cfg.save}")
