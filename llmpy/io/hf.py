@@ -15,6 +15,7 @@ from ..errors import LlmpyError, first_line, require_finite
 from ..model.layout import GPT2_LAYOUT, FlatTensors, GPT2Config
 from .files import article, atomic_write, check_output_file, ensure_dir
 from .modelfile import BF16, FP32, write_model
+from .tokenizer import EOT, EOT_TEXT, GPT2_VOCAB, Tokenizer, load_ranks
 
 # llm.c tensor -> HF tensor name; a name with {} is one tensor per layer ({} = layer index).
 HF_NAMES = GPT2_LAYOUT.hf_names()
@@ -32,7 +33,6 @@ HF_INDEX = "model.safetensors.index.json"             # sharded weights (io/llam
 # what download() fetches of a hub repository
 HUB_FILES = ["config.json", "*.safetensors", HF_INDEX, "tokenizer.json", "tokenizer_config.json"]
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")      # llm.c's GELU is the tanh approximation
-GPT2_VOCAB = 50257        # a model of this vocabulary gets GPT-2's tokenizer files on export
 
 
 def is_hf_dir(path):
@@ -250,7 +250,6 @@ def write_hf(out_dir, cfg, flat):
 
 def write_gpt2_tokenizer(path, cfg):
     """llm.c's tokenizer file for a model with GPT-2's vocabulary (the BPE bundled with llmpy)."""
-    from .tokenizer import Tokenizer
     tok = Tokenizer()
     if cfg.vocab_size != tok.vocab_size:
         raise LlmpyError(f"{path}: the model's vocab size {cfg.vocab_size} is not GPT-2's "
@@ -295,7 +294,6 @@ def write_hf_gpt2_tokenizer(out_dir):
     """GPT-2's tokenizer files as transformers' GPT2Tokenizer reads them (vocab.json,
     merges.txt, tokenizer_config.json), derived from the BPE ranks bundled with llmpy, so that
     AutoTokenizer.from_pretrained(out_dir) encodes as tiktoken's gpt2 does."""
-    from .tokenizer import EOT, EOT_TEXT, load_ranks
     ranks = load_ranks()
     chars = byte_chars()
     text = lambda b: "".join(chars[x] for x in b)           # noqa: E731

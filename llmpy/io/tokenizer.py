@@ -15,6 +15,7 @@ from ..errors import LlmpyError
 from .files import HEADER_BYTES, atomic_write, file_size, make_header, read_header
 
 EOT = 50256
+GPT2_VOCAB = EOT + 1          # <|endoftext|> is the last of GPT-2's tokens
 EOT_TEXT = "<|endoftext|>"
 # The pre-tokenizer split pattern of the original GPT-2 release (tiktoken's r50k pattern).
 R50K_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

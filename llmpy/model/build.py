@@ -10,6 +10,7 @@ from ..io import hf
 from ..io.hf import HUB_ID, LOCAL_SUFFIXES, is_hf_dir, read_config, read_hf
 from ..io.hf_tokenizer import TOKENIZER_JSON
 from ..io.modelfile import read_model, write_model
+from ..io.tokenizer import GPT2_VOCAB, Tokenizer
 from . import llama
 from .gpt2 import GPT2, init_weights, load_params
 from .gpt2 import flops_per_token as gpt2_flops
@@ -31,7 +32,6 @@ EMBEDDED_PRESETS = ("tiny", "llama-tiny")
 # OpenAI's GPT-2 on the Hugging Face hub, and the preset of its shape: `--model gpt2` means these
 # weights, as nanoGPT's init_from="gpt2" and transformers' from_pretrained("gpt2") do.
 PRETRAINED = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
-GPT2_VOCAB = 50257
 GPT2_MAGIC, LLAMA_MAGIC = 20240326, 20240803       # io/modelfile.py's and io/llama3.py's
 
 
@@ -179,7 +179,6 @@ def flops_per_token(cfg, T):
 def model_tokenizer(model):
     """The tokenizer the model's ids mean: tokenizer.json beside its weights (an HF directory,
     a decoder run's checkpoint), else GPT-2's for a model with GPT-2's vocabulary, else None."""
-    from ..io.tokenizer import Tokenizer
     if isinstance(model, GPT2):
         return Tokenizer()
     source = getattr(model, "source", None)
@@ -215,7 +214,6 @@ def has_gpt2_ids(model):
 
 
 def is_gpt2_tokenizer(tok):
-    from ..io.tokenizer import Tokenizer
     return isinstance(tok, Tokenizer)
 
 
