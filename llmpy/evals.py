@@ -167,11 +167,9 @@ def evaluate(cfg, explicit):
     """`llmpy eval`: cfg an EvalConfig, explicit the fields given on the command line.
     Returns the results printed: {"val_loss", "val_tokens", "hellaswag_acc", ...}."""
     from .backends import get_backend
-    from .train.config import check_fields, check_seq_len
-    from .data.loader import DataLoader, bundled_data, expand_files
+    from .data.loader import DataLoader, bundled_data
     from .model.build import build_model, is_model_dir
-    from .train.config import check_exists, data_path
-    from .train.config import restore_flags
+    from .train.config import check_exists, check_fields, check_seq_len, data_path, restore_flags
     if not cfg.model:
         raise LlmpyError("eval: --model is required")
     if os.path.isdir(cfg.model) and not is_model_dir(cfg.model):     # a run directory
@@ -184,9 +182,7 @@ def evaluate(cfg, explicit):
             print(f"from {cfg.model}/config.json: {' '.join(restored)}")
     if not cfg.val_data and not cfg.hellaswag_data:
         cfg.val_data = bundled_data("shakespeare_val.bin")
-    cfg.val_data = data_path(cfg.val_data, "val")
-    if cfg.val_data:                      # every local path before a hub download
-        expand_files(cfg.val_data)
+    cfg.val_data = data_path(cfg.val_data, "val")    # every local path before a hub download
     check_exists(cfg.hellaswag_data)
     check_fields(cfg)                     # the flags as given and as restored
     model = build_model(cfg.model, get_backend(cfg.backend))

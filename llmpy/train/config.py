@@ -203,20 +203,21 @@ BUNDLED = {"shakespeare": "shakespeare_{split}.bin"}
 
 
 def data_path(name, split):
-    """A --train-data / --val-data value as a path: a bundled corpus's short name (unless a
-    file of that name is here) is its file of that split."""
+    """A --train-data / --val-data value as the path it means, checked to exist before any
+    model is built or downloaded (the files themselves are read later, where their problems
+    are named): a bundled corpus's short name (unless a file of that name is here) is its file
+    of that split; "" stays "" (none)."""
     if name in BUNDLED and not os.path.exists(name):
         return bundled_data(BUNDLED[name].format(split=split))
+    if name:
+        expand_files(name)
     return name
 
 
 def check_inputs(cfg):
-    """Every local input file exists, before any model is built or downloaded (the files
-    themselves are read later, where their problems are named)."""
+    """Every local input file of a training run exists (data_path)."""
     cfg.train_data = data_path(cfg.train_data, "train")
     cfg.val_data = data_path(cfg.val_data, "val")
-    for pattern in filter(None, (cfg.train_data, cfg.val_data)):
-        expand_files(pattern)
     check_exists(cfg.hellaswag_data if cfg.hellaswag_every else "")
 
 
