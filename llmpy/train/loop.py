@@ -69,7 +69,7 @@ class RunState:
 # names (every N steps, and the last), in this order; rec is the step's log record, which a
 # hook may add to. Only rank 0 has the first four.
 
-def val_hook(model, loader, batches, cfg):
+def val_hook(cfg, model, loader, batches):
     """The mean loss over `batches` of the val loader (--val-batches, 0: all of --val-data),
     the first at step 0 (not logged)."""
     loader.require_batches(batches, cfg.val_data)
@@ -228,7 +228,7 @@ def run(cfg, explicit, dist, preempt):
     # (every N steps, hook), each made here, so that its files are read before any work
     val_loader = DataLoader(cfg.val_data, B, T, mc.vocab_size) if cfg.val_data and main else None
     val_batches = (cfg.val_batches or sum(val_loader.windows)) if val_loader else 0
-    val = val_hook(model, val_loader, val_batches, cfg) if val_loader and cfg.val_every else None
+    val = val_hook(cfg, model, val_loader, val_batches) if val_loader and cfg.val_every else None
     hooks = [(cfg.val_every, val)]
     if main and cfg.hellaswag_every:
         hooks += [(cfg.hellaswag_every, hellaswag_hook(cfg, model))]
@@ -307,6 +307,5 @@ def run(cfg, explicit, dist, preempt):
         print(f"saved {cfg.save}")
     if main and rec:
         print("\n".join(summary(cfg, time.perf_counter() - t_start, rec, val_batches,
-                                val_batches * B * T, cfg.run_dir and
-                                checkpoints.newest_checkpoint(cfg.run_dir))))
+                                cfg.run_dir and checkpoints.newest_checkpoint(cfg.run_dir))))
     return model

@@ -53,9 +53,11 @@ def plot_path(log):
     return plot(log, None)
 
 
-def summary(cfg, wall, last, val_batches, val_tokens, checkpoint):
-    """The lines printed when a run ends. last: the final step's log record; checkpoint: the
-    path of the run's newest checkpoint, or None."""
+def summary(cfg, wall, last, val_batches, checkpoint):
+    """The lines printed when a run ends. last: the final step's log record; val_batches: the
+    batches each validation scored; checkpoint: the path of the run's newest checkpoint, or
+    None."""
+    val_tokens = val_batches * cfg.batch_size * cfg.seq_len
     lines = [f"done: {cfg.steps} steps in {duration(wall)} | final train loss "
              f"{last['train_loss']:.4f}"
              + (f" | val loss {last['val_loss']:.4f} over "
@@ -76,18 +78,18 @@ def summary(cfg, wall, last, val_batches, val_tokens, checkpoint):
                   "  plot   " + (plot_path(log) or f"`llmpy plot {plotted}` draws it (needs "
                                  "matplotlib: pip install 'llmpy[plot]')")]
     target = cfg.run_dir if checkpoint else cfg.save
+    commands = []
     if target:
         prompt = (' --prompt "ROMEO:"' if importlib.util.find_spec("tiktoken") else "")
-        lines += ["next:",
-                  f"  llmpy sample --model {shlex.quote(target)}{prompt} --tokens 200 "
-                  f"--temperature 0.8 --top-k 40"]
-        if not prompt:
-            lines[-1] += "   (--prompt TEXT needs tiktoken: pip install 'llmpy[data]')"
+        commands += [f"llmpy sample --model {shlex.quote(target)}{prompt} --tokens 200 "
+                     f"--temperature 0.8 --top-k 40"
+                     + ("" if prompt else "   (--prompt TEXT needs tiktoken: pip install "
+                        "'llmpy[data]')")]
     if log:
-        lines += [f"  llmpy plot {plotted}"]
+        commands += [f"llmpy plot {plotted}"]
     if checkpoint:
         run = shlex.quote(cfg.run_dir)
-        lines += [f"  llmpy eval --model {run}",
-                  f"  llmpy train --run-dir {run} --resume --steps {2 * cfg.steps}"
-                  "   (train on: the flags not given come from its config.json)"]
-    return lines
+        commands += [f"llmpy eval --model {run}",
+                     f"llmpy train --run-dir {run} --resume --steps {2 * cfg.steps}"
+                     "   (train on: the flags not given come from its config.json)"]
+    return lines + (["next:"] + [f"  {c}" for c in commands] if commands else [])
