@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from llmpy.backends import set_thread_env
 from llmpy.cli import main
 from llmpy.model.layout import GPT2Config
 from llmpy.model.build import PRESETS, preset
@@ -355,6 +356,28 @@ def test_a_failing_worker_is_one_line():
     r = llmpy("bench", "cpu", "--model", "tiny", "-b", 10 ** 12, "-t", 8, "--impls", "numpy")
     assert_one_line_error(r, "the sgemm worker on --model tiny failed: ", "MemoryError")
     assert "Traceback" not in r.stdout
+
+
+def test_baseline_workers_run_without_our_thread_settings(monkeypatch):
+    """PyTorch's process gets the user's environment, not the OpenMP wait policy that
+    set_thread_env chose for ours; ours and the sgemm bound get it."""
+    import llmpy.bench as bench
+    seen = {}
+
+    def run(cmd, env, **kw):
+        seen[json.loads(cmd[-1])["impl"]] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout="{}\n", stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("LLMPY_THREAD_ENV", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    set_thread_env()
+    for impl in ("torch", "hf_sample", "cpu", "sgemm"):
+        bench.run_worker({"impl": impl, "threads": 2, "model": "tiny"})
+    for impl in ("torch", "hf_sample"):
+        assert "OMP_WAIT_POLICY" not in seen[impl] and seen[impl]["OMP_NUM_THREADS"] == "2"
+    for impl in ("cpu", "sgemm"):
+        assert seen[impl]["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_the_worker_imports_this_llmpy(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from llmpy.backends import get_backend
+from llmpy.backends import baseline_env, get_backend, set_thread_env
 from llmpy.model.gpt2 import GPT2, load_params, param_shapes
 from llmpy.train.optim import AdamW, AdamWConfig
 from test_gpt2 import CFG, batch, random_weights, rel_err
@@ -93,3 +93,17 @@ def test_auto_is_cpu_and_falls_back_to_numpy(monkeypatch):
     with pytest.raises(ImportError):
         importlib.import_module("llmpy.backends.cpu")
     assert get_backend("auto").name == "numpy"
+
+
+def test_thread_env_keeps_the_users_settings_and_baselines_run_without_ours():
+    """set_thread_env adds only what the user left unset (a GOMP_SPINCOUNT of theirs stands
+    for the wait policy), and baseline_env takes back exactly what it added."""
+    env = {"PATH": "/bin"}
+    set_thread_env(env)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    set_thread_env(env)                                 # a worker of this process: no change
+    assert baseline_env(env) == {"PATH": "/bin"}
+    env = {"GOMP_SPINCOUNT": "100", "OPENBLAS_THREAD_TIMEOUT": "8"}
+    set_thread_env(env)
+    assert "OMP_WAIT_POLICY" not in env and baseline_env(env) == {
+        "GOMP_SPINCOUNT": "100", "OPENBLAS_THREAD_TIMEOUT": "8"}

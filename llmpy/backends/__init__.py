@@ -10,18 +10,40 @@ from .base import Backend, Capabilities  # noqa: F401  (the contract, for caller
 BACKENDS = ("numpy", "cpu", "gpu")
 
 
+THREAD_ENV = "LLMPY_THREAD_ENV"      # the names of the variables set_thread_env set
+
+
 def set_thread_env(environ=os.environ):
     """For the cpu backend, before numba and scipy load (they read it then), unless the user set
     them: Numba's OpenMP threads and OpenBLAS's take turns on the same cores a hundred times a
     step, and by default each pool spins for a long while after its work, on the core the other
     pool needs next (bench/RESULTS.md has what that cost a GEMM and a kernel).
-    GOMP_SPINCOUNT=20000 (libgomp's default is 300000; not 0: threads that sleep at once make a
-    sampling step, with its many short kernels, slower) and OPENBLAS_THREAD_TIMEOUT=4 (2^4
-    cycles). Called by the CLI's main, the benchmark workers and the tests' conftest; if scipy's
-    BLAS was loaded earlier, its timeout keeps its default and only speed differs."""
-    if "OMP_WAIT_POLICY" not in environ:
-        environ.setdefault("GOMP_SPINCOUNT", "20000")
-    environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    OMP_WAIT_POLICY=PASSIVE: Numba's threads sleep as soon as a kernel ends. Any spin at all
+    makes sampling several times slower while another process wants a core (a spinning thread
+    holds the core that the thread it waits for needs); on an idle machine spinning would win
+    back about a quarter of a sampling step and nothing in training (bench/RESULTS.md, "Threads
+    that wait"). OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles) does the same for OpenBLAS's threads.
+    Called by the CLI's main, the benchmark workers and the tests' conftest; if scipy's BLAS
+    was loaded earlier, its timeout keeps its default and only speed differs. The names it set
+    go into LLMPY_THREAD_ENV, so that a baseline's process can run without them
+    (baseline_env)."""
+    wanted = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    if "GOMP_SPINCOUNT" not in environ:
+        wanted["OMP_WAIT_POLICY"] = "PASSIVE"
+    added = [k for k in wanted if k not in environ]
+    for k in added:
+        environ[k] = wanted[k]
+    if added:
+        environ[THREAD_ENV] = ",".join(added)
+
+
+def baseline_env(environ=os.environ):
+    """A copy of environ without what set_thread_env added: PyTorch's threads in a benchmark's
+    baseline run as they would for its user."""
+    env = dict(environ)
+    for k in env.pop(THREAD_ENV, "").split(","):
+        env.pop(k, None)
+    return env
 
 
 def host_ops(backend):

@@ -24,6 +24,7 @@ import numpy as np
 from ..model.layout import GPT2Config
 
 IMPLS = ("cpu", "torch", "numpy")
+BASELINES = ("torch", "hf_sample")                           # the jobs that run other libraries
 NAMES = {"cpu": "llmpy cpu", "torch": "PyTorch eager", "numpy": "llmpy numpy"}
 PHASES = ("zero_grad", "forward", "backward", "update")      # as train_step runs them
 
@@ -229,10 +230,12 @@ WORKER = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
 
 
 def run_worker(job):
-    """worker(job) in a fresh interpreter whose BLAS, OpenMP and Numba get job['threads'].
+    """worker(job) in a fresh interpreter whose BLAS, OpenMP and Numba get job['threads'];
+    a baseline's without llmpy's thread settings (backends.baseline_env).
     A worker that fails (out of memory, say) is one line naming the job, not its traceback."""
+    from ..backends import baseline_env
     from ..errors import LlmpyError
-    env = dict(os.environ)
+    env = baseline_env() if job["impl"] in BASELINES else dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "NUMBA_NUM_THREADS"):
         env[var] = str(job["threads"])
