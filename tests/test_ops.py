@@ -224,3 +224,9 @@ def test_adamw(h, grad_scale):
 def test_sum_squares(h):
     x = h.randn(1001)
     assert abs(h.be.sum_squares(h.dev(x)) / (x @ x) - 1) <= TOL[h.dtype]
+
+
+def test_zero_fill(h):
+    x = h.dev(h.randn(1001))
+    h.be.zero_fill(x)
+    assert not np.asarray(h.be.to_host(x)).any()

@@ -18,7 +18,7 @@ OPS = (
     "attention_forward", "attention_backward",
     "gelu_forward", "gelu_backward",
     "crossentropy_forward", "crossentropy_backward",
-    "adamw_update", "sum_squares",
+    "adamw_update", "sum_squares", "zero_fill",
     # the Llama/Gemma decoder's (model/llama.py)
     "embedding_forward", "embedding_backward",
     "rmsnorm_forward", "rmsnorm_backward", "residual_rmsnorm_forward",

@@ -187,7 +187,7 @@ class GPT2:
         return Decoder(self, max_len, rows, ops)
 
     def zero_grad(self):
-        self.grads.buf[:] = 0
+        self.backend.zero_fill(self.grads.buf)
 
     def backward(self, layer_done=None, scale=1.0):
         """Accumulates d(scale * mean loss)/d(params) into self.grads (call zero_grad first):

@@ -236,6 +236,6 @@ def start_backward(model, shapes, stats, scale):
         model.grad_acts = FlatTensors(whole, model.backend.zeros, stats)
         model.grad_layer = FlatTensors(layer, model.backend.zeros)
     d = model.grad_acts
-    d.buf[:] = 0
+    model.backend.zero_fill(d.buf)
     d.losses[...] = scale / (model.B * model.T)
     return d, model.grad_layer

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 from scipy.linalg.blas import sgemm
 
 from ..base import Backend
-from ..numpy import sum_squares, to_device, to_host, zeros  # noqa: F401  (as the reference)
+from ..numpy import to_device, to_host, zeros  # noqa: F401  (as the reference)
 
 
 def make():
@@ -858,3 +858,27 @@ def adamw_update(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay,
     _adamw(params, grads, m, v, f(lr / (1.0 - beta1 ** step)), f(1.0 - beta1), f(beta2),
            f(1.0 - beta2), f(eps), f(1.0 - lr * weight_decay), f(math.sqrt(1.0 - beta2 ** step)),
            f(grad_scale))
+
+
+# ----------------------------------------------------------------------------- flat buffers
+# Both run over all cores: one thread does not reach the memory bandwidth on its own.
+
+@threaded
+def _sum_squares(x):
+    total = 0.0                                  # float64, as the reference's BLAS dot is not
+    for i in prange(x.size):
+        xi = np.float64(x[i])
+        total += xi * xi
+    return total
+
+
+def sum_squares(x):
+    # x: (N,) -> the sum of its squares as a Python float (the global gradient norm, squared)
+    return float(_sum_squares(x))
+
+
+@threaded
+def zero_fill(x):
+    # x: (N,) = 0, in place
+    for i in prange(x.size):
+        x[i] = ZERO

@@ -47,7 +47,7 @@ import torch
 import triton  # noqa: F401  (the backend is unavailable without it)
 
 from ..base import Backend, Capabilities
-from .adamw import adamw_update, master_weights, sum_squares  # noqa: F401
+from .adamw import adamw_update, master_weights, sum_squares, zero_fill  # noqa: F401
 from .attention import attention_backward, attention_forward  # noqa: F401
 from .classifier import crossentropy_backward, crossentropy_forward  # noqa: F401
 from .embedding import embedding_backward, embedding_forward  # noqa: F401

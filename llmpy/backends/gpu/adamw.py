@@ -52,6 +52,11 @@ def sum_squares(x):
     return float(partials.sum())
 
 
+def zero_fill(x):
+    # x: (N,) = 0, in place
+    x.zero_()
+
+
 def master_weights(params):
     """float32 master weights for lower-precision params (llm.c's master_weights); None when the
     params are float32 already."""

@@ -363,6 +363,12 @@ def sum_squares(x):
     return float(x @ x)
 
 
+def zero_fill(x):
+    # x: (N,) = 0, in place (the gradients before a step, the activation gradients before a
+    # backward pass)
+    x[...] = 0
+
+
 # AdamW walks the flat buffers this many elements at a time, so that each chunk's temporaries
 # (64 KB) come from memory malloc reuses, under its mmap threshold, and stay in cache: faster
 # than one pass with (N,) temporaries, and than chunks over the threshold (bench/RESULTS.md,
