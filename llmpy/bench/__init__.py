@@ -3,9 +3,12 @@
 bench cpu: a training step (forward, backward, AdamW) on the cpu backend, beside PyTorch eager
 (torchref's nanoGPT-style model for GPT-2; for the Llama / Gemma decoder transformers' own
 LlamaForCausalLM, Gemma3ForCausalLM, ... with SDPA attention; torch.optim.AdamW; same weights,
-batch and thread count), the NumPy reference backend, and the step's matmuls alone as NumPy sgemm calls,
-which bound the step from below. Each runs in its own subprocess, so each peak RSS is its own and every library sees
-the thread count before it starts its threads.
+batch and thread count), the NumPy reference backend, and the step's matmuls alone, which
+bound the step from below, two ways: each matmul's shape as NumPy sgemm calls on warm arrays
+(the sgemm bound), and the step's own matmul calls replayed back to back right after each step,
+on its arrays, so that each step is compared with matmuls run under the same load. Each runs in
+its own subprocess, so each peak RSS is its own and every library sees the thread count before
+it starts its threads.
 
 bench sample: tokens/s of generation with the KV cache beside llm.c's full recompute and
 Hugging Face transformers' generate (its own KV cache; GPT2LMHeadModel, or the decoder's
@@ -137,6 +140,32 @@ class OpTimer:
                 **{k: (self.calls[k], s) for k, s in self.seconds.items()}}
 
 
+def recording_matmuls(backend):
+    """(a copy of backend whose matmul ops also append (op, args) to `calls`, calls)."""
+    calls = []
+
+    def wrap(name, op):
+        if name not in ("matmul_forward", "matmul_backward"):
+            return op
+
+        def call(*args):
+            calls.append((op, args))
+            return op(*args)
+        return call
+    return backend.wrapped(wrap), calls
+
+
+def replay(calls):
+    """Wall seconds of the recorded matmul calls again, back to back: the step's matmuls alone,
+    on its own arrays, in its order. They write only activations, activation gradients and
+    gradients, which the next step overwrites or zeroes before reading, so training goes on as
+    if they had not run."""
+    t0 = time.perf_counter()
+    for op, args in calls:
+        op(*args)
+    return time.perf_counter() - t0
+
+
 def train_llmpy(spec, backend_name, B, T, warmup, steps):
     from ..backends import get_backend
     from ..train.optim import AdamW
@@ -144,18 +173,22 @@ def train_llmpy(spec, backend_name, B, T, warmup, steps):
     from ..model.build import build_model
     backend = get_backend(backend_name)
     model = build_model(spec, backend)
+    model.backend, calls = recording_matmuls(backend)
     opt = AdamW(model)
     x, y = make_batch(model.config, B, T)
 
     def step():
-        """(loss, [wall seconds of each of PHASES], process CPU seconds) of one train_step."""
+        """(loss, [wall seconds of each of PHASES], process CPU seconds, wall seconds of the
+        step's matmuls replayed alone right after it) of one train_step."""
         c0, seconds, t = time.process_time(), {}, [time.perf_counter()]
 
         def mark(phase):
             now = time.perf_counter()
             seconds[phase], t[0] = now - t[0], now
+        calls.clear()
         loss = train_step(model, opt, [(x, y)], phase=mark).loss
-        return loss, [seconds[p] for p in PHASES], time.process_time() - c0
+        cpu = time.process_time() - c0
+        return loss, [seconds[p] for p in PHASES], cpu, replay(calls)
 
     records = [step() for _ in range(warmup + steps)]
     timer = OpTimer(backend)                    # one more step, op by op, outside the timings
@@ -216,7 +249,8 @@ def worker(job):
     else:
         records, ops = train_llmpy(job["model"], job["impl"], *args[1:])
     timed = records[job["warmup"]:]
-    return {"step_s": [sum(r[1]) for r in timed], "losses": [r[0] for r in records],
+    replays = {"matmuls_s": [r[3] for r in timed]} if job["impl"] != "torch" else {}
+    return {"step_s": [sum(r[1]) for r in timed], "losses": [r[0] for r in records], **replays,
             "cpu_time_s": statistics.median(r[2] for r in timed),
             "phases_s": {p: statistics.median(r[1][i] for r in timed)
                          for i, p in enumerate(PHASES)},
@@ -287,6 +321,9 @@ def bench_cpu(args):
     if "cpu" in results:
         cpu = results["cpu"]["median_s"]
         results["cpu_vs_sgemm_bound"] = cpu / results["sgemm_bound_s"]
+        # each step beside its own matmuls replayed right after it: both see the same load
+        pairs = zip(results["cpu"]["step_s"], results["cpu"]["matmuls_s"])
+        results["cpu_vs_matmuls_alone"] = statistics.median(s / m for s, m in pairs)
         for other in ("torch", "numpy"):
             if other in results:
                 results[f"{other}_over_cpu"] = results[other]["median_s"] / cpu
@@ -321,7 +358,10 @@ def print_cpu(r, impls):
         for other in ("torch", "numpy"):
             if other in r:
                 print(f"speedup of llmpy cpu over {NAMES[other]}: {r[other + '_over_cpu']:.2f}x")
-        print(f"llmpy cpu takes {r['cpu_vs_sgemm_bound']:.2f}x the sgemm bound")
+        print(f"llmpy cpu takes {r['cpu_vs_sgemm_bound']:.2f}x the sgemm bound, and "
+              f"{r['cpu_vs_matmuls_alone']:.2f}x its own matmuls replayed alone after each step "
+              f"(median of the steps' ratios; the matmuls took "
+              f"{statistics.median(r['cpu']['matmuls_s']):.3f} s)")
         print("\n" + op_table(r["cpu"]["ops"], "llmpy cpu"))
 
 
