@@ -271,6 +271,17 @@ def test_plot(files, tmp_path):
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_plot_that_cannot_be_drawn_does_not_fail_the_run(files, capsys):
+    """The summary draws the plot after training; a log with nothing to plot (/dev/null) says
+    so in the plot's line instead of ending a finished run in an error."""
+    pytest.importorskip("matplotlib")
+    tmp_path = files[0]
+    train(TrainConfig(model=str(tmp_path / "model.bin"), train_data=str(tmp_path / "train.bin"),
+                      backend="numpy", batch_size=2, seq_len=8, steps=2, val_every=0,
+                      sample_every=0, log_jsonl="/dev/null"), set())
+    assert "plot   not drawn: /dev/null: no losses to plot" in capsys.readouterr().out
+
+
 def test_plot_bad_logs(tmp_path):
     """A log that is not train's: one line naming it (and the line), and no PNG."""
     from test_cli import assert_one_line_error

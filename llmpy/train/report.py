@@ -5,6 +5,7 @@ import os
 import shlex
 import time
 
+from ..errors import LlmpyError
 from ..io.weights import weights_dir
 
 
@@ -46,11 +47,15 @@ def embedded_run_dir():
 
 def plot_path(log):
     """The plot of the JSONL log, beside it, drawn now where matplotlib is installed; else
-    None."""
+    None. Where it cannot be drawn (a log with nothing to plot, such as /dev/null; a folder it
+    cannot write to), why, in its place: the run itself has succeeded."""
     if not importlib.util.find_spec("matplotlib"):
         return None
     from ..plot import plot
-    return plot(log, None)
+    try:
+        return plot(log, None)
+    except LlmpyError as e:
+        return f"not drawn: {e}"
 
 
 def summary(cfg, wall, last, val_batches, checkpoint):
