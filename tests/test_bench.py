@@ -363,7 +363,7 @@ def test_a_failing_worker_is_one_line():
 
 
 def test_baseline_workers_run_without_our_thread_settings(monkeypatch):
-    """PyTorch's process gets the user's environment, not the OpenMP wait policy that
+    """PyTorch's process gets the user's environment, not the OpenMP spin count that
     set_thread_env chose for ours; ours and the sgemm bound get it."""
     import llmpy.bench as bench
     seen = {}
@@ -379,9 +379,9 @@ def test_baseline_workers_run_without_our_thread_settings(monkeypatch):
     for impl in ("torch", "hf_sample", "cpu", "sgemm"):
         bench.run_worker({"impl": impl, "threads": 2, "model": "tiny"})
     for impl in ("torch", "hf_sample"):
-        assert "OMP_WAIT_POLICY" not in seen[impl] and seen[impl]["OMP_NUM_THREADS"] == "2"
+        assert "GOMP_SPINCOUNT" not in seen[impl] and seen[impl]["OMP_NUM_THREADS"] == "2"
     for impl in ("cpu", "sgemm"):
-        assert seen[impl]["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert seen[impl]["GOMP_SPINCOUNT"] == "500"
 
 
 def test_the_worker_imports_this_llmpy(tmp_path, monkeypatch):

@@ -96,14 +96,14 @@ def test_auto_is_cpu_and_falls_back_to_numpy(monkeypatch):
 
 
 def test_thread_env_keeps_the_users_settings_and_baselines_run_without_ours():
-    """set_thread_env adds only what the user left unset (a GOMP_SPINCOUNT of theirs stands
-    for the wait policy), and baseline_env takes back exactly what it added."""
+    """set_thread_env adds only what the user left unset (their OMP_WAIT_POLICY stands for the
+    spin count), and baseline_env takes back exactly what it added."""
     env = {"PATH": "/bin"}
     set_thread_env(env)
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert env["GOMP_SPINCOUNT"] == "500" and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
     set_thread_env(env)                                 # a worker of this process: no change
     assert baseline_env(env) == {"PATH": "/bin"}
-    env = {"GOMP_SPINCOUNT": "100", "OPENBLAS_THREAD_TIMEOUT": "8"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "8"}
     set_thread_env(env)
-    assert "OMP_WAIT_POLICY" not in env and baseline_env(env) == {
-        "GOMP_SPINCOUNT": "100", "OPENBLAS_THREAD_TIMEOUT": "8"}
+    assert "GOMP_SPINCOUNT" not in env and baseline_env(env) == {
+        "OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "8"}

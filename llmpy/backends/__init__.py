@@ -18,18 +18,20 @@ def set_thread_env(environ=os.environ):
     them: Numba's OpenMP threads and OpenBLAS's take turns on the same cores a hundred times a
     step, and by default each pool spins for a long while after its work, on the core the other
     pool needs next (bench/RESULTS.md has what that cost a GEMM and a kernel).
-    OMP_WAIT_POLICY=PASSIVE: Numba's threads sleep as soon as a kernel ends. Any spin at all
-    makes sampling several times slower while another process wants a core (a spinning thread
-    holds the core that the thread it waits for needs); on an idle machine spinning would win
-    back about a quarter of a sampling step and nothing in training (bench/RESULTS.md, "Threads
-    that wait"). OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles) does the same for OpenBLAS's threads.
+    GOMP_SPINCOUNT=500 (libgomp's default is 300000): Numba's threads spin that long after a
+    kernel, enough to catch the next kernel of a sampling step, and then sleep. A long spin
+    makes sampling several times slower as soon as another process wants a core (a spinning
+    thread holds the core that the thread it waits for needs); no spin at all loses a quarter
+    of a sampling step on an idle machine, where a sleeping thread takes tens of microseconds to
+    wake (bench/RESULTS.md, "Threads that wait"). OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles) lets
+    OpenBLAS's threads sleep at once.
     Called by the CLI's main, the benchmark workers and the tests' conftest; if scipy's BLAS
     was loaded earlier, its timeout keeps its default and only speed differs. The names it set
     go into LLMPY_THREAD_ENV, so that a baseline's process can run without them
     (baseline_env)."""
     wanted = {"OPENBLAS_THREAD_TIMEOUT": "4"}
-    if "GOMP_SPINCOUNT" not in environ:
-        wanted["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_WAIT_POLICY" not in environ:         # a GOMP_SPINCOUNT would override the user's
+        wanted["GOMP_SPINCOUNT"] = "500"
     added = [k for k in wanted if k not in environ]
     for k in added:
         environ[k] = wanted[k]
