@@ -284,14 +284,16 @@ def torch_oom():
 
 
 def test_bench_sample_runs():
-    r = llmpy("bench", "sample", "--model", "tiny", "--tokens", 4, "--json")
+    r = llmpy("bench", "sample", "--model", "tiny", "--tokens", 4, "--repeats", 2, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["same_tokens"] and out["speedup"] > 0
+    assert len(out["kv_cache_runs_s"]) == 2 and out["kv_cache_s"] == min(out["kv_cache_runs_s"])
     if importlib.util.find_spec("transformers") is None:
         assert "transformers" in out["hf_skipped"]
         return
     assert out["hf_skipped"] is None
+    assert len(out["hf_runs_s"]) == 2 and out["hf_s"] == min(out["hf_runs_s"])
     assert out["hf_tokens_per_s"] == pytest.approx(4 / out["hf_s"])
     assert out["hf_over_kv_cache"] == pytest.approx(out["hf_s"] / out["kv_cache_s"])
 
@@ -315,6 +317,7 @@ def test_bench_cpu_bad_model():
     (["sample", "--tokens", 2, "-b", 0], ["--batch-size", "got 0"]),
     (["sample", "--tokens", 2, "-t", -1], ["--seq-len", "got -1"]),
     (["sample", "--seed", -1], ["--seed"]),
+    (["sample", "--repeats", 0], ["--repeats", "got 0"]),
     (["cpu", "-b", 0, "--impls", "numpy"], ["--batch-size", "got 0"]),
     (["cpu", "-t", 0, "--impls", "numpy"], ["--seq-len", "got 0"]),
     (["cpu", "--warmup", -1, "--impls", "numpy"], ["--warmup"]),

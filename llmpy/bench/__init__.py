@@ -237,8 +237,8 @@ def train_torch(spec, B, T, warmup, steps, threads):
 def worker(job):
     """Runs one measurement (in a subprocess) and returns its JSON-able result."""
     if job["impl"] == "hf_sample":
-        return {"seconds": time_hf_generate(job["model"], job["tokens"], job["seed"],
-                                            job["threads"])}
+        return {"runs_s": time_hf_generate(job["model"], job["tokens"], job["seed"],
+                                           job["threads"], job["repeats"])}
     if job["impl"] == "sgemm":
         from ..model.build import model_config
         wall, cpu = time_gemms(model_config(job["model"]), job["batch"], job["seq"])
@@ -427,9 +427,10 @@ def hf_generate(hf, prompt, n, **sampling):
     return out[0, len(prompt):].tolist()
 
 
-def time_hf_generate(spec, n, seed, threads):
-    """Seconds for transformers to sample n tokens after bench_start (temperature 1, no top-k)
-    from the weights build_model(spec) gives every backend, after a short warm-up. A run_worker
+def time_hf_generate(spec, n, seed, threads, repeats):
+    """[Seconds of each of `repeats` runs] of transformers sampling n tokens after bench_start
+    (temperature 1, no top-k) from the weights build_model(spec) gives every backend, after a
+    short warm-up. A run_worker
     job: in a process of its own, as a user runs it (in the process of our cpu backend, with
     its Numba threads and its libgomp settings, it takes longer: bench/RESULTS.md)."""
     import torch
@@ -441,8 +442,13 @@ def time_hf_generate(spec, n, seed, threads):
     start, hf = bench_start(model), hf_model(model)
     sampling = dict(do_sample=True, top_k=0, temperature=1.0)
     hf_generate(hf, start, 2, **sampling)                                 # warm-up
+    return [timed(lambda: hf_generate(hf, start, n, **sampling)) for _ in range(repeats)]
+
+
+def timed(fn):
+    """Wall seconds of fn()."""
     t0 = time.perf_counter()
-    hf_generate(hf, start, n, **sampling)
+    fn()
     return time.perf_counter() - t0
 
 
@@ -458,34 +464,41 @@ def bench_sample(args):
     from ..train.config import check_range, require_positive
     from ..generate import generate, generate_recompute
     from ..model.build import build_model
-    require_positive(args, "tokens", "batch_size", "seq_len")
+    require_positive(args, "tokens", "batch_size", "seq_len", "repeats")
     check_range("seed", args.seed, least=0)
     model = build_model(args.model, get_backend(args.backend))
     n, B, T = args.tokens, args.batch_size, min(args.seq_len, model.config.max_seq_len)
     model.forward(np.zeros((B, T), np.int64))     # llm.c's shape for the recompute, warmed up
     start = bench_start(model)
     list(generate(model, start, 2, np.random.default_rng(0)))          # warm-up
-    times, ids = {}, {}
-    for name, gen in (("kv_cache", lambda rng: generate(model, start, n, rng)),
-                      ("recompute", lambda rng: generate_recompute(model, start, n, rng, T=T))):
-        t0 = time.perf_counter()
+    ids = {}
+
+    def run(name, gen):
         ids[name] = list(gen(np.random.default_rng(args.seed)))
-        times[name] = time.perf_counter() - t0
+    # the KV cache and HF generate, the two sides of the comparison, each take the fastest of
+    # `repeats` runs, as a busy machine only ever adds time; the slow recompute runs once
+    kv_runs = [timed(lambda: run("kv_cache", lambda rng: generate(model, start, n, rng)))
+               for _ in range(args.repeats)]
+    times = {"kv_cache": min(kv_runs), "recompute": timed(lambda: run(
+        "recompute", lambda rng: generate_recompute(model, start, n, rng, T=T)))}
     sweep_s, nbytes = time_weight_reads(model)
-    hf_s, hf_skipped = None, None
+    hf_s, hf_runs, hf_skipped = None, None, None
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         hf_skipped = f"needs {' and '.join(missing)} (pip install torch==2.13.0 'llmpy[hf]')"
     else:
         job = dict(impl="hf_sample", model=args.model, tokens=n, seed=args.seed,
-                   threads=os.cpu_count())                      # bench cpu's default
-        hf_s = run_worker(job)["seconds"]
+                   threads=os.cpu_count(), repeats=args.repeats)    # bench cpu's default
+        hf_runs = run_worker(job)["runs_s"]
+        hf_s = min(hf_runs)
     from ..model.llama import ARCHITECTURES
     r = {"hf_class": ARCHITECTURES.get(getattr(model.config, "model_type", ""),
                                        "GPT2LMHeadModel"),
          "config": {"model": args.model, "tokens": n, "recompute_B": B, "recompute_T": T,
-                    "backend": model.backend.name, "load_average_1min": load_average()},
-         "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
+                    "repeats": args.repeats, "backend": model.backend.name,
+                    "load_average_1min": load_average()},
+         "kv_cache_s": times["kv_cache"], "kv_cache_runs_s": kv_runs,
+         "recompute_s": times["recompute"],
          "kv_cache_tokens_per_s": n / times["kv_cache"],
          "recompute_tokens_per_s": n / times["recompute"],
          "speedup": times["recompute"] / times["kv_cache"],
@@ -494,13 +507,15 @@ def bench_sample(args):
          # a decode step reads every weight once, so a token costs at least sweep_s
          "speedup_bound": times["recompute"] / n / sweep_s, "hf_skipped": hf_skipped}
     if hf_s is not None:
-        r.update(hf_s=hf_s, hf_tokens_per_s=n / hf_s, hf_over_kv_cache=hf_s / times["kv_cache"])
+        r.update(hf_s=hf_s, hf_runs_s=hf_runs, hf_tokens_per_s=n / hf_s,
+                 hf_over_kv_cache=hf_s / times["kv_cache"])
     if args.json:
         print(json.dumps(r, indent=1))
         return r
     c = r["config"]
     print(f"sampling {n} tokens from {c['model']} (backend {c['backend']}), load average "
-          f"{shown(c['load_average_1min'], '.2f')}")
+          f"{shown(c['load_average_1min'], '.2f')}; the KV cache and HF: the fastest of "
+          f"{args.repeats} runs")
     print(f"KV cache:                       {r['kv_cache_s']:8.2f} s "
           f"{r['kv_cache_tokens_per_s']:8.1f} tokens/s")
     print(f"full recompute at B={B}, T={T}:   {r['recompute_s']:8.2f} s "
@@ -555,5 +570,7 @@ def add_parsers(bench):
     c.set_defaults(func=bench_cpu)
     s.add_argument("--tokens", type=int, default=64, help="tokens to generate (default: 64)")
     s.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
+    s.add_argument("--repeats", type=int, default=3, help="runs of the KV cache and of HF "
+                   "generate, each side's fastest counts (default: 3)")
     s.add_argument("--backend", default="auto", help="backend (default: auto)")
     s.set_defaults(func=bench_sample)
