@@ -47,9 +47,8 @@ def series(records, key):
 
 
 def plot(run_dir, out=None):
-    """Write the PNG (default RUN_DIR/plot.png); run_dir may also be the log itself (any path
-    that is not a directory)."""
-    log = os.path.join(run_dir, "log.jsonl") if os.path.isdir(run_dir) else run_dir
+    """Write the PNG (default RUN_DIR/plot.png); run_dir may also be a log .jsonl itself."""
+    log = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, "log.jsonl")
     out = out or os.path.join(os.path.dirname(log), "plot.png")
     records = read_log(log)
     try:

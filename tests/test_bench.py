@@ -40,8 +40,25 @@ def test_bench_cpu_runs_all_three_on_the_same_weights():
     for impl in ("cpu", "numpy"):
         assert out[impl]["losses"] == pytest.approx(out["torch"]["losses"], rel=1e-5), impl
         assert len(out[impl]["matmuls_s"]) == 2
-    assert 0 < out["cpu_vs_matmuls_alone"] and set(out["cpu"]["ops"]) >= {"matmul_forward", "matmul_backward", "adamw_update"}
+    assert out["cpu_vs_matmuls_alone"] > 0
+    assert set(out["cpu"]["ops"]) >= {"matmul_forward", "matmul_backward", "adamw_update"}
     assert out["torch_over_cpu"] > 0 and out["cpu_vs_sgemm_bound"] > 0
+
+
+@pytest.mark.parametrize("spec", ["tiny", "llama-tiny"])
+def test_replayed_matmuls_leave_training_as_it_was(spec):
+    """bench cpu replays each step's matmul calls after it: the losses of the steps that follow
+    are those of training without the replay, bit for bit, for GPT-2 and the decoder."""
+    import llmpy.bench as bench
+    from llmpy.backends import get_backend
+    from llmpy.model.build import build_model
+    from llmpy.train.optim import AdamW
+    from llmpy.train.step import train_step
+    records, _ = bench.train_llmpy(spec, "numpy", 2, 8, 0, 3)
+    model = build_model(spec, get_backend("numpy"))
+    opt, batch = AdamW(model), bench.make_batch(model.config, 2, 8)
+    assert [r[0] for r in records] == [train_step(model, opt, [batch]).loss for _ in range(3)]
+    assert all(r[3] > 0 for r in records)
 
 
 def test_bench_gpu_ours_and_summary():

@@ -47,10 +47,13 @@ def embedded_run_dir():
 
 def plot_path(log):
     """The plot of the JSONL log, beside it, drawn now where matplotlib is installed; else
-    None. Where it cannot be drawn (a log with nothing to plot, such as /dev/null; a folder it
-    cannot write to), why, in its place: the run itself has succeeded."""
+    None. Where it cannot be drawn (a log that is not a file, such as /dev/null or a pipe, which
+    reading would wait on; one with nothing to plot; a folder it cannot write to), why, in its
+    place: the run itself has succeeded."""
     if not importlib.util.find_spec("matplotlib"):
         return None
+    if not os.path.isfile(log):
+        return f"not drawn: {log} is not a file"
     from ..plot import plot
     try:
         return plot(log, None)
@@ -90,7 +93,7 @@ def summary(cfg, wall, last, val_batches, checkpoint):
                      f"--temperature 0.8 --top-k 40"
                      + ("" if prompt else "   (--prompt TEXT needs tiktoken: pip install "
                         "'llmpy[data]')")]
-    if log:
+    if log and os.path.isfile(log):
         commands += [f"llmpy plot {plotted}"]
     if checkpoint:
         run = shlex.quote(cfg.run_dir)
