@@ -103,6 +103,13 @@ def time_gemms(cfg, B, T, reps=5):
     return wall, cpu
 
 
+def timed(fn):
+    """Wall seconds of fn()."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timed_step(*phases):
     """One training step of the PyTorch baseline: a function per PHASES entry, run in order.
     Returns ([wall seconds of each], process CPU seconds of the step)."""
@@ -156,14 +163,12 @@ def recording_matmuls(backend):
 
 
 def replay(calls):
-    """Wall seconds of the recorded matmul calls again, back to back: the step's matmuls alone,
-    on its own arrays, in its order. They write only activations, activation gradients and
-    gradients, which the next step overwrites or zeroes before reading, so training goes on as
-    if they had not run."""
-    t0 = time.perf_counter()
+    """The recorded matmul calls again, back to back: the step's matmuls alone, on its own
+    arrays, in its order. They write only activations, activation gradients and gradients,
+    which the next step overwrites or zeroes before reading, so training goes on as if they had
+    not run."""
     for op, args, kwargs in calls:
         op(*args, **kwargs)
-    return time.perf_counter() - t0
 
 
 def train_llmpy(spec, backend_name, B, T, warmup, steps):
@@ -188,7 +193,7 @@ def train_llmpy(spec, backend_name, B, T, warmup, steps):
         calls.clear()
         loss = train_step(model, opt, [(x, y)], phase=mark).loss
         cpu = time.process_time() - c0
-        return loss, [seconds[p] for p in PHASES], cpu, replay(calls)
+        return loss, [seconds[p] for p in PHASES], cpu, timed(lambda: replay(calls))
 
     records = [step() for _ in range(warmup + steps)]
     timer = OpTimer(backend)                    # one more step, op by op, outside the timings
@@ -444,13 +449,6 @@ def time_hf_generate(spec, n, seed, threads, repeats):
     sampling = dict(do_sample=True, top_k=0, temperature=1.0)
     hf_generate(hf, start, 2, **sampling)                                 # warm-up
     return [timed(lambda: hf_generate(hf, start, n, **sampling)) for _ in range(repeats)]
-
-
-def timed(fn):
-    """Wall seconds of fn()."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench_start(model):
